@@ -1,0 +1,3 @@
+"""popserver: a Django-native POP3 server."""
+
+__version__ = "0.1.0"

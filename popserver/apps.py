@@ -1,0 +1,11 @@
+from django.apps import AppConfig
+
+
+class PopserverConfig(AppConfig):
+    name = "popserver"
+    verbose_name = "POP3 server"
+    # Set here so a site's DEFAULT_AUTO_FIELD never makes `makemigrations` want a popserver migration.
+    default_auto_field = "django.db.models.BigAutoField"
+
+    def ready(self) -> None:
+        from . import checks  # noqa: F401  (registers the system checks)

@@ -1,0 +1,70 @@
+"""System checks for popserver's settings, with stable ids.
+
+Errors only where the server truly cannot run; everything else is a warning, so a stock ``startproject`` site
+(PBKDF2 first) starts. Server-only resources (certificates) are checked when ``runpop3`` starts, not here.
+"""
+import ipaddress
+
+from django.conf import settings
+from django.core.checks import Error, Warning, register
+
+from .conf import DEFAULTS, get_setting
+
+POSITIVE_NUMBERS = (
+    "MAX_MESSAGE_SIZE",
+    "BODY_CHUNK_SIZE",
+    "MAX_SESSIONS",
+    "MAX_UNAUTHENTICATED_PER_IP",
+    "LISTEN_BACKLOG",
+    "AUTOLOGOUT",
+    "LOGIN_TIMEOUT",
+    "MAX_PASSWORD_CHECKS",
+    "LOCK_HEARTBEAT",
+    "LOCK_STALE_AFTER",
+)
+
+
+@register()
+def check_settings(app_configs=None, **kwargs):
+    messages = []
+    for name in POSITIVE_NUMBERS:
+        value = get_setting(name)
+        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+            messages.append(
+                Error(
+                    f"POPSERVER_{name} must be a positive number, not {value!r}.",
+                    hint=f"Remove it to use the default, {DEFAULTS[name]!r}.",
+                    id="popserver.E001",
+                )
+            )
+    delay = get_setting("AUTH_FAILURE_DELAY")
+    if isinstance(delay, bool) or not isinstance(delay, int | float) or delay < 0:
+        messages.append(Error(f"POPSERVER_AUTH_FAILURE_DELAY must be a number >= 0, not {delay!r}.",
+                              id="popserver.E001"))
+    try:
+        for network in get_setting("TRUSTED_NETWORKS"):
+            ipaddress.ip_network(network, strict=False)
+    except (TypeError, ValueError) as exc:
+        messages.append(Error(f"POPSERVER_TRUSTED_NETWORKS is not a list of networks: {exc}", id="popserver.E002"))
+    if not isinstance(get_setting("BODY_CHUNK_SIZE"), int) or get_setting("BODY_CHUNK_SIZE") > 8 * 1024 * 1024:
+        messages.append(Warning("POPSERVER_BODY_CHUNK_SIZE over 8 MiB may exceed MariaDB's max_allowed_packet.",
+                                id="popserver.W003"))
+    autologout = get_setting("AUTOLOGOUT")
+    if isinstance(autologout, int | float) and 0 < autologout < 600:
+        messages.append(
+            Warning(
+                f"POPSERVER_AUTOLOGOUT is {autologout} seconds; RFC 1939 s.3 requires at least 10 minutes.",
+                id="popserver.W002",
+            )
+        )
+    hashers = getattr(settings, "PASSWORD_HASHERS", [])
+    if hashers and not hashers[0].endswith(("Argon2PasswordHasher",)):
+        messages.append(
+            Warning(
+                "Argon2 is not the first of PASSWORD_HASHERS: POP3 passwords are hashed with "
+                f"{hashers[0].rsplit('.', 1)[-1]}.",
+                hint="Put 'django.contrib.auth.hashers.Argon2PasswordHasher' first.",
+                id="popserver.W001",
+            )
+        )
+    return messages

@@ -1,0 +1,44 @@
+"""popserver's settings: every ``POPSERVER_*`` name with its default, read at call time.
+
+Use ``get_setting("MAX_MESSAGE_SIZE")``; never read ``django.conf.settings.POPSERVER_*`` elsewhere, and
+never write defaults into ``settings`` (tests change settings with ``override_settings``).
+"""
+from typing import Any
+
+from django.conf import settings
+
+MiB = 1024 * 1024
+
+DEFAULTS: dict[str, Any] = {
+    # Delivery
+    "MAX_MESSAGE_SIZE": 64 * MiB,  # octets; larger messages are refused (deliver exits 69)
+    "AUTO_CREATE_MAILBOX": False,  # create a user's mailbox on first delivery or first POP3 login
+    "BODY_STORE": "popserver.bodystore.DatabaseBodyStore",
+    "BODY_CHUNK_SIZE": 1 * MiB,  # rows of message bytes; MariaDB's default packet limit is 16 MiB
+    # Listener
+    "LISTEN": "127.0.0.1:8110",
+    "MAX_SESSIONS": 64,  # concurrent sessions per process; keep below the database's connection limit
+    "MAX_UNAUTHENTICATED_PER_IP": 16,  # over it, the IP's oldest unauthenticated connection is dropped
+    "LISTEN_BACKLOG": 128,
+    # Timeouts (seconds)
+    "AUTOLOGOUT": 600,  # idle time per line after login; RFC 1939 s.3: at least 10 minutes
+    "LOGIN_TIMEOUT": 180,  # whole time allowed before login (Dovecot: 3 minutes)
+    "SHUTDOWN_GRACE": 5,  # seconds to wait for sessions to end at SIGTERM
+    # Passwords
+    "MAX_PASSWORD_CHECKS": 2,  # concurrent authenticate() calls per process (argon2: ~100 MiB each)
+    "AUTH_FAILURE_DELAY": 2.0,  # seconds before answering a failed login (Dovecot's auth_failure_delay)
+    "TRUSTED_NETWORKS": ["127.0.0.0/8", "::1/128"],
+    # Mailbox lock
+    "LOCK_HEARTBEAT": 30,  # seconds between a live session's lock heartbeats
+    "LOCK_STALE_AFTER": 120,  # a lock whose heartbeat is older than this is free (a crashed server's)
+    # Protocol
+    "GREETING": "popserver ready.",
+    "IMPLEMENTATION": "popserver",
+}
+
+
+def get_setting(name: str) -> Any:
+    """The value of ``POPSERVER_<name>``, or its default."""
+    if name not in DEFAULTS:
+        raise KeyError(f"unknown popserver setting {name!r}")
+    return getattr(settings, f"POPSERVER_{name}", DEFAULTS[name])

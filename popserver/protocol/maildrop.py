@@ -1,0 +1,72 @@
+"""The maildrop interface the POP3 session talks to (as Twisted's ``IMailbox``).
+
+A maildrop is opened by a successful login, already holding the mailbox's exclusive lock (RFC 1939 s.4),
+with a snapshot of the messages taken at that moment: message numbers, sizes and unique ids are fixed for
+the session. DELE only marks (RFC 1939 s.5); ``commit()`` is UPDATE (s.6); ``release()`` ends a session
+that did not QUIT, deleting nothing.
+
+Implementations: ``popserver.maildrop.OrmMaildrop`` (the database) and ``popserver.testing.MemoryMaildrop``.
+"""
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class MessageInfo:
+    size: int  # octets in the presented form (CRLF line endings), before dot-stuffing
+    uid: str  # RFC 1939 s.7 unique id: 1-70 characters in 0x21-0x7E
+
+
+class Maildrop:
+    """Base class: keeps the deletion marks; subclasses provide storage.
+
+    Message numbers here are 1-based, as on the wire. ``number`` arguments are always valid numbers of the
+    snapshot (the session checks them first).
+    """
+
+    def __init__(self, messages: Sequence[MessageInfo]):
+        self.messages: tuple[MessageInfo, ...] = tuple(messages)
+        self.deleted: set[int] = set()
+
+    # Snapshot ----------------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.messages)
+
+    def info(self, number: int) -> MessageInfo:
+        return self.messages[number - 1]
+
+    def is_deleted(self, number: int) -> bool:
+        return number in self.deleted
+
+    def visible(self) -> Iterator[tuple[int, MessageInfo]]:
+        """(number, info) of every message not marked deleted, in order."""
+        for number, info in enumerate(self.messages, start=1):
+            if number not in self.deleted:
+                yield number, info
+
+    # Marks -------------------------------------------------------------------------------------------
+    def mark_deleted(self, number: int) -> None:
+        self.deleted.add(number)
+
+    def reset(self) -> None:
+        self.deleted.clear()
+
+    # Storage (subclasses) ----------------------------------------------------------------------------
+    def read(self, number: int) -> Iterator[bytes]:
+        """Yield the message's bytes in chunks (the presented form, not dot-stuffed).
+
+        Raises ``MessageExpunged`` before the first chunk if something else removed the message; raising
+        it later means the message vanished mid-transfer.
+        """
+        raise NotImplementedError
+
+    def commit(self) -> None:
+        """UPDATE: delete the marked messages and release the lock, all or nothing.
+
+        Raises ``CommitFailed`` (or any error) if nothing was deleted.
+        """
+        raise NotImplementedError
+
+    def release(self) -> None:
+        """Release the lock without deleting anything (disconnect, autologout, shutdown). Idempotent."""
+        raise NotImplementedError

@@ -1,0 +1,28 @@
+"""popserver's public events. Receivers that raise are logged and never break delivery or a session.
+
+message_delivered(mailbox, message)
+    sent after a delivery has been committed.
+messages_deleted(mailbox, count, octets)
+    sent after QUIT's UPDATE has been committed.
+session_closed(mailbox, peer, stats)
+    sent when a logged-in POP3 session ends, however it ends; ``stats`` is a dict of counters.
+login_failed(username, peer, mechanism, reason)
+    sent for each refused login.
+"""
+import logging
+
+from django.dispatch import Signal
+
+logger = logging.getLogger(__name__)
+
+message_delivered = Signal()
+messages_deleted = Signal()
+session_closed = Signal()
+login_failed = Signal()
+
+
+def send_safely(signal: Signal, **kwargs) -> None:
+    """Send ``signal``; a receiver that raises is logged and changes nothing for the caller."""
+    for receiver, result in signal.send_robust(sender=None, **kwargs):
+        if isinstance(result, Exception):
+            logger.error("signal receiver %r raised", receiver, exc_info=result)

@@ -1,0 +1,151 @@
+"""Settings of the default popserver deployment.
+
+Everything comes from the environment (or an optional ``.env`` beside ``manage.py``) through django-environ.
+Every default path is anchored to BASE_DIR, so ``manage.py deliver`` run by an MTA from another working
+directory uses the same database.
+"""
+import os
+import secrets
+from pathlib import Path
+
+import environ
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+env = environ.Env()
+environ.Env.read_env(BASE_DIR / ".env", overwrite=False)
+
+# Private state of this deployment (SQLite database, generated secret key). Its folder must be writable by
+# every process that writes the database (runpop3 and the MTA's user running `deliver`): SQLite's WAL mode
+# creates -wal and -shm files beside the database.
+DATA_DIR = Path(env.str("POPSERVER_DATA_DIR", default=str(BASE_DIR / "data")))
+
+
+def _secret_key() -> str:
+    """SECRET_KEY from the environment, else one generated on first run and kept in DATA_DIR."""
+    if key := env.str("SECRET_KEY", default=""):
+        return key
+    path = DATA_DIR / "secret_key"
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        pass
+    DATA_DIR.mkdir(parents=True, exist_ok=True)
+    key = secrets.token_urlsafe(50)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:  # another process won the race
+        return path.read_text().strip()
+    with os.fdopen(fd, "w") as fh:
+        fh.write(key + "\n")
+    return key
+
+
+SECRET_KEY = _secret_key()
+DEBUG = env.bool("DEBUG", default=False)
+ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=["localhost", "127.0.0.1", "[::1]"])
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "popserver",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "project.urls"
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+WSGI_APPLICATION = "project.wsgi.application"
+
+SQLITE_PATH = DATA_DIR / "db.sqlite3"
+DATABASES = {"default": env.db("DATABASE_URL", default=f"sqlite:///{SQLITE_PATH}")}
+
+
+def tune_database(db: dict) -> dict:
+    """SQLite for a threaded server beside other writer processes (see PITFALLS: WAL, IMMEDIATE, busy timeout)."""
+    if db["ENGINE"] == "django.db.backends.sqlite3":
+        db.setdefault("OPTIONS", {}).update(
+            {
+                "transaction_mode": "IMMEDIATE",
+                "timeout": 30,
+                "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+            }
+        )
+        if str(db["NAME"]) not in ("", ":memory:"):
+            Path(db["NAME"]).parent.mkdir(parents=True, exist_ok=True)
+    elif db["ENGINE"] == "django.db.backends.mysql":
+        db.setdefault("OPTIONS", {}).setdefault("charset", "utf8mb4")
+    return db
+
+
+tune_database(DATABASES["default"])
+if DATABASES["default"]["ENGINE"] == "django.db.backends.mysql":
+    import pymysql
+
+    pymysql.install_as_MySQLdb()
+
+# Argon2id first: new passwords and logins re-hash with it.
+PASSWORD_HASHERS = [
+    "django.contrib.auth.hashers.Argon2PasswordHasher",
+    "django.contrib.auth.hashers.PBKDF2PasswordHasher",
+    "django.contrib.auth.hashers.PBKDF2SHA1PasswordHasher",
+    "django.contrib.auth.hashers.ScryptPasswordHasher",
+]
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+]
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+STATIC_URL = "static/"
+STATIC_ROOT = BASE_DIR / "staticfiles"
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+# POP3 settings (see popserver/conf.py for every name and default). Any POPSERVER_* variable in the
+# environment is passed through, parsed as JSON where it looks like JSON (numbers, lists, true/false).
+for _name, _value in os.environ.items():
+    if _name.startswith("POPSERVER_") and _name != "POPSERVER_DATA_DIR":
+        import json
+
+        try:
+            globals()[_name] = json.loads(_value)
+        except ValueError:
+            globals()[_name] = _value
+
+LOG_LEVEL = env.str("LOG_LEVEL", default="INFO")
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+    "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["stderr"], "level": "WARNING"},
+    "loggers": {"popserver": {"handlers": ["stderr"], "level": LOG_LEVEL, "propagate": False}},
+}
