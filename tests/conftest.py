@@ -66,3 +66,121 @@ def make_mailbox(db):
         return mailbox
 
     return make
+
+
+# Live servers ----------------------------------------------------------------------------------------------
+class LiveServer:
+    """A ``Pop3Server`` on 127.0.0.1 and a free port, serving from a thread of this test process."""
+
+    def __init__(self):
+        import threading
+
+        from popserver.server.listener import start_servers
+
+        self.stop_event = threading.Event()
+        (self.server,) = start_servers([("127.0.0.1", 0)], self.stop_event)
+        self.host, self.port = "127.0.0.1", self.server.port
+
+    def poplib(self, timeout: float = 10):
+        import poplib
+
+        return poplib.POP3(self.host, self.port, timeout=timeout)
+
+    def socket(self, timeout: float = 10):
+        import socket
+
+        return socket.create_connection((self.host, self.port), timeout=timeout)
+
+    def stop(self) -> None:
+        self.server.stop(grace=10)
+
+
+@pytest.fixture
+def pop3_server(transactional_db):
+    """A live in-thread POP3 server (transactional database: its threads do not share the test's transaction)."""
+    server = LiveServer()
+    try:
+        yield server
+    finally:
+        server.stop()
+        from django.db import connections
+
+        connections.close_all()
+
+
+class Runpop3Process:
+    """``manage.py runpop3 127.0.0.1:0`` as a subprocess on the test database; the port is read from its
+    stdout. Stopped (SIGTERM, then SIGKILL) by the fixture, before the database is flushed."""
+
+    def __init__(self, **env: str):
+        import re
+        import subprocess
+        import threading
+
+        self.proc = subprocess.Popen(
+            manage_py_command("runpop3", "127.0.0.1:0"),
+            env=subprocess_env(**env),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.stderr_lines: list[str] = []
+        self._stderr_reader = threading.Thread(target=self._read_stderr, daemon=True)
+        self._stderr_reader.start()
+        self.port = 0
+        for line in self.proc.stdout:  # blocks until the first line; the fixture's timeout bounds it
+            match = re.search(r"POP3 on 127\.0\.0\.1:(\d+)", line)
+            if match:
+                self.port = int(match.group(1))
+                break
+        if not self.port:
+            self.proc.wait(timeout=10)
+            raise RuntimeError("runpop3 did not start:\n" + "".join(self.stderr_lines))
+        self.host = "127.0.0.1"
+
+    def _read_stderr(self) -> None:
+        for line in self.proc.stderr:
+            self.stderr_lines.append(line)
+
+    def poplib(self, timeout: float = 10):
+        import poplib
+
+        return poplib.POP3(self.host, self.port, timeout=timeout)
+
+    def socket(self, timeout: float = 10):
+        import socket
+
+        return socket.create_connection((self.host, self.port), timeout=timeout)
+
+    def terminate(self, timeout: float = 15) -> int:
+        import subprocess
+
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                return self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        return self.proc.wait(timeout=timeout)
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait(timeout=15)
+
+
+@pytest.fixture
+def runpop3(transactional_db):
+    """runpop3(**env) -> a started ``Runpop3Process``; every one is stopped at teardown."""
+    started: list[Runpop3Process] = []
+
+    def start(**env: str) -> Runpop3Process:
+        process = Runpop3Process(**env)
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        if process.proc.poll() is None:
+            process.kill()
+        for stream in (process.proc.stdout, process.proc.stderr):
+            stream.close()

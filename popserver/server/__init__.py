@@ -1,0 +1,1 @@
+"""The network side: a threaded socketserver listener and one handler per connection."""

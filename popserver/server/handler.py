@@ -1,0 +1,193 @@
+"""One POP3 connection: socket I/O, deadlines, database-connection hygiene and the session-end log line.
+
+The protocol itself lives in ``popserver.protocol.session``; this module only moves bytes.
+"""
+from __future__ import annotations
+
+import logging
+import socket
+import socketserver
+import time
+from collections.abc import Iterable
+
+from django.db import connections
+
+from ..auth import DjangoAuthenticator, is_trusted_peer
+from ..conf import get_setting
+from ..protocol.session import Pop3Session, State
+from ..signals import send_safely, session_closed
+
+logger = logging.getLogger("popserver.server")
+
+RECV_SIZE = 64 * 1024
+# Replies are coalesced up to this many octets per write (few writes: see PITFALLS on Nagle).
+WRITE_COALESCE = 256 * 1024
+# A session idle this long gives its database connection back (PostgreSQL allows ~100 in all).
+DB_IDLE_CLOSE = 1.0
+
+
+class SessionEnded(Exception):
+    """The connection is over: ``reason`` goes into the session-end log line."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Pop3Handler(socketserver.BaseRequestHandler):
+    """Runs one ``Pop3Session`` over one socket, in the connection's own thread."""
+
+    server: "Pop3Server"  # noqa: F821 (popserver.server.listener)
+
+    def setup(self) -> None:
+        self.sock: socket.socket = self.request
+        self.peer_ip, self.peer_port = self.client_address[0], self.client_address[1]
+        self.peer = f"{self.peer_ip}:{self.peer_port}"
+        self.connected_at = time.monotonic()
+        self.authenticated = False
+        self.session: Pop3Session | None = None
+        try:
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+
+    # Main loop ------------------------------------------------------------------------------------------
+    def handle(self) -> None:
+        authenticator = DjangoAuthenticator(self.peer_ip, self.peer_port, self.server.stop_event)
+        self.session = session = self.make_session(authenticator)
+        reason = "Connection closed"
+        try:
+            self.send([session.greeting()])
+            line_deadline = time.monotonic() + get_setting("AUTOLOGOUT")
+            while not session.closed:
+                data = self.receive(session, line_deadline)
+                produced = self.send(session.receive(data))
+                if produced:
+                    line_deadline = time.monotonic() + get_setting("AUTOLOGOUT")
+                if session.state is State.TRANSACTION and not self.authenticated:
+                    self.authenticated = True
+                    self.server.registry.authenticated(self.sock, self.peer_ip)
+                if session.wants_tls:
+                    self.start_tls(session)
+            reason = "Logged out" if session.state is State.UPDATE else "Closed by server"
+        except SessionEnded as ended:
+            reason = ended.reason
+        except (ConnectionError, socket.timeout, OSError) as exc:
+            reason = "Connection closed" if not self.server.stop_event.is_set() else "Server shutting down"
+            logger.debug("%s: %s", self.peer, exc)
+        finally:
+            session.abandon()  # releases the lock without UPDATE unless QUIT already committed
+            self.log_session_end(session, reason, authenticator)
+            connections.close_all()
+
+    def make_session(self, authenticator: DjangoAuthenticator) -> Pop3Session:
+        return Pop3Session(
+            authenticator,
+            peer=self.peer,
+            greeting=get_setting("GREETING"),
+            implementation=get_setting("IMPLEMENTATION"),
+            plaintext_allowed=self.plaintext_allowed(),
+            tls_available=False,
+            tls_active=False,
+        )
+
+    def plaintext_allowed(self) -> bool:
+        return is_trusted_peer(self.peer_ip)
+
+    def start_tls(self, session: Pop3Session) -> None:  # STLS arrives with the TLS issue
+        raise SessionEnded("STLS without a certificate")
+
+    # Input ----------------------------------------------------------------------------------------------
+    def receive(self, session: Pop3Session, line_deadline: float) -> bytes:
+        """Bytes from the client, within the deadline that applies: before login the whole login time
+        (Dovecot: 3 minutes), after it the autologout per line (RFC 1939 s.3), not per ``recv()``."""
+        idle_since = time.monotonic()
+        db_released = False
+        while True:
+            now = time.monotonic()
+            if self.server.stop_event.is_set():
+                raise SessionEnded("Server shutting down")
+            if session.state is State.AUTHORIZATION:
+                deadline = min(line_deadline, self.connected_at + get_setting("LOGIN_TIMEOUT"))
+            else:
+                deadline = line_deadline
+            remaining = deadline - now
+            if remaining <= 0:
+                self.send_quietly(b"-ERR Disconnected for inactivity.\r\n")
+                raise SessionEnded("Inactivity")
+            wait = remaining if db_released else min(remaining, max(0.0, idle_since + DB_IDLE_CLOSE - now))
+            self.sock.settimeout(max(wait, 0.001))
+            try:
+                data = self.sock.recv(RECV_SIZE)
+            except TimeoutError:
+                if not db_released:
+                    connections.close_all()  # idle: give the database connection back
+                    db_released = True
+                continue
+            if not data:
+                raise SessionEnded("Connection closed")
+            return data
+
+    # Output ---------------------------------------------------------------------------------------------
+    def send(self, chunks: Iterable[bytes]) -> int:
+        """Write everything ``chunks`` yields, coalesced into few large writes; returns octets sent."""
+        self.sock.settimeout(get_setting("AUTOLOGOUT"))  # a client that stops reading is dropped in time
+        pending: list[bytes] = []
+        pending_size = total = 0
+        for chunk in chunks:
+            pending.append(chunk)
+            pending_size += len(chunk)
+            if pending_size >= WRITE_COALESCE:
+                self.sock.sendall(b"".join(pending))
+                total += pending_size
+                pending, pending_size = [], 0
+        if pending:
+            self.sock.sendall(b"".join(pending))
+            total += pending_size
+        return total
+
+    def send_quietly(self, data: bytes) -> None:
+        try:
+            self.sock.settimeout(1.0)
+            self.sock.sendall(data)
+        except OSError:
+            pass
+
+    # Session end ----------------------------------------------------------------------------------------
+    def log_session_end(self, session: Pop3Session, reason: str, authenticator: DjangoAuthenticator) -> None:
+        duration = time.monotonic() - self.connected_at
+        if session.username is None or authenticator.mailbox is None:
+            logger.info("Disconnected: %s (no auth attempts) peer=%s duration=%.1fs", reason, self.peer, duration)
+            return
+        stats = session.stats
+        logger.info(
+            "Disconnected: %s user=<%s> peer=%s duration=%.1fs top=%d/%d, retr=%d/%d, del=%d/%d, size=%d",
+            reason,
+            session.username,
+            self.peer,
+            duration,
+            stats.top_count,
+            stats.top_bytes,
+            stats.retr_count,
+            stats.retr_bytes,
+            stats.deleted_count,
+            stats.messages,
+            stats.mailbox_size,
+        )
+        send_safely(
+            session_closed,
+            mailbox=authenticator.mailbox,
+            peer=self.peer,
+            stats={
+                "reason": reason,
+                "duration": duration,
+                "top_count": stats.top_count,
+                "top_bytes": stats.top_bytes,
+                "retr_count": stats.retr_count,
+                "retr_bytes": stats.retr_bytes,
+                "deleted_count": stats.deleted_count,
+                "deleted_bytes": stats.deleted_bytes,
+                "messages": stats.messages,
+                "mailbox_size": stats.mailbox_size,
+            },
+        )

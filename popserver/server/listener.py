@@ -1,0 +1,207 @@
+"""The listener: a threaded ``socketserver`` like Django's ``ThreadedWSGIServer``, with a live-session registry.
+
+``serve_forever()`` runs in one thread; ``stop()`` is called from another (stdlib: ``shutdown()`` deadlocks if
+called from the serving thread, so signal handlers only set an event: see ``runpop3``).
+"""
+from __future__ import annotations
+
+import logging
+import socket
+import socketserver
+import threading
+import time
+from collections import OrderedDict
+
+from django.db import connections
+
+from ..conf import get_setting
+from ..maildrop import refresh_heartbeats, release_all_live_locks, release_dead_locks
+from .handler import Pop3Handler
+
+logger = logging.getLogger("popserver.server")
+
+
+def parse_address(text: str, default_port: int = 8110) -> tuple[str, int]:
+    """``ADDR:PORT``, ``PORT``, ``ADDR``, ``[IPv6]:PORT`` or ``[IPv6]`` -> (host, port)."""
+    text = text.strip()
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port = rest.lstrip(":") or str(default_port)
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    elif text.isdigit():
+        host, port = "127.0.0.1", text
+    elif ":" in text:  # a bare IPv6 address
+        host, port = text, str(default_port)
+    else:
+        host, port = text, str(default_port)
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{port!r} is not a port number")
+    return host or "127.0.0.1", int(port)
+
+
+class SessionRegistry:
+    """Live connections of one listener, keyed by socket: the session cap and the per-IP cap on
+    unauthenticated connections."""
+
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._sockets: set[socket.socket] = set()
+        self._unauthenticated: dict[str, OrderedDict[socket.socket, None]] = {}
+        self._emptied = threading.Condition(self._guard)
+
+    def __len__(self) -> int:
+        with self._guard:
+            return len(self._sockets)
+
+    def admit(self, sock: socket.socket, peer_ip: str) -> bool:
+        """Register a new connection; False if the server is full. Over the per-IP cap, that IP's oldest
+        unauthenticated connection is cut, as Dovecot does, so half-open sockets cannot lock an IP out."""
+        evicted = None
+        with self._guard:
+            if len(self._sockets) >= get_setting("MAX_SESSIONS"):
+                return False
+            waiting = self._unauthenticated.setdefault(peer_ip, OrderedDict())
+            if len(waiting) >= get_setting("MAX_UNAUTHENTICATED_PER_IP"):
+                evicted, _ = waiting.popitem(last=False)
+            self._sockets.add(sock)
+            waiting[sock] = None
+        if evicted is not None:
+            logger.info("peer %s: too many unauthenticated connections, dropping the oldest", peer_ip)
+            disconnect(evicted)
+        return True
+
+    def authenticated(self, sock: socket.socket, peer_ip: str) -> None:
+        with self._guard:
+            self._unauthenticated.get(peer_ip, {}).pop(sock, None)
+
+    def remove(self, sock: socket.socket, peer_ip: str) -> None:
+        with self._guard:
+            self._sockets.discard(sock)
+            waiting = self._unauthenticated.get(peer_ip)
+            if waiting is not None:
+                waiting.pop(sock, None)
+                if not waiting:
+                    del self._unauthenticated[peer_ip]
+            self._emptied.notify_all()
+
+    def disconnect_all(self) -> None:
+        with self._guard:
+            sockets = list(self._sockets)
+        for sock in sockets:
+            disconnect(sock)
+
+    def wait_empty(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        with self._guard:
+            while self._sockets:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._emptied.wait(remaining)
+            return True
+
+
+def disconnect(sock: socket.socket) -> None:
+    """Cut a connection from another thread; its handler's recv() or send() then fails and it ends."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+class Pop3Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
+    """A threaded POP3 listener. Each connection runs ``handler_class`` in a daemon thread."""
+
+    daemon_threads = True
+    block_on_close = False
+    allow_reuse_address = True
+    handler_class = Pop3Handler
+
+    def __init__(self, address: tuple[str, int], *, stop_event: threading.Event | None = None):
+        host, port = address
+        self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.request_queue_size = get_setting("LISTEN_BACKLOG")
+        self.stop_event = stop_event or threading.Event()
+        self.registry = SessionRegistry()
+        super().__init__((host, port), self.handler_class)
+
+    @property
+    def port(self) -> int:
+        return self.server_address[1]
+
+    @property
+    def display_address(self) -> str:
+        host, port = self.server_address[:2]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    def process_request(self, request, client_address) -> None:
+        """Accept loop: admit or refuse at once (no blocking work here), then a thread per connection."""
+        peer_ip = client_address[0]
+        if not self.registry.admit(request, peer_ip):
+            logger.warning("refusing %s: %d sessions already", peer_ip, get_setting("MAX_SESSIONS"))
+            try:
+                request.setblocking(False)
+                request.send(b"-ERR [SYS/TEMP] Too many connections, try again later.\r\n")
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        threading.Thread(
+            target=self.process_request_thread, args=(request, client_address), daemon=True,
+            name=f"pop3 {peer_ip}:{client_address[1]}",
+        ).start()
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            self.finish_request(request, client_address)
+        except Exception:
+            self.handle_error(request, client_address)
+        finally:
+            self.registry.remove(request, client_address[0])
+            self.shutdown_request(request)
+            connections.close_all()
+
+    def handle_error(self, request, client_address) -> None:
+        logger.exception("unexpected error in the session of %s", client_address)
+
+    # Lifecycle ------------------------------------------------------------------------------------------
+    def stop(self, grace: float | None = None) -> None:
+        """Stop accepting, end open sessions without UPDATE, release their locks. Call from a thread other
+        than the one in ``serve_forever()``."""
+        self.stop_event.set()
+        self.shutdown()
+        self.server_close()
+        self.registry.disconnect_all()
+        self.registry.wait_empty(get_setting("SHUTDOWN_GRACE") if grace is None else grace)
+        release_all_live_locks()
+
+
+class LockHeartbeat(threading.Thread):
+    """Refreshes this process's lock heartbeats so other servers do not take a live session's lock."""
+
+    def __init__(self, stop_event: threading.Event):
+        super().__init__(daemon=True, name="pop3 lock heartbeat")
+        self.stop_event = stop_event
+
+    def run(self) -> None:
+        while not self.stop_event.wait(get_setting("LOCK_HEARTBEAT")):
+            try:
+                refresh_heartbeats()
+            except Exception:
+                logger.exception("could not refresh the lock heartbeats")
+            finally:
+                connections.close_all()
+
+
+def start_servers(addresses: list[tuple[str, int]], stop_event: threading.Event) -> list[Pop3Server]:
+    """Free this host's dead locks, bind every listener, start their loops and the heartbeat."""
+    release_dead_locks()
+    connections.close_all()
+    servers = [Pop3Server(address, stop_event=stop_event) for address in addresses]
+    for server in servers:
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.5}, daemon=True,
+                         name=f"pop3 listener {server.display_address}").start()
+        logger.info("POP3 server listening on %s", server.display_address)
+    LockHeartbeat(stop_event).start()
+    return servers

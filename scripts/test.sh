@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# One command to run the tests: on SQLite, then on PostgreSQL (127.0.0.1:5432) and on MariaDB
+# (127.0.0.1:3306) when they answer. With POPSERVER_REQUIRE_POSTGRES=1 / POPSERVER_REQUIRE_MARIADB=1 (CI)
+# a server that does not answer is a failure; otherwise that run is skipped with a one-line reason.
+# Extra arguments go to pytest.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh || exit 1
+PG_URL="${POPSERVER_TEST_POSTGRES_URL:-postgres://postgres@127.0.0.1:5432/popserver}"
+MARIADB_URL="${POPSERVER_TEST_MARIADB_URL:-mysql://root@127.0.0.1:3306/popserver}"
+status=0
+
+echo "== tests on SQLite"
+DATABASE_URL="sqlite:///$PWD/data/test-default.sqlite3" .venv/bin/pytest "$@" || status=1
+
+if .venv/bin/python scripts/db_answers.py "$PG_URL"; then
+    echo "== tests on PostgreSQL"
+    DATABASE_URL="$PG_URL" .venv/bin/pytest "$@" || status=1
+elif [ "${POPSERVER_REQUIRE_POSTGRES:-0}" = 1 ]; then
+    echo "PostgreSQL does not answer at $PG_URL and POPSERVER_REQUIRE_POSTGRES=1" >&2
+    status=1
+else
+    echo "== skipping the PostgreSQL run: no server answers at $PG_URL"
+fi
+exit $status

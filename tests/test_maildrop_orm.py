@@ -1,0 +1,202 @@
+"""The ORM maildrop: the lock, the snapshot, streaming reads and UPDATE, on the real database."""
+import os
+import subprocess
+import sys
+from datetime import timedelta
+
+import pytest
+from django.db import connection
+from django.test import override_settings
+from django.utils import timezone
+
+from popserver.bodystore import get_body_store
+from popserver.exceptions import CommitFailed, MailboxInUse, MessageExpunged
+from popserver.maildrop import (
+    lock_is_stale,
+    open_maildrop,
+    refresh_heartbeats,
+    release_all_live_locks,
+    release_dead_locks,
+    this_process,
+)
+from popserver.models import Mailbox, Message, MessageChunk
+
+
+def store(mailbox, data: bytes, uid: str) -> Message:
+    message = Message.objects.create(mailbox=mailbox, uid=uid, size=len(data))
+    get_body_store().save(message, data)
+    return message
+
+
+@pytest.fixture
+def mailbox(make_mailbox):
+    mailbox = make_mailbox("alice")
+    for n in range(1, 4):
+        store(mailbox, f"Subject: {n}\r\n\r\n{'x' * n}\r\n".encode(), f"UID{n}")
+    return mailbox
+
+
+def reload(mailbox) -> Mailbox:
+    return Mailbox.objects.get(pk=mailbox.pk)
+
+
+def test_open_takes_the_lock_and_the_snapshot(mailbox):
+    maildrop = open_maildrop(mailbox.pk, "127.0.0.1:1234")
+    try:
+        locked = reload(mailbox)
+        assert locked.lock_token == maildrop.token
+        assert locked.lock_peer == "127.0.0.1:1234"
+        assert locked.lock_pid == os.getpid() and locked.lock_host == this_process().host
+        assert locked.last_login is not None and locked.lock_heartbeat is not None
+        assert [m.uid for m in maildrop.messages] == ["UID1", "UID2", "UID3"]
+        assert [m.size for m in maildrop.messages] == [Message.objects.get(uid=f"UID{n}").size for n in (1, 2, 3)]
+        with pytest.raises(MailboxInUse):
+            open_maildrop(mailbox.pk)
+    finally:
+        maildrop.release()
+    assert not reload(mailbox).lock_token
+
+
+def test_snapshot_is_one_query_reading_no_bodies(mailbox, django_assert_max_num_queries):
+    with django_assert_max_num_queries(5) as captured:  # lock row, conditional update, snapshot, savepoints
+        maildrop = open_maildrop(mailbox.pk)
+    sql = [q["sql"] for q in captured.captured_queries]
+    assert sum('FROM "popserver_message"' in q for q in sql) == 1
+    assert not any("popserver_messagechunk" in q for q in sql)
+    maildrop.release()
+
+
+def test_read_streams_chunks_and_reports_expunged(mailbox, settings):
+    settings.POPSERVER_BODY_CHUNK_SIZE = 7
+    big = store(mailbox, b"0123456789" * 10, "BIG")
+    maildrop = open_maildrop(mailbox.pk)
+    chunks = list(maildrop.read(4))
+    assert b"".join(chunks) == b"0123456789" * 10 and max(map(len, chunks)) == 7
+    big.delete()
+    with pytest.raises(MessageExpunged):
+        next(maildrop.read(4))
+    maildrop.release()
+
+
+def test_small_message_costs_one_query(mailbox, django_assert_num_queries):
+    maildrop = open_maildrop(mailbox.pk)
+    with django_assert_num_queries(1):
+        assert list(maildrop.read(1)) == [b"Subject: 1\r\n\r\nx\r\n"]
+    maildrop.release()
+
+
+def test_commit_deletes_marked_messages_and_releases(mailbox):
+    maildrop = open_maildrop(mailbox.pk)
+    maildrop.mark_deleted(1)
+    maildrop.mark_deleted(3)
+    maildrop.commit()
+    assert list(Message.objects.filter(mailbox=mailbox).values_list("uid", flat=True)) == ["UID2"]
+    assert MessageChunk.objects.filter(message__mailbox=mailbox).count() == 1
+    assert not reload(mailbox).lock_token
+
+
+def test_release_deletes_nothing(mailbox):
+    maildrop = open_maildrop(mailbox.pk)
+    maildrop.mark_deleted(1)
+    maildrop.release()
+    maildrop.release()  # idempotent
+    assert Message.objects.filter(mailbox=mailbox).count() == 3
+
+
+def test_commit_after_losing_the_lock_deletes_nothing(mailbox):
+    maildrop = open_maildrop(mailbox.pk)
+    maildrop.mark_deleted(1)
+    Mailbox.objects.filter(pk=mailbox.pk).update(lock_token="someone-else")
+    with pytest.raises(CommitFailed):
+        maildrop.commit()
+    assert Message.objects.filter(mailbox=mailbox).count() == 3
+    maildrop.release()  # what the session does next: touches nobody else's lock
+    assert reload(mailbox).lock_token == "someone-else"
+
+
+def test_commit_is_all_or_nothing(mailbox, monkeypatch):
+    maildrop = open_maildrop(mailbox.pk)
+    for n in (1, 2, 3):
+        maildrop.mark_deleted(n)
+    from popserver import maildrop as module
+
+    monkeypatch.setattr(module, "DELETE_BATCH", 1)
+    calls = []
+    original = module.Message.objects.filter
+
+    def failing_filter(*args, **kwargs):
+        if "id__in" in kwargs:
+            calls.append(kwargs)
+            if len(calls) == 2:
+                raise RuntimeError("storage failure in the middle of UPDATE")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module.Message.objects, "filter", failing_filter)
+    with pytest.raises(RuntimeError):
+        maildrop.commit()
+    monkeypatch.undo()
+    assert Message.objects.filter(mailbox=mailbox).count() == 3
+    assert MessageChunk.objects.filter(message__mailbox=mailbox).count() == 3
+    assert reload(mailbox).lock_token == maildrop.token  # still held: the session may retry or drop
+    maildrop.release()
+
+
+def test_many_deletions_in_batches(make_mailbox):
+    mailbox = make_mailbox("bulk")
+    Message.objects.bulk_create(Message(mailbox=mailbox, uid=f"U{n}", size=1) for n in range(2500))
+    maildrop = open_maildrop(mailbox.pk)
+    for n in range(1, 2501):
+        maildrop.mark_deleted(n)
+    maildrop.commit()
+    assert not Message.objects.filter(mailbox=mailbox).exists()
+
+
+def test_stale_heartbeat_frees_a_lock_held_elsewhere(mailbox):
+    Mailbox.objects.filter(pk=mailbox.pk).update(
+        lock_token="abc", lock_host="other-host", lock_pid=1, lock_instance="x", lock_heartbeat=timezone.now()
+    )
+    with pytest.raises(MailboxInUse):
+        open_maildrop(mailbox.pk)
+    with override_settings(POPSERVER_LOCK_STALE_AFTER=60):
+        Mailbox.objects.filter(pk=mailbox.pk).update(lock_heartbeat=timezone.now() - timedelta(seconds=61))
+        maildrop = open_maildrop(mailbox.pk)
+    maildrop.release()
+
+
+def test_lock_of_a_dead_process_on_this_host_is_free_at_once(mailbox):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    Mailbox.objects.filter(pk=mailbox.pk).update(
+        lock_token="abc", lock_host=this_process().host, lock_pid=dead_pid, lock_instance="dead",
+        lock_heartbeat=timezone.now(),
+    )
+    assert lock_is_stale(reload(mailbox))
+    assert release_dead_locks() == 1
+    assert not reload(mailbox).lock_token
+
+
+def test_lock_of_a_live_process_on_this_host_is_kept(mailbox):
+    Mailbox.objects.filter(pk=mailbox.pk).update(
+        lock_token="abc", lock_host=this_process().host, lock_pid=os.getppid(), lock_instance="parent",
+        lock_heartbeat=timezone.now(),
+    )
+    assert not lock_is_stale(reload(mailbox))
+    assert release_dead_locks() == 0
+
+
+def test_heartbeat_and_release_all(mailbox):
+    maildrop = open_maildrop(mailbox.pk)
+    old = timezone.now() - timedelta(minutes=5)
+    Mailbox.objects.filter(pk=mailbox.pk).update(lock_heartbeat=old)
+    assert refresh_heartbeats() == 1
+    assert reload(mailbox).lock_heartbeat > old
+    assert release_all_live_locks() == 1
+    assert not reload(mailbox).lock_token
+    assert maildrop.released
+
+
+@pytest.mark.skipif(connection.vendor == "sqlite", reason="row locks: PostgreSQL and MariaDB only")
+def test_select_for_update_needs_no_outer_transaction(mailbox):
+    # PostgreSQL raises if select_for_update runs outside atomic(); open_maildrop must bring its own.
+    maildrop = open_maildrop(mailbox.pk)
+    maildrop.commit()
