@@ -28,6 +28,13 @@ DEFAULTS: dict[str, Any] = {
     "MAX_PASSWORD_CHECKS": 2,  # concurrent authenticate() calls per process (argon2: ~100 MiB each)
     "AUTH_FAILURE_DELAY": 2.0,  # seconds before answering a failed login (Dovecot's auth_failure_delay)
     "TRUSTED_NETWORKS": ["127.0.0.0/8", "::1/128"],
+    # "trusted": passwords in the clear only over TLS or from TRUSTED_NETWORKS (Dovecot's default);
+    # "always": also from anywhere without TLS (a system check warns); "never": TLS required everywhere.
+    "PLAINTEXT_AUTH": "trusted",
+    # TLS (runpop3 --certfile/--keyfile/--tls-port override these)
+    "TLS_CERTFILE": "",
+    "TLS_KEYFILE": "",
+    "TLS_LISTEN": "",  # e.g. "0.0.0.0:995": an implicit-TLS listener (RFC 8314)
     # Mailbox lock
     "LOCK_HEARTBEAT": 30,  # seconds between a live session's lock heartbeats
     "LOCK_STALE_AFTER": 120,  # a lock whose heartbeat is older than this is free (a crashed server's)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import socket
 import socketserver
+import ssl
 import time
 from collections.abc import Iterable
 
@@ -16,6 +17,7 @@ from ..auth import DjangoAuthenticator, is_trusted_peer
 from ..conf import get_setting
 from ..protocol.session import Pop3Session, State
 from ..signals import send_safely, session_closed
+from .tls import HANDSHAKE_TIMEOUT
 
 logger = logging.getLogger("popserver.server")
 
@@ -57,6 +59,8 @@ class Pop3Handler(socketserver.BaseRequestHandler):
         self.session = session = self.make_session(authenticator)
         reason = "Connection closed"
         try:
+            if self.server.implicit_tls:
+                self.handshake()
             self.send([session.greeting()])
             line_deadline = time.monotonic() + get_setting("AUTOLOGOUT")
             while not session.closed:
@@ -66,7 +70,7 @@ class Pop3Handler(socketserver.BaseRequestHandler):
                     line_deadline = time.monotonic() + get_setting("AUTOLOGOUT")
                 if session.state is State.TRANSACTION and not self.authenticated:
                     self.authenticated = True
-                    self.server.registry.authenticated(self.sock, self.peer_ip)
+                    self.server.registry.authenticated(self.request, self.peer_ip)
                 if session.wants_tls:
                     self.start_tls(session)
             reason = "Logged out" if session.state is State.UPDATE else "Closed by server"
@@ -79,23 +83,47 @@ class Pop3Handler(socketserver.BaseRequestHandler):
             session.abandon()  # releases the lock without UPDATE unless QUIT already committed
             self.log_session_end(session, reason, authenticator)
             connections.close_all()
+            if self.sock is not self.request:
+                self.sock.close()  # the TLS wrapper; the server closes the accepted socket
 
     def make_session(self, authenticator: DjangoAuthenticator) -> Pop3Session:
+        tls_active = self.server.implicit_tls
         return Pop3Session(
             authenticator,
             peer=self.peer,
             greeting=get_setting("GREETING"),
             implementation=get_setting("IMPLEMENTATION"),
-            plaintext_allowed=self.plaintext_allowed(),
-            tls_available=False,
-            tls_active=False,
+            plaintext_allowed=self.plaintext_allowed(tls_active),
+            tls_available=self.server.tls is not None and not tls_active,
+            tls_active=tls_active,
         )
 
-    def plaintext_allowed(self) -> bool:
-        return is_trusted_peer(self.peer_ip)
+    def plaintext_allowed(self, tls_active: bool) -> bool:
+        """Dovecot's ``disable_plaintext_auth``: passwords in the clear only over TLS or from a trusted
+        network, unless POPSERVER_PLAINTEXT_AUTH says "always" (or "never": TLS even from trusted ones)."""
+        policy = get_setting("PLAINTEXT_AUTH")
+        if tls_active or policy == "always":
+            return True
+        return policy == "trusted" and self.server.is_trusted(self.peer_ip)
 
-    def start_tls(self, session: Pop3Session) -> None:  # STLS arrives with the TLS issue
-        raise SessionEnded("STLS without a certificate")
+    # TLS ------------------------------------------------------------------------------------------------
+    def handshake(self) -> None:
+        """Wrap the socket in TLS, in this session's thread, with a deadline (never in the accept loop)."""
+        context = self.server.tls.context
+        self.sock.settimeout(HANDSHAKE_TIMEOUT)
+        try:
+            self.sock = context.wrap_socket(self.sock, server_side=True, do_handshake_on_connect=False)
+            self.server.registry.rewrap(self.request, self.sock)
+            self.sock.do_handshake()
+        except (ssl.SSLError, OSError) as exc:
+            raise SessionEnded(f"TLS handshake failed: {exc.__class__.__name__}") from None
+
+    def start_tls(self, session: Pop3Session) -> None:
+        """RFC 2595 s.4: after "+OK Begin TLS negotiation now." the session's pipelined plaintext has already
+        been discarded by the engine; handshake, then a fresh AUTHORIZATION state."""
+        self.handshake()
+        session.tls_started()
+        session.plaintext_allowed = self.plaintext_allowed(tls_active=True)
 
     # Input ----------------------------------------------------------------------------------------------
     def receive(self, session: Pop3Session, line_deadline: float) -> bytes:

@@ -11,12 +11,15 @@ import socketserver
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 
 from django.db import connections
 
+from ..auth import is_trusted_peer
 from ..conf import get_setting
 from ..maildrop import refresh_heartbeats, release_all_live_locks, release_dead_locks
 from .handler import Pop3Handler
+from .tls import TlsContextHolder
 
 logger = logging.getLogger("popserver.server")
 
@@ -46,7 +49,8 @@ class SessionRegistry:
 
     def __init__(self) -> None:
         self._guard = threading.Lock()
-        self._sockets: set[socket.socket] = set()
+        # accepted socket -> the socket to cut it with (the TLS wrapper once there is one)
+        self._sockets: dict[socket.socket, socket.socket] = {}
         self._unauthenticated: dict[str, OrderedDict[socket.socket, None]] = {}
         self._emptied = threading.Condition(self._guard)
 
@@ -64,12 +68,19 @@ class SessionRegistry:
             waiting = self._unauthenticated.setdefault(peer_ip, OrderedDict())
             if len(waiting) >= get_setting("MAX_UNAUTHENTICATED_PER_IP"):
                 evicted, _ = waiting.popitem(last=False)
-            self._sockets.add(sock)
+                evicted = self._sockets.get(evicted, evicted)
+            self._sockets[sock] = sock
             waiting[sock] = None
         if evicted is not None:
             logger.info("peer %s: too many unauthenticated connections, dropping the oldest", peer_ip)
             disconnect(evicted)
         return True
+
+    def rewrap(self, sock: socket.socket, wrapped: socket.socket) -> None:
+        """The connection accepted as ``sock`` now speaks through ``wrapped`` (TLS)."""
+        with self._guard:
+            if sock in self._sockets:
+                self._sockets[sock] = wrapped
 
     def authenticated(self, sock: socket.socket, peer_ip: str) -> None:
         with self._guard:
@@ -77,7 +88,7 @@ class SessionRegistry:
 
     def remove(self, sock: socket.socket, peer_ip: str) -> None:
         with self._guard:
-            self._sockets.discard(sock)
+            self._sockets.pop(sock, None)
             waiting = self._unauthenticated.get(peer_ip)
             if waiting is not None:
                 waiting.pop(sock, None)
@@ -87,7 +98,7 @@ class SessionRegistry:
 
     def disconnect_all(self) -> None:
         with self._guard:
-            sockets = list(self._sockets)
+            sockets = list(self._sockets.values())
         for sock in sockets:
             disconnect(sock)
 
@@ -118,7 +129,21 @@ class Pop3Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
     allow_reuse_address = True
     handler_class = Pop3Handler
 
-    def __init__(self, address: tuple[str, int], *, stop_event: threading.Event | None = None):
+    def __init__(
+        self,
+        address: tuple[str, int],
+        *,
+        stop_event: threading.Event | None = None,
+        tls: TlsContextHolder | None = None,
+        implicit_tls: bool = False,
+        is_trusted: Callable[[str], bool] = is_trusted_peer,
+    ):
+        """``tls`` enables STLS (or, with ``implicit_tls``, TLS from the first byte: RFC 8314);
+        ``is_trusted(peer_ip)`` decides which peers count as local for the plaintext policy (tests inject
+        it to play a remote peer while binding to 127.0.0.1 only)."""
+        if implicit_tls and tls is None:
+            raise ValueError("implicit TLS needs a certificate")
+        self.tls, self.implicit_tls, self.is_trusted = tls, implicit_tls, is_trusted
         host, port = address
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.request_queue_size = get_setting("LISTEN_BACKLOG")
@@ -194,14 +219,26 @@ class LockHeartbeat(threading.Thread):
                 connections.close_all()
 
 
-def start_servers(addresses: list[tuple[str, int]], stop_event: threading.Event) -> list[Pop3Server]:
-    """Free this host's dead locks, bind every listener, start their loops and the heartbeat."""
+def start_servers(
+    addresses: list[tuple[str, int]],
+    stop_event: threading.Event,
+    *,
+    tls: TlsContextHolder | None = None,
+    implicit_tls_addresses: list[tuple[str, int]] = (),
+    is_trusted: Callable[[str], bool] = is_trusted_peer,
+) -> list[Pop3Server]:
+    """Free this host's dead locks, bind every listener, start their loops and the lock heartbeat."""
     release_dead_locks()
     connections.close_all()
-    servers = [Pop3Server(address, stop_event=stop_event) for address in addresses]
+    servers = [Pop3Server(a, stop_event=stop_event, tls=tls, is_trusted=is_trusted) for a in addresses]
+    servers += [
+        Pop3Server(a, stop_event=stop_event, tls=tls, implicit_tls=True, is_trusted=is_trusted)
+        for a in implicit_tls_addresses
+    ]
     for server in servers:
         threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.5}, daemon=True,
                          name=f"pop3 listener {server.display_address}").start()
-        logger.info("POP3 server listening on %s", server.display_address)
+        kind = "POP3S (implicit TLS)" if server.implicit_tls else "POP3" + (" with STLS" if tls else "")
+        logger.info("%s server listening on %s", kind, server.display_address)
     LockHeartbeat(stop_event).start()
     return servers

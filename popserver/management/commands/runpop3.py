@@ -7,6 +7,7 @@ from django.core.management.base import BaseCommand, CommandError
 
 from popserver.conf import get_setting
 from popserver.server.listener import parse_address, start_servers
+from popserver.server.tls import TlsConfigError, TlsContextHolder
 
 ERRORS = {
     errno.EACCES: "You don't have permission to access that port.",
@@ -20,25 +21,58 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser):
         parser.add_argument("addrport", nargs="?", help="ADDR:PORT, PORT or [IPv6]:PORT to listen on.")
+        parser.add_argument("--certfile", help="PEM certificate (chain): enables STLS (RFC 2595).")
+        parser.add_argument("--keyfile", help="PEM private key, if not in the certificate file.")
+        parser.add_argument(
+            "--tls-port",
+            help="also listen with implicit TLS (RFC 8314; 995 by convention) on PORT or ADDR:PORT.",
+        )
 
     def handle(self, *args, **options):
         try:
             address = parse_address(options["addrport"] or get_setting("LISTEN"))
+            tls_listen = options["tls_port"] or get_setting("TLS_LISTEN")
+            tls_addresses = [self.tls_address(tls_listen, address[0])] if tls_listen else []
         except ValueError as exc:
             raise CommandError(f"Invalid address: {exc}") from None
+        certfile = options["certfile"] or get_setting("TLS_CERTFILE")
+        keyfile = options["keyfile"] or get_setting("TLS_KEYFILE")
+        tls = None
+        if certfile:
+            try:
+                tls = TlsContextHolder(certfile, keyfile)
+            except TlsConfigError as exc:
+                raise CommandError(f"TLS: {exc}") from None
+        elif tls_addresses or keyfile:
+            raise CommandError("TLS: --tls-port and --keyfile need --certfile (or POPSERVER_TLS_CERTFILE).")
+
         stop = threading.Event()
-        # Signal handlers only set the event: shutdown() must run outside the serving threads.
+        # Signal handlers only set flags: shutdown() must run outside the serving threads.
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, lambda *_: stop.set())
+        reload_requested = threading.Event()
+        if tls is not None:
+            signal.signal(signal.SIGHUP, lambda *_: reload_requested.set())
         try:
-            servers = start_servers([address], stop)
+            servers = start_servers([address], stop, tls=tls, implicit_tls_addresses=tls_addresses)
         except OSError as exc:
             raise CommandError(f"Error: {ERRORS.get(exc.errno, exc.strerror or exc)}") from None
-        self.stdout.write(f"popserver: POP3 on {', '.join(s.display_address for s in servers)}. "
-                          "Quit with CONTROL-C.")
+        self.stdout.write(
+            "popserver: "
+            + ", ".join(f"{'POP3S' if s.implicit_tls else 'POP3'} on {s.display_address}" for s in servers)
+            + ". Quit with CONTROL-C."
+        )
         self.stdout.flush()
-        while not stop.wait(1.0):
-            pass
+        while not stop.wait(0.5):
+            if reload_requested.is_set():
+                reload_requested.clear()
+                tls.reload()
         for server in servers:
             server.stop()
         self.stdout.write("popserver: stopped.")
+
+    @staticmethod
+    def tls_address(text: str, default_host: str) -> tuple[str, int]:
+        if str(text).isdigit():
+            return default_host, int(text)
+        return parse_address(str(text), default_port=995)
