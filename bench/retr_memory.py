@@ -28,10 +28,9 @@ def main() -> None:
         sock = socket.create_connection(("127.0.0.1", server.port), timeout=120)
         sock.recv(1000)
         sock.sendall(b"USER big\r\nPASS pw\r\n")
-        while sock.recv(1000).count(b"\r\n") < 1:
-            pass
-        time.sleep(0.2)  # sync-ok: let the login's second reply arrive before the baseline reading
-        sock.recv(1000)
+        replies = b""
+        while replies.count(b"\r\n") < 2:
+            replies += sock.recv(1000)
         baseline = server.rss_kib()
         peak = baseline
         started = time.perf_counter()
