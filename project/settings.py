@@ -107,6 +107,8 @@ tune_database(DATABASES["default"])
 if DATABASES["default"]["ENGINE"] == "django.db.backends.mysql":
     import pymysql
 
+    # PyMySQL (pure Python) stands in for mysqlclient, which needs a compiler and headers to install.
+    pymysql.version_info = (2, 2, 1, "final", 0)
     pymysql.install_as_MySQLdb()
 
 # Argon2id first: new passwords and logins re-hash with it.
