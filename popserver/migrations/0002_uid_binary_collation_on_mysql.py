@@ -21,5 +21,6 @@ def uid_to_default_collation(apps, schema_editor):
 
 
 class Migration(migrations.Migration):
+    atomic = False  # MySQL cannot roll DDL back; Django refuses DDL inside a transaction there
     dependencies = [("popserver", "0001_initial")]
     operations = [migrations.RunPython(uid_to_binary_collation, uid_to_default_collation, elidable=False)]
