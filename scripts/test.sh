@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One command to run the tests: on SQLite, then on PostgreSQL (127.0.0.1:5432) and on MariaDB
-# (127.0.0.1:3306) when they answer. With POPSERVER_REQUIRE_POSTGRES=1 / POPSERVER_REQUIRE_MARIADB=1 (CI)
+# One command to run the tests: on SQLite, then on PostgreSQL (127.0.0.1:5432) and, for the database-heavy
+# tests, on MariaDB (127.0.0.1:3306, root without password) when they answer. With POPSERVER_REQUIRE_POSTGRES=1 / POPSERVER_REQUIRE_MARIADB=1 (CI)
 # a server that does not answer is a failure; otherwise that run is skipped with a one-line reason.
 # Extra arguments go to pytest.
 set -uo pipefail
@@ -21,5 +21,17 @@ elif [ "${POPSERVER_REQUIRE_POSTGRES:-0}" = 1 ]; then
     status=1
 else
     echo "== skipping the PostgreSQL run: no server answers at $PG_URL"
+fi
+# Existing sites run on MariaDB too: the delivery, lock and QUIT tests run there as well.
+MARIADB_TESTS=(tests/test_maildrop_orm.py tests/test_delivery.py tests/test_server_live.py)
+if [ "$#" -gt 0 ]; then MARIADB_TESTS=("$@"); fi
+if .venv/bin/python scripts/db_answers.py "$MARIADB_URL"; then
+    echo "== tests on MariaDB"
+    DATABASE_URL="$MARIADB_URL" .venv/bin/pytest "${MARIADB_TESTS[@]}" || status=1
+elif [ "${POPSERVER_REQUIRE_MARIADB:-0}" = 1 ]; then
+    echo "MariaDB does not answer at $MARIADB_URL and POPSERVER_REQUIRE_MARIADB=1" >&2
+    status=1
+else
+    echo "== skipping the MariaDB run: no server answers at $MARIADB_URL"
 fi
 exit $status
