@@ -57,6 +57,22 @@ def check_settings(app_configs=None, **kwargs):
                 id="popserver.W002",
             )
         )
+    policy = get_setting("PLAINTEXT_AUTH")
+    if policy not in ("trusted", "always", "never"):
+        messages.append(
+            Error(
+                f"POPSERVER_PLAINTEXT_AUTH must be 'trusted', 'always' or 'never', not {policy!r}.",
+                id="popserver.E003",
+            )
+        )
+    elif policy == "always":
+        messages.append(
+            Warning(
+                "POPSERVER_PLAINTEXT_AUTH = 'always': passwords are accepted in the clear from any network.",
+                hint="Use 'trusted' (the default) and give runpop3 a certificate for STLS and POP3S.",
+                id="popserver.W004",
+            )
+        )
     hashers = getattr(settings, "PASSWORD_HASHERS", [])
     if hashers and not hashers[0].endswith(("Argon2PasswordHasher",)):
         messages.append(
