@@ -1,19 +1,32 @@
-"""POP3 logins through Django's ``authenticate()``, bounded, delayed on failure, ending in a locked maildrop."""
+"""POP3 logins: throttled, through app passwords or Django's ``authenticate()`` (bounded), delayed on failure,
+audited, and ending in a locked maildrop."""
 from __future__ import annotations
 
 import ipaddress
 import logging
 import threading
+from datetime import timedelta
 
 from django.contrib.auth import authenticate, get_user_model
 from django.db import DatabaseError
 from django.http import HttpRequest
+from django.utils import timezone
 
+from . import audit
+from .apppasswords import check_app_password
 from .conf import get_setting
-from .exceptions import AuthenticationFailed, LoginRefused, TemporaryLoginFailure
+from .exceptions import (
+    AuthenticationFailed,
+    LoginLockedOut,
+    LoginRefused,
+    LoginTooSoon,
+    MailboxInUse,
+    TemporaryLoginFailure,
+)
 from .maildrop import OrmMaildrop, open_maildrop
-from .models import Address, Mailbox
-from .signals import login_failed, send_safely
+from .models import Address, LoginEvent, Mailbox
+from .signals import login_failed, login_locked_out, send_safely
+from .throttle import Throttle, get_throttle
 
 logger = logging.getLogger(__name__)
 
@@ -59,35 +72,67 @@ class DjangoAuthenticator:
     """The engine's ``authenticate`` callable for one connection.
 
     The same reply for an unknown user, a wrong password, an inactive user and a missing or switched-off
-    mailbox; each costs one password check and the failure delay, which waits on ``stop_event`` so a shutdown
-    does not wait for it and no other session is blocked.
+    mailbox. Failures wait POPSERVER_AUTH_FAILURE_DELAY on ``stop_event`` (a shutdown does not wait for it, and
+    no other session is blocked). ``[IN-USE]`` and ``[LOGIN-DELAY]`` after a right password are not failures.
     """
 
-    def __init__(self, peer_ip: str, peer_port: int = 0, stop_event: threading.Event | None = None):
+    def __init__(self, peer_ip: str, peer_port: int = 0, stop_event: threading.Event | None = None, *,
+                 trusted: bool | None = None, throttle: Throttle | None = None):
         self.peer_ip = peer_ip
         self.peer = f"{peer_ip}:{peer_port}"
         self.stop_event = stop_event or threading.Event()
+        self.trusted = is_trusted_peer(peer_ip) if trusted is None else trusted
+        self.throttle = throttle or get_throttle()
+        self.tls = False  # set by the connection handler once TLS is on
         self.mailbox: Mailbox | None = None
 
     def __call__(self, username: str, password: str, *, mechanism: str = "USER") -> OrmMaildrop:
         try:
-            mailbox = self._check_password(username, password)
-            if mailbox is None:
-                raise AuthenticationFailed()
-            maildrop = open_maildrop(mailbox.pk, self.peer)
-        except AuthenticationFailed as exc:
-            self._failed(username, mechanism, "credentials")
-            raise exc
-        except LoginRefused:
-            raise  # [IN-USE] and the like: not a failed login, no delay
+            return self._login(username, password, mechanism)
         except DatabaseError:
-            logger.exception("login for %r from %s: database error", username, self.peer)
+            logger.exception("login for %r from %s: database error", _printable(username), self.peer)
+            self._audit(username, mechanism, LoginEvent.ERROR, "database")
             raise TemporaryLoginFailure() from None
+
+    def _login(self, username: str, password: str, mechanism: str) -> OrmMaildrop:
+        scope = self.throttle.locked_out(username, self.peer_ip, trusted=self.trusted)
+        if scope:
+            self._audit(username, mechanism, LoginEvent.LOCKED_OUT, scope)
+            send_safely(login_locked_out, username=username, peer=self.peer, scope=scope)
+            self._fail(username, mechanism, f"locked out ({scope})")
+            raise LoginLockedOut()
+        mailbox = self._check_credentials(username, password)
+        if mailbox is None:
+            scope = self.throttle.failed(username, self.peer_ip, trusted=self.trusted)
+            self._audit(username, mechanism, LoginEvent.FAILED, "credentials")
+            if scope:
+                send_safely(login_locked_out, username=username, peer=self.peer, scope=scope)
+            self._fail(username, mechanism, "credentials")
+            raise AuthenticationFailed()
+        self.throttle.succeeded(username, self.peer_ip)
+        delay = get_setting("LOGIN_DELAY")
+        if delay and mailbox.last_login and mailbox.last_login > timezone.now() - timedelta(seconds=delay):
+            self._audit(username, mechanism, LoginEvent.LOGIN_DELAY, "", mailbox)
+            raise LoginTooSoon()
+        try:
+            maildrop = open_maildrop(mailbox.pk, self.peer)
+        except MailboxInUse:
+            self._audit(username, mechanism, LoginEvent.IN_USE, "", mailbox)
+            raise
+        self._audit(username, mechanism, LoginEvent.SUCCESS, "", mailbox)
         self.mailbox = mailbox
         return maildrop
 
-    def _check_password(self, username: str, password: str) -> Mailbox | None:
+    def _check_credentials(self, username: str, password: str) -> Mailbox | None:
+        """The mailbox these credentials open (app password or account password), or None."""
+        accepted = get_setting("ACCEPTED_PASSWORDS")
         login_name = self._login_name(username)
+        if accepted in ("app", "both"):
+            mailbox = self._mailbox_of(login_name)
+            if mailbox is not None and check_app_password(mailbox, password, self.peer):
+                return mailbox if self._may_log_in(mailbox.user) else None
+        if accepted not in ("account", "both"):
+            return None
         slots = password_check_slots()
         if not slots.acquire(timeout=PASSWORD_CHECK_WAIT):
             raise TemporaryLoginFailure()
@@ -95,7 +140,7 @@ class DjangoAuthenticator:
             user = authenticate(make_request(self.peer_ip), username=login_name, password=password)
         finally:
             slots.release()
-        if user is None or not getattr(user, "is_active", True):
+        if user is None or not self._may_log_in(user):
             return None
         mailbox = Mailbox.objects.filter(user=user).first()
         if mailbox is None and get_setting("AUTO_CREATE_MAILBOX"):
@@ -103,6 +148,17 @@ class DjangoAuthenticator:
         if mailbox is None or not mailbox.pop3_enabled:
             return None
         return mailbox
+
+    @staticmethod
+    def _may_log_in(user) -> bool:
+        return getattr(user, "is_active", True)
+
+    @staticmethod
+    def _mailbox_of(login_name: str) -> Mailbox | None:
+        field = get_user_model().USERNAME_FIELD
+        lookup = {f"user__{field}__iexact" if field == "email" else f"user__{field}": login_name}
+        mailbox = Mailbox.objects.select_related("user").filter(**lookup).first()
+        return mailbox if mailbox is not None and mailbox.pop3_enabled else None
 
     def _login_name(self, username: str) -> str:
         """A mailbox address logs in as its owner; anything else is passed to the backends as given."""
@@ -116,13 +172,17 @@ class DjangoAuthenticator:
                 return str(owner)
         return username
 
-    def _failed(self, username: str, mechanism: str, reason: str) -> None:
+    def _fail(self, username: str, mechanism: str, reason: str) -> None:
         logger.info("login failed: user=<%s> peer=%s mechanism=%s reason=%s", _printable(username),
                     self.peer, mechanism, reason)
         send_safely(login_failed, username=username, peer=self.peer, mechanism=mechanism, reason=reason)
         delay = get_setting("AUTH_FAILURE_DELAY")
         if delay:
             self.stop_event.wait(delay)
+
+    def _audit(self, username: str, mechanism: str, outcome: str, reason: str, mailbox=None) -> None:
+        audit.record_login(username=username, peer_ip=self.peer_ip, mechanism=mechanism, tls=self.tls,
+                           outcome=outcome, reason=reason, mailbox=mailbox)
 
 
 def _printable(text: str, limit: int = 64) -> str:

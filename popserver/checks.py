@@ -73,6 +73,7 @@ def check_settings(app_configs=None, **kwargs):
                 id="popserver.W004",
             )
         )
+    messages += check_throttle_cache()
     hashers = getattr(settings, "PASSWORD_HASHERS", [])
     if hashers and not hashers[0].endswith(("Argon2PasswordHasher",)):
         messages.append(
@@ -84,3 +85,30 @@ def check_settings(app_configs=None, **kwargs):
             )
         )
     return messages
+
+
+# Caches that live inside one process: every runpop3 process would count failures on its own.
+PROCESS_LOCAL_CACHES = (
+    "django.core.cache.backends.locmem.LocMemCache",
+    "django.core.cache.backends.dummy.DummyCache",
+)
+
+
+def check_throttle_cache() -> list:
+    if not str(get_setting("THROTTLE")).endswith("CacheThrottle"):
+        return []
+    alias = get_setting("THROTTLE_CACHE")
+    backend = getattr(settings, "CACHES", {}).get(alias, {}).get("BACKEND")
+    if backend is None:
+        return [Error(f"POPSERVER_THROTTLE_CACHE names the cache {alias!r}, which CACHES does not define.",
+                      id="popserver.E004")]
+    if backend in PROCESS_LOCAL_CACHES:
+        return [
+            Warning(
+                f"The throttle cache {alias!r} ({backend.rsplit('.', 1)[-1]}) is not shared between processes: "
+                "each runpop3 process counts failed logins on its own.",
+                hint="Use Redis or Memcached, or the database throttle (the default).",
+                id="popserver.W005",
+            )
+        ]
+    return []

@@ -35,6 +35,17 @@ DEFAULTS: dict[str, Any] = {
     "TLS_CERTFILE": "",
     "TLS_KEYFILE": "",
     "TLS_LISTEN": "",  # e.g. "0.0.0.0:995": an implicit-TLS listener (RFC 8314)
+    # Throttling of failed logins (shared by every server process)
+    "THROTTLE": "popserver.throttle.DatabaseThrottle",  # or "popserver.throttle.CacheThrottle"
+    "THROTTLE_CACHE": "default",  # the cache alias CacheThrottle uses; must be shared (Redis, Memcached)
+    "THROTTLE_WINDOW": 900,  # seconds in which failures are counted
+    "THROTTLE_ACCOUNT_FAILURES": 10,  # failures per (login name, IP) before a lock-out
+    "THROTTLE_IP_FAILURES": 30,  # failures per IP (trusted networks exempt) before a lock-out
+    "THROTTLE_LOCKOUT": 900,  # seconds a lock-out lasts
+    "LOGIN_DELAY": 0,  # RFC 2449 LOGIN-DELAY: minimum seconds between logins of a mailbox (0: off)
+    # Which passwords POP3 accepts: "account" (the site password), "app" (app passwords only) or "both"
+    "ACCEPTED_PASSWORDS": "both",
+    "AUDIT_RETENTION_DAYS": 90,  # prunepopaudit deletes login events and session records older than this
     # Mailbox lock
     "LOCK_HEARTBEAT": 30,  # seconds between a live session's lock heartbeats
     "LOCK_STALE_AFTER": 120,  # a lock whose heartbeat is older than this is free (a crashed server's)

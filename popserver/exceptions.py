@@ -46,6 +46,18 @@ class MailboxInUse(LoginRefused):
     close_connection = True  # as Dovecot does
 
 
+class LoginLockedOut(LoginRefused):
+    """Too many failed logins for this name and IP, or from this IP: refused without checking the password."""
+
+    reply = "[SYS/TEMP] Too many failed login attempts, try again later."
+
+
+class LoginTooSoon(LoginRefused):
+    """RFC 2449 s.8.1.2 LOGIN-DELAY: the mailbox logged in less than POPSERVER_LOGIN_DELAY seconds ago."""
+
+    reply = "[LOGIN-DELAY] Logged in too recently, try again later."
+
+
 class TemporaryLoginFailure(LoginRefused):
     """RFC 3206 s.4: the server cannot log anyone in just now."""
 

@@ -92,3 +92,92 @@ class MessageChunk(models.Model):
     class Meta:
         ordering = ["message", "seq"]
         constraints = [models.UniqueConstraint(fields=["message", "seq"], name="popserver_chunk_seq_unique")]
+
+
+class LoginThrottle(models.Model):
+    """Failed-login counter for one scope and key, shared by every server process (the database throttle)."""
+
+    ACCOUNT_IP = "account"  # key: "<login name>|<ip>"
+    IP = "ip"  # key: "<ip>"
+    SCOPES = [(ACCOUNT_IP, "account and IP"), (IP, "IP")]
+
+    scope = models.CharField(max_length=8, choices=SCOPES)
+    key = models.CharField(max_length=255)
+    failures = models.PositiveIntegerField(default=0)
+    window_started = models.DateTimeField()
+    locked_until = models.DateTimeField(null=True, blank=True, db_index=True)
+
+    class Meta:
+        verbose_name = "login lock-out"
+        constraints = [models.UniqueConstraint(fields=["scope", "key"], name="popserver_throttle_unique")]
+
+    def __str__(self) -> str:
+        return f"{self.get_scope_display()} {self.key}"
+
+
+class AppPassword(models.Model):
+    """A named, random, revocable password for POP3 only, stored as a keyed SHA-256 (it is high-entropy)."""
+
+    mailbox = models.ForeignKey(Mailbox, on_delete=models.CASCADE, related_name="app_passwords")
+    name = models.CharField(max_length=100)
+    digest = models.CharField(max_length=64, unique=True, editable=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+    last_used_at = models.DateTimeField(null=True, blank=True, editable=False)
+    last_used_peer = models.CharField(max_length=64, blank=True, default="", editable=False)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["mailbox", "name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def is_active(self) -> bool:
+        return self.revoked_at is None
+
+
+class LoginEvent(models.Model):
+    """One POP3 login attempt (audit). Never holds a password."""
+
+    SUCCESS, FAILED, LOCKED_OUT, IN_USE, LOGIN_DELAY, ERROR = (
+        "success", "failed", "locked_out", "in_use", "login_delay", "error",
+    )
+    OUTCOMES = [(SUCCESS, "success"), (FAILED, "failed"), (LOCKED_OUT, "locked out"), (IN_USE, "in use"),
+                (LOGIN_DELAY, "login delay"), (ERROR, "error")]
+
+    time = models.DateTimeField(auto_now_add=True, db_index=True)
+    peer_ip = models.GenericIPAddressField(unpack_ipv4=True, null=True)
+    username = models.CharField(max_length=255)
+    mailbox = models.ForeignKey(Mailbox, on_delete=models.SET_NULL, null=True, blank=True)
+    mechanism = models.CharField(max_length=16)
+    tls = models.BooleanField(default=False)
+    outcome = models.CharField(max_length=16, choices=OUTCOMES, db_index=True)
+    reason = models.CharField(max_length=64, blank=True, default="")
+
+    class Meta:
+        ordering = ["-time"]
+
+    def __str__(self) -> str:
+        return f"{self.time:%Y-%m-%d %H:%M:%S} {self.username} {self.outcome}"
+
+
+class SessionRecord(models.Model):
+    """One logged-in POP3 session (audit)."""
+
+    mailbox = models.ForeignKey(Mailbox, on_delete=models.SET_NULL, null=True, blank=True)
+    username = models.CharField(max_length=255)
+    peer_ip = models.GenericIPAddressField(unpack_ipv4=True, null=True)
+    started_at = models.DateTimeField(db_index=True)
+    duration = models.FloatField(help_text="seconds")
+    end_reason = models.CharField(max_length=64)
+    retrieved_count = models.PositiveIntegerField(default=0)
+    retrieved_bytes = models.PositiveBigIntegerField(default=0)
+    deleted_count = models.PositiveIntegerField(default=0)
+    deleted_bytes = models.PositiveBigIntegerField(default=0)
+
+    class Meta:
+        ordering = ["-started_at"]
+
+    def __str__(self) -> str:
+        return f"{self.started_at:%Y-%m-%d %H:%M:%S} {self.username}"

@@ -7,7 +7,9 @@ messages_deleted(mailbox, count, octets)
 session_closed(mailbox, peer, stats)
     sent when a logged-in POP3 session ends, however it ends; ``stats`` is a dict of counters.
 login_failed(username, peer, mechanism, reason)
-    sent for each refused login.
+    sent for each failed login (wrong credentials, or refused by a lock-out).
+login_locked_out(username, peer, scope)
+    sent when a login is refused because ``scope`` ("account" or "ip") is locked out.
 """
 import logging
 
@@ -19,6 +21,7 @@ message_delivered = Signal()
 messages_deleted = Signal()
 session_closed = Signal()
 login_failed = Signal()
+login_locked_out = Signal()
 
 
 def send_safely(signal: Signal, **kwargs) -> None:

@@ -48,3 +48,14 @@ def test_argon2_not_first_is_a_warning():
 
 def test_huge_chunks_warn():
     assert "popserver.W003" in ids(POPSERVER_BODY_CHUNK_SIZE=64 * 1024 * 1024)
+
+
+def test_throttle_cache_must_be_shared():
+    cache_throttle = "popserver.throttle.CacheThrottle"
+    local = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+    shared = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache",
+                          "LOCATION": "redis://127.0.0.1:6379"}}
+    assert "popserver.W005" in ids(POPSERVER_THROTTLE=cache_throttle, CACHES=local)
+    assert "popserver.W005" not in ids(POPSERVER_THROTTLE=cache_throttle, CACHES=shared)
+    assert "popserver.E004" in ids(POPSERVER_THROTTLE=cache_throttle, POPSERVER_THROTTLE_CACHE="nope")
+    assert "popserver.W005" not in ids(CACHES=local)  # the database throttle needs no cache

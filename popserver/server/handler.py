@@ -12,8 +12,10 @@ import time
 from collections.abc import Iterable
 
 from django.db import connections
+from django.utils import timezone
 
-from ..auth import DjangoAuthenticator, is_trusted_peer
+from ..audit import record_session
+from ..auth import DjangoAuthenticator
 from ..conf import get_setting
 from ..protocol.session import Pop3Session, State
 from ..signals import send_safely, session_closed
@@ -46,6 +48,7 @@ class Pop3Handler(socketserver.BaseRequestHandler):
         self.peer_ip, self.peer_port = self.client_address[0], self.client_address[1]
         self.peer = f"{self.peer_ip}:{self.peer_port}"
         self.connected_at = time.monotonic()
+        self.started_at = timezone.now()
         self.authenticated = False
         self.session: Pop3Session | None = None
         try:
@@ -55,7 +58,10 @@ class Pop3Handler(socketserver.BaseRequestHandler):
 
     # Main loop ------------------------------------------------------------------------------------------
     def handle(self) -> None:
-        authenticator = DjangoAuthenticator(self.peer_ip, self.peer_port, self.server.stop_event)
+        self.authenticator = authenticator = DjangoAuthenticator(
+            self.peer_ip, self.peer_port, self.server.stop_event, trusted=self.server.is_trusted(self.peer_ip)
+        )
+        authenticator.tls = self.server.implicit_tls
         self.session = session = self.make_session(authenticator)
         reason = "Connection closed"
         try:
@@ -104,7 +110,7 @@ class Pop3Handler(socketserver.BaseRequestHandler):
         policy = get_setting("PLAINTEXT_AUTH")
         if tls_active or policy == "always":
             return True
-        return policy == "trusted" and self.server.is_trusted(self.peer_ip)
+        return policy == "trusted" and self.authenticator.trusted
 
     # TLS ------------------------------------------------------------------------------------------------
     def handshake(self) -> None:
@@ -122,6 +128,7 @@ class Pop3Handler(socketserver.BaseRequestHandler):
         """RFC 2595 s.4: after "+OK Begin TLS negotiation now." the session's pipelined plaintext has already
         been discarded by the engine; handshake, then a fresh AUTHORIZATION state."""
         self.handshake()
+        self.authenticator.tls = True
         session.tls_started()
         session.plaintext_allowed = self.plaintext_allowed(tls_active=True)
 
@@ -201,6 +208,15 @@ class Pop3Handler(socketserver.BaseRequestHandler):
             stats.deleted_count,
             stats.messages,
             stats.mailbox_size,
+        )
+        record_session(
+            mailbox=authenticator.mailbox,
+            username=session.username,
+            peer_ip=self.peer_ip,
+            started_at=self.started_at,
+            duration=duration,
+            end_reason=reason,
+            stats=stats,
         )
         send_safely(
             session_closed,
