@@ -66,6 +66,7 @@ MIDDLEWARE = [
 ]
 
 ROOT_URLCONF = "project.urls"
+LOGIN_URL = "admin:login"  # the default project signs users in through the admin's login page
 TEMPLATES = [
     {
         "BACKEND": "django.template.backends.django.DjangoTemplates",

@@ -1,0 +1,9 @@
+from django.urls import path
+
+from . import views
+
+app_name = "popserver"
+urlpatterns = [
+    path("app-passwords/", views.app_password_list, name="app-passwords"),
+    path("app-passwords/<int:pk>/revoke/", views.app_password_revoke, name="app-password-revoke"),
+]
