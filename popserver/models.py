@@ -75,6 +75,8 @@ class Message(models.Model):
 
     class Meta:
         ordering = ["id"]
+        # view_message shows a message's fields; reading its bytes (text view, download) needs this one too.
+        permissions = [("view_message_content", "Can read the contents of messages")]
         constraints = [models.UniqueConstraint(fields=["mailbox", "uid"], name="popserver_message_uid_unique")]
         indexes = [models.Index(fields=["mailbox", "id"], name="popserver_message_mbox_idx")]
 
