@@ -1,0 +1,346 @@
+"""Logins at the authenticator: throttling, app passwords, LOGIN-DELAY, audit and signals (no sockets)."""
+from datetime import datetime, timedelta, timezone as dt_timezone
+
+import pytest
+from django.contrib.auth import authenticate
+from django.core.management import call_command
+from django.test import override_settings
+from django.urls import reverse
+
+from popserver.apppasswords import create_app_password, revoke_app_password
+from popserver.auth import DjangoAuthenticator
+from popserver.exceptions import (
+    AuthenticationFailed,
+    LoginLockedOut,
+    LoginTooSoon,
+    MailboxInUse,
+)
+from popserver.models import LoginEvent, LoginThrottle, Mailbox
+from popserver.signals import login_failed, login_locked_out
+from popserver.throttle import CacheThrottle, DatabaseThrottle
+from tests import backends
+
+COUNTING = ["tests.backends.CountingBackend"]
+
+
+class Clock:
+    def __init__(self):
+        self.now = datetime(2026, 11, 26, 12, 0, tzinfo=dt_timezone.utc)
+
+    def __call__(self):
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)
+
+
+@pytest.fixture
+def clock():
+    return Clock()
+
+
+@pytest.fixture
+def alice(make_mailbox):
+    return make_mailbox("alice", "right", email="alice@example.com")
+
+
+def login(username, password, *, ip="203.0.113.5", trusted=False, throttle=None, mechanism="USER"):
+    auth = DjangoAuthenticator(ip, 4000, trusted=trusted, throttle=throttle)
+    return auth(username, password, mechanism=mechanism)
+
+
+@pytest.fixture
+def counting_backend(settings):
+    settings.AUTHENTICATION_BACKENDS = COUNTING
+    backends.calls.clear()
+    return backends.calls
+
+
+def test_login_opens_the_maildrop_and_audits(alice):
+    maildrop = login("alice", "right")
+    assert Mailbox.objects.get(pk=alice.pk).lock_token == maildrop.token
+    maildrop.release()
+    event = LoginEvent.objects.get()
+    assert (event.username, event.outcome, event.peer_ip, event.mechanism, event.tls) == (
+        "alice", "success", "203.0.113.5", "USER", False)
+
+
+def test_login_by_address(alice):
+    login("ALICE@Example.com", "right").release()
+
+
+def test_failures_are_audited_and_signalled_without_the_password(alice):
+    received = []
+    handler = lambda **kw: received.append(kw)  # noqa: E731
+    login_failed.connect(handler)
+    try:
+        with pytest.raises(AuthenticationFailed):
+            login("alice", "wrong-secret", mechanism="PLAIN")
+    finally:
+        login_failed.disconnect(handler)
+    assert received[0]["username"] == "alice" and received[0]["mechanism"] == "PLAIN"
+    assert received[0]["reason"] == "credentials" and "wrong-secret" not in repr(received)
+    event = LoginEvent.objects.get()
+    assert event.outcome == "failed" and "wrong-secret" not in repr(event.__dict__)
+
+
+def test_a_raising_receiver_changes_nothing_for_the_client(alice):
+    def broken(**kwargs):
+        raise RuntimeError("receiver bug")
+
+    login_failed.connect(broken)
+    try:
+        with pytest.raises(AuthenticationFailed):
+            login("alice", "wrong")
+    finally:
+        login_failed.disconnect(broken)
+
+
+@override_settings(POPSERVER_THROTTLE_ACCOUNT_FAILURES=3, POPSERVER_THROTTLE_LOCKOUT=600)
+def test_lockout_refuses_the_right_password_without_checking_it(alice, clock, counting_backend):
+    throttle = DatabaseThrottle(clock)
+    for _ in range(3):
+        with pytest.raises(AuthenticationFailed):
+            login("alice", "wrong", throttle=throttle)
+    assert len(counting_backend) == 3
+    with pytest.raises(LoginLockedOut) as info:
+        login("alice", "right", throttle=throttle)
+    assert info.value.reply.startswith("[SYS/TEMP]")
+    assert len(counting_backend) == 3  # the password was not checked
+    assert LoginEvent.objects.filter(outcome="locked_out").count() == 1
+    # another IP is not locked out for this account
+    login("alice", "right", ip="198.51.100.7", throttle=throttle).release()
+    clock.advance(601)
+    login("alice", "right", throttle=throttle).release()
+
+
+@override_settings(POPSERVER_THROTTLE_ACCOUNT_FAILURES=3)
+def test_unknown_names_are_throttled_exactly_like_real_ones(alice, clock, counting_backend):
+    throttle = DatabaseThrottle(clock)
+    replies = {}
+    for name in ("alice", "nobody"):
+        for _ in range(3):
+            with pytest.raises(AuthenticationFailed) as info:
+                login(name, "wrong", throttle=throttle)
+            replies.setdefault(name, set()).add(info.value.reply)
+        with pytest.raises(LoginLockedOut) as info:
+            login(name, "wrong", throttle=throttle)
+        replies[name].add(info.value.reply)
+    assert replies["alice"] == replies["nobody"]
+    assert counting_backend.count("nobody") == 3
+
+
+@override_settings(POPSERVER_THROTTLE_ACCOUNT_FAILURES=3)
+def test_success_resets_the_account_counter(alice, clock):
+    throttle = DatabaseThrottle(clock)
+    for _ in range(2):
+        with pytest.raises(AuthenticationFailed):
+            login("alice", "wrong", throttle=throttle)
+    login("alice", "right", throttle=throttle).release()
+    for _ in range(2):
+        with pytest.raises(AuthenticationFailed):
+            login("alice", "wrong", throttle=throttle)
+    login("alice", "right", throttle=throttle).release()
+
+
+@override_settings(POPSERVER_THROTTLE_ACCOUNT_FAILURES=3, POPSERVER_THROTTLE_WINDOW=60)
+def test_failures_outside_the_window_do_not_add_up(alice, clock):
+    throttle = DatabaseThrottle(clock)
+    for _ in range(2):
+        with pytest.raises(AuthenticationFailed):
+            login("alice", "wrong", throttle=throttle)
+    clock.advance(61)
+    with pytest.raises(AuthenticationFailed):
+        login("alice", "wrong", throttle=throttle)
+    login("alice", "right", throttle=throttle).release()
+
+
+@override_settings(POPSERVER_THROTTLE_ACCOUNT_FAILURES=100, POPSERVER_THROTTLE_IP_FAILURES=5)
+def test_whole_ip_lockout_and_trusted_networks_are_exempt(alice, clock):
+    throttle = DatabaseThrottle(clock)
+    received = []
+    handler = lambda **kw: received.append(kw)  # noqa: E731
+    login_locked_out.connect(handler)
+    try:
+        for n in range(5):
+            with pytest.raises(AuthenticationFailed):
+                login(f"guess{n}", "wrong", throttle=throttle)
+        with pytest.raises(LoginLockedOut):
+            login("alice", "right", throttle=throttle)
+        for n in range(10):  # the same from a trusted network: only the per-account count applies
+            with pytest.raises(AuthenticationFailed):
+                login(f"guess{n}", "wrong", ip="127.0.0.1", trusted=True, throttle=throttle)
+        login("alice", "right", ip="127.0.0.1", trusted=True, throttle=throttle).release()
+    finally:
+        login_locked_out.disconnect(handler)
+    assert {r["scope"] for r in received} == {"ip"}
+
+
+@override_settings(POPSERVER_THROTTLE_ACCOUNT_FAILURES=2)
+def test_in_use_is_not_a_failure(alice, clock):
+    throttle = DatabaseThrottle(clock)
+    holder = login("alice", "right", throttle=throttle)
+    for _ in range(3):
+        with pytest.raises(MailboxInUse):
+            login("alice", "right", throttle=throttle)
+    holder.release()
+    assert not LoginThrottle.objects.exists()
+    login("alice", "right", throttle=throttle).release()
+
+
+def test_login_delay(alice, settings):
+    settings.POPSERVER_LOGIN_DELAY = 300
+    login("alice", "right").release()
+    with pytest.raises(LoginTooSoon) as info:
+        login("alice", "right")
+    assert info.value.reply.startswith("[LOGIN-DELAY]")
+    assert not LoginThrottle.objects.exists()
+    Mailbox.objects.filter(pk=alice.pk).update(last_login=Mailbox.objects.get(pk=alice.pk).last_login
+                                               - timedelta(seconds=301))
+    login("alice", "right").release()
+
+
+def test_backend_that_needs_a_request(alice, settings):
+    settings.AUTHENTICATION_BACKENDS = ["tests.backends.RequestRequiredBackend"]
+    login("alice", "right").release()
+
+
+def test_inactive_user_and_switched_off_mailbox(alice):
+    Mailbox.objects.filter(pk=alice.pk).update(pop3_enabled=False)
+    with pytest.raises(AuthenticationFailed):
+        login("alice", "right")
+    Mailbox.objects.filter(pk=alice.pk).update(pop3_enabled=True)
+    alice.user.is_active = False
+    alice.user.save()
+    with pytest.raises(AuthenticationFailed):
+        login("alice", "right")
+
+
+def test_user_without_mailbox(django_user_model, settings):
+    django_user_model.objects.create_user(username="carol", password="pw")
+    with pytest.raises(AuthenticationFailed):
+        login("carol", "pw")
+    settings.POPSERVER_AUTO_CREATE_MAILBOX = True
+    login("carol", "pw").release()
+    assert Mailbox.objects.filter(user__username="carol").exists()
+
+
+# App passwords ---------------------------------------------------------------------------------------------
+def test_app_password_create_use_revoke(alice, counting_backend):
+    app_password, secret = create_app_password(alice, "phone")
+    assert app_password.digest != secret and secret not in app_password.digest
+    login("alice", secret).release()
+    login("alice", secret.upper().replace("-", "")).release()  # typed without dashes, in capitals
+    assert counting_backend == []  # no argon2/backend call for an app password
+    app_password.refresh_from_db()
+    assert app_password.last_used_at and app_password.last_used_peer.startswith("203.0.113.5")
+    revoke_app_password(app_password)
+    with pytest.raises(AuthenticationFailed):
+        login("alice", secret)
+
+
+def test_app_passwords_never_work_for_the_site_login(alice, client):
+    _, secret = create_app_password(alice, "phone")
+    assert authenticate(username="alice", password=secret) is None
+    assert not client.login(username="alice", password=secret)
+
+
+def test_accepted_passwords_setting(alice, settings):
+    _, secret = create_app_password(alice, "phone")
+    settings.POPSERVER_ACCEPTED_PASSWORDS = "app"
+    with pytest.raises(AuthenticationFailed):
+        login("alice", "right")
+    login("alice", secret).release()
+    settings.POPSERVER_ACCEPTED_PASSWORDS = "account"
+    with pytest.raises(AuthenticationFailed):
+        login("alice", secret)
+    login("alice", "right").release()
+
+
+def test_apppassword_command(alice, capsys):
+    call_command("apppassword", "alice", "--name", "laptop")
+    secret = capsys.readouterr().out.strip()
+    login("alice", secret).release()
+    call_command("apppassword", "alice", "--list")
+    assert "laptop\tactive" in capsys.readouterr().out
+    call_command("apppassword", "alice", "--revoke", "laptop")
+    with pytest.raises(AuthenticationFailed):
+        login("alice", secret)
+
+
+def test_app_password_views(alice, client, make_mailbox):
+    url = reverse("popserver:app-passwords")
+    assert client.get(url).status_code == 302  # login required
+    client.force_login(alice.user)
+    page = client.post(url, {"name": "tablet"})
+    assert page.status_code == 200 and page["Cache-Control"] == "no-store"
+    secret = page.context["secret"]
+    assert secret in page.content.decode()
+    login("alice", secret).release()
+    assert secret not in client.get(url).content.decode()  # shown once
+    app_password = alice.app_passwords.get()
+    other = make_mailbox("bob", "pw")
+    client.force_login(other.user)
+    assert client.post(reverse("popserver:app-password-revoke", args=[app_password.pk])).status_code == 404
+    client.force_login(alice.user)
+    assert client.post(reverse("popserver:app-password-revoke", args=[app_password.pk])).status_code == 302
+    with pytest.raises(AuthenticationFailed):
+        login("alice", secret)
+
+
+# Lock-out administration -----------------------------------------------------------------------------------
+@override_settings(POPSERVER_THROTTLE_ACCOUNT_FAILURES=2)
+def test_poplockouts_command_lists_and_clears(alice, capsys):
+    for _ in range(2):
+        with pytest.raises(AuthenticationFailed):
+            login("alice", "wrong")
+    call_command("poplockouts")
+    assert "alice|203.0.113.5" in capsys.readouterr().out
+    call_command("poplockouts", "--clear", "alice|203.0.113.5")
+    login("alice", "right").release()
+    call_command("poplockouts")
+    assert "no lock-outs" in capsys.readouterr().out
+
+
+def test_prune_audit(alice, capsys):
+    with pytest.raises(AuthenticationFailed):
+        login("alice", "wrong")
+    LoginEvent.objects.update(time=LoginEvent.objects.get().time - timedelta(days=100))
+    login("alice", "right").release()
+    call_command("prunepopaudit")
+    assert "deleted 1 login event" in capsys.readouterr().out
+    assert LoginEvent.objects.get().outcome == "success"
+
+
+# The cache throttle on Redis -------------------------------------------------------------------------------
+def redis_answers() -> bool:
+    try:
+        import redis
+
+        redis.Redis(host="127.0.0.1", port=6379, socket_connect_timeout=1).ping()
+        return True
+    except Exception:
+        return False
+
+
+@pytest.mark.skipif(not redis_answers(), reason="no Redis at 127.0.0.1:6379")
+@override_settings(
+    CACHES={"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache",
+                        "LOCATION": "redis://127.0.0.1:6379/15", "KEY_PREFIX": "popserver-tests"}},
+    POPSERVER_THROTTLE="popserver.throttle.CacheThrottle",
+    POPSERVER_THROTTLE_ACCOUNT_FAILURES=3,
+    POPSERVER_THROTTLE_LOCKOUT=600,
+)
+def test_cache_throttle_on_redis(alice, clock):
+    from django.core.cache import cache
+
+    cache.clear()
+    throttle = CacheThrottle(clock)
+    for _ in range(3):
+        with pytest.raises(AuthenticationFailed):
+            login("alice", "wrong", throttle=throttle)
+    with pytest.raises(LoginLockedOut):
+        login("alice", "right", throttle=throttle)
+    clock.advance(601)
+    login("alice", "right", throttle=throttle).release()
+    cache.clear()
