@@ -195,6 +195,8 @@ def test_output_before_quit_is_handed_over_before_the_commit():
     first = next(replies)
     assert first.startswith(b"+OK Marked to be deleted.\r\n+OK 33 octets\r\n") and first.endswith(b".\r\n")
     assert c.maildrop.commit_calls == 0
+    assert next(replies) == b""  # the flush mark: the server writes what it holds before the commit
+    assert c.maildrop.commit_calls == 0
     assert next(replies) == b"+OK Logging out.\r\n"
     assert c.maildrop.commit_calls == 1
     assert list(replies) == []

@@ -239,6 +239,8 @@ class Pop3Session:
                 yield pending[0] if len(pending) == 1 else b"".join(pending)
                 pending = []
                 size = 0
+            if not piece:
+                yield _FLUSH  # tell the server too: what came before must not wait for what follows
         if pending:
             yield pending[0] if len(pending) == 1 else b"".join(pending)
 
@@ -250,6 +252,7 @@ class Pop3Session:
             if self._continuation is not None:
                 log.debug("%s C: ***", self.peer)
                 step, self._continuation = self._continuation, None
+                yield _FLUSH  # a SASL step may check a password: earlier replies must not wait for it
                 reply = step(line)
             else:
                 self._log_command(line)
@@ -471,6 +474,7 @@ class Pop3Session:
         states=AUTHORIZATION_ONLY,
         rest_of_line=True,
         syntax="PASS password",
+        flush_before=True,  # the password check and the failure delay take seconds
         available=lambda s: s.plaintext_allowed,
         unavailable=PLAINTEXT_DISALLOWED,
     )
@@ -486,6 +490,7 @@ class Pop3Session:
         states=AUTHORIZATION_ONLY,
         max_args=2,
         syntax="AUTH [mechanism [initial-response]]",
+        flush_before=True,
         capability=lambda s: "SASL " + " ".join(s.sasl_mechanisms) if s.sasl_mechanisms else None,
         available=lambda s: s.plaintext_allowed,
         unavailable=PLAINTEXT_DISALLOWED,

@@ -172,7 +172,8 @@ class Pop3Handler(socketserver.BaseRequestHandler):
         for chunk in chunks:
             pending.append(chunk)
             pending_size += len(chunk)
-            if pending_size >= WRITE_COALESCE:
+            # An empty chunk is the session's flush mark: what came before must not wait (a login follows).
+            if pending_size >= WRITE_COALESCE or (not chunk and pending_size):
                 self.sock.sendall(b"".join(pending))
                 total += pending_size
                 pending, pending_size = [], 0
