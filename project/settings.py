@@ -4,6 +4,7 @@ Everything comes from the environment (or an optional ``.env`` beside ``manage.p
 Every default path is anchored to BASE_DIR, so ``manage.py deliver`` run by an MTA from another working
 directory uses the same database.
 """
+import contextlib
 import os
 import secrets
 from pathlib import Path
@@ -57,6 +58,7 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",  # the admin's CSS and JS, also with DEBUG off
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -129,7 +131,12 @@ TIME_ZONE = "UTC"
 USE_I18N = True
 USE_TZ = True
 STATIC_URL = "static/"
+# WhiteNoise serves static files from STATIC_ROOT (filled by `manage.py collectstatic`) and, with USE_FINDERS,
+# straight from the installed apps, so the admin is styled with DEBUG off even before collectstatic has run.
 STATIC_ROOT = BASE_DIR / "staticfiles"
+WHITENOISE_USE_FINDERS = True
+with contextlib.suppress(OSError):  # WhiteNoise warns about a missing STATIC_ROOT; read-only checkouts skip this
+    STATIC_ROOT.mkdir(exist_ok=True)
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # POP3 settings (see popserver/conf.py for every name and default). Any POPSERVER_* variable in the
