@@ -72,14 +72,23 @@ def make_mailbox(db):
 class LiveServer:
     """A ``Pop3Server`` on 127.0.0.1 and a free port, serving from a thread of this test process."""
 
-    def __init__(self):
+    def __init__(self, tls=None, implicit_tls: bool = False, is_trusted=None):
+        """``tls``: a TlsContextHolder (STLS, plus an implicit-TLS listener at ``tls_port`` if
+        ``implicit_tls``); ``is_trusted(ip)``: play a non-local peer while bound to 127.0.0.1."""
         import threading
 
+        from popserver.auth import is_trusted_peer
         from popserver.server.listener import start_servers
 
         self.stop_event = threading.Event()
-        (self.server,) = start_servers([("127.0.0.1", 0)], self.stop_event)
+        servers = start_servers(
+            [("127.0.0.1", 0)], self.stop_event, tls=tls,
+            implicit_tls_addresses=[("127.0.0.1", 0)] if implicit_tls else [],
+            is_trusted=is_trusted or is_trusted_peer,
+        )
+        self.server, self.servers = servers[0], servers
         self.host, self.port = "127.0.0.1", self.server.port
+        self.tls_port = servers[1].port if implicit_tls else None
 
     def poplib(self, timeout: float = 10):
         import poplib
@@ -92,33 +101,45 @@ class LiveServer:
         return socket.create_connection((self.host, self.port), timeout=timeout)
 
     def stop(self) -> None:
-        self.server.stop(grace=10)
+        for server in self.servers:
+            server.stop(grace=10)
 
 
 @pytest.fixture
-def pop3_server(transactional_db):
-    """A live in-thread POP3 server (transactional database: its threads do not share the test's transaction)."""
-    server = LiveServer()
-    try:
-        yield server
-    finally:
-        server.stop()
-        from django.db import connections
+def pop3_server_factory(transactional_db):
+    """pop3_server_factory(tls=..., implicit_tls=..., is_trusted=...) -> a started LiveServer, stopped at
+    teardown (transactional database: the server's threads do not share the test's transaction)."""
+    started: list[LiveServer] = []
 
-        connections.close_all()
+    def start(**kwargs) -> LiveServer:
+        started.append(LiveServer(**kwargs))
+        return started[-1]
+
+    yield start
+    for server in started:
+        server.stop()
+    from django.db import connections
+
+    connections.close_all()
+
+
+@pytest.fixture
+def pop3_server(pop3_server_factory):
+    """A live in-thread POP3 server on 127.0.0.1 and a free port."""
+    return pop3_server_factory()
 
 
 class Runpop3Process:
     """``manage.py runpop3 127.0.0.1:0`` as a subprocess on the test database; the port is read from its
     stdout. Stopped (SIGTERM, then SIGKILL) by the fixture, before the database is flushed."""
 
-    def __init__(self, **env: str):
+    def __init__(self, *args: str, **env: str):
         import re
         import subprocess
         import threading
 
         self.proc = subprocess.Popen(
-            manage_py_command("runpop3", "127.0.0.1:0"),
+            manage_py_command("runpop3", "127.0.0.1:0", *args),
             env=subprocess_env(**env),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -128,10 +149,13 @@ class Runpop3Process:
         self._stderr_reader = threading.Thread(target=self._read_stderr, daemon=True)
         self._stderr_reader.start()
         self.port = 0
+        self.tls_port = None
         for line in self.proc.stdout:  # blocks until the first line; the fixture's timeout bounds it
             match = re.search(r"POP3 on 127\.0\.0\.1:(\d+)", line)
             if match:
                 self.port = int(match.group(1))
+                if tls := re.search(r"POP3S on 127\.0\.0\.1:(\d+)", line):
+                    self.tls_port = int(tls.group(1))
                 break
         if not self.port:
             self.proc.wait(timeout=10)
@@ -170,11 +194,11 @@ class Runpop3Process:
 
 @pytest.fixture
 def runpop3(transactional_db):
-    """runpop3(**env) -> a started ``Runpop3Process``; every one is stopped at teardown."""
+    """runpop3(*extra_args, **env) -> a started ``Runpop3Process``; every one is stopped at teardown."""
     started: list[Runpop3Process] = []
 
-    def start(**env: str) -> Runpop3Process:
-        process = Runpop3Process(**env)
+    def start(*args: str, **env: str) -> Runpop3Process:
+        process = Runpop3Process(*args, **env)
         started.append(process)
         return process
 

@@ -28,3 +28,4 @@ LOGGING = {
     "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "loggers": {"popserver": {"handlers": ["stderr"], "level": "INFO", "propagate": True}},
 }
+SILENCED_SYSTEM_CHECKS = ["popserver.W001"]  # the fast test hasher comes first on purpose
