@@ -1,6 +1,7 @@
 """The admin with the Django test client: every page and action, the permissions, the query count of the
 mailbox list, the raw download, the safe text view and the upload."""
 import os
+import poplib
 import re
 import socket
 import subprocess
@@ -323,6 +324,37 @@ def test_empty_mailbox_asks_first_then_deletes_messages_and_bodies(superuser_cli
             list(maildrop.read(1))
     finally:
         maildrop.release()
+
+
+@pytest.mark.live
+@pytest.mark.django_db(transaction=True)  # the server's threads do not share the test's transaction
+def test_a_live_pop3_session_keeps_its_lock_and_sees_emptied_messages_expunged(pop3_server, make_mailbox):
+    dora = make_mailbox("dora", "secret")
+    deliver("dora", simple_message("first"))
+    deliver("dora", simple_message("second"))
+    operator = get_user_model().objects.create_superuser("operator", "operator@example.org", "pw")
+    admin_client = Client()
+    admin_client.force_login(operator)
+    pop = pop3_server.poplib()
+    try:
+        pop.user("dora")
+        pop.pass_("secret")
+        assert pop.stat()[0] == 2
+
+        response = post_action(admin_client, "release_stale_locks", dora)
+        (refusal,) = texts(response)
+        assert refusal.startswith("dora: not released: the lock is held by a live session (")
+        dora.refresh_from_db()
+        assert dora.lock_token
+
+        post_action(admin_client, "empty_mailboxes", dora, post="yes")
+        assert not Message.objects.filter(mailbox=dora).exists()
+        with pytest.raises(poplib.error_proto) as refused:
+            pop.retr(1)
+        assert refused.value.args == (b"-ERR Message 1 expunged.",)
+        assert pop.quit().startswith(b"+OK")
+    finally:
+        pop.close()
 
 
 @pytest.mark.parametrize(("action", "enabled"), [("enable_pop3", True), ("disable_pop3", False)])
