@@ -95,7 +95,6 @@ def site(wheel, tmp_path):
         cwd=tmp_path, env=os.environ)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DJANGO_", "POPSERVER_", "PYTEST"))}
     env["PYTHONPATH"] = str(target)
-    env["DJANGO_SETTINGS_MODULE"] = "site_project.settings"
     env.pop("DATABASE_URL", None)
     from django.db import connection
 
@@ -103,8 +102,10 @@ def site(wheel, tmp_path):
         url = os.environ.get("DATABASE_URL", "")
         env["SITE_DATABASE_URL"] = re.sub(r"/[^/]*$", "/popserver_site", url)
         _recreate_database(env["SITE_DATABASE_URL"])
+    (tmp_path / "site").mkdir()
     run([str(Path(sys.executable).parent / "django-admin"), "startproject", "site_project", str(tmp_path / "site")],
         cwd=tmp_path, env=env)
+    env["DJANGO_SETTINGS_MODULE"] = "site_project.settings"  # only once the project exists
     site = tmp_path / "site"
     for name, text in USER_APP.items():
         (site / name).parent.mkdir(parents=True, exist_ok=True)
@@ -149,7 +150,9 @@ def test_startproject_site_with_email_login_serves_pop3(site):
     assert "popserver.E" not in checks.stdout + checks.stderr
     run([*manage, "createmailbox", "alice@example.com", "--password-stdin"], cwd=site, env=env, input="pw one\n")
     message = b"From: b@example.com\r\nSubject: hello site\r\n\r\nbody\r\n"
-    delivered = subprocess.run([*manage, "deliver", "ALICE@example.com"], cwd="/", env=env, input=message,
+    # an MTA runs the MDA from its own working directory
+    delivered = subprocess.run([sys.executable, str(site / "manage.py"), "deliver", "ALICE@example.com"], cwd="/",
+                               env=env, input=message,
                                capture_output=True, timeout=120)
     assert delivered.returncode == 0, delivered.stderr
     server = subprocess.Popen([*manage, "runpop3", "127.0.0.1:0"], cwd=site, env=env, stdout=subprocess.PIPE,
