@@ -15,6 +15,9 @@ _db = DATABASES["default"]
 if _db["ENGINE"] == "django.db.backends.sqlite3":
     # In-memory test databases cannot be shared with subprocesses or threads: give it a file.
     _db["TEST"] = {"NAME": str(BASE_DIR / "data" / f"test_{os.getpid()}.sqlite3")}
+else:
+    # One test database per run, so two runs on one server (developers, CI) never drop each other's.
+    _db["TEST"] = {"NAME": f"test_{_db['NAME']}_{os.getpid()}"}
 if name := os.environ.get("POPSERVER_TEST_DB_NAME"):
     # A subprocess started by a test: use the test database itself.
     _db["NAME"] = name

@@ -14,4 +14,4 @@ AUTH_USER_MODEL = "emailusers.EmailUser"
 
 _db = DATABASES["default"]
 if _db["ENGINE"] != "django.db.backends.sqlite3" and not os.environ.get("POPSERVER_TEST_DB_NAME"):
-    _db["TEST"] = {"NAME": f"test_{_db['NAME']}_emailuser"}
+    _db["TEST"] = {"NAME": f"test_{_db['NAME']}_emailuser_{os.getpid()}"}
