@@ -24,7 +24,7 @@ from .exceptions import (
     TemporaryLoginFailure,
 )
 from .maildrop import OrmMaildrop, open_maildrop
-from .models import Address, LoginEvent, Mailbox
+from .models import Address, LoginEvent, LoginThrottle, Mailbox
 from .signals import login_failed, login_locked_out, send_safely
 from .throttle import Throttle, get_throttle
 
@@ -97,6 +97,8 @@ class DjangoAuthenticator:
     def _login(self, username: str, password: str, mechanism: str) -> OrmMaildrop:
         scope = self.throttle.locked_out(username, self.peer_ip, trusted=self.trusted)
         if scope:
+            if scope != LoginThrottle.IP:  # guessing at a locked account still counts against its IP
+                self.throttle.failed(username, self.peer_ip, trusted=self.trusted, ip_only=True)
             self._audit(username, mechanism, LoginEvent.LOCKED_OUT, scope)
             send_safely(login_locked_out, username=username, peer=self.peer, scope=scope)
             self._fail(username, mechanism, f"locked out ({scope})")

@@ -33,8 +33,9 @@ class Throttle:
         """The scope ("account" or "ip") that is locked out for this attempt, or None."""
         raise NotImplementedError
 
-    def failed(self, username: str, ip: str, *, trusted: bool) -> str | None:
-        """Count a failure; returns the scope this failure locked out, if any."""
+    def failed(self, username: str, ip: str, *, trusted: bool, ip_only: bool = False) -> str | None:
+        """Count a failure; returns the scope this failure locked out, if any. ``ip_only``: an attempt refused
+        by an account lock-out still counts against its IP (the guessing goes on)."""
         raise NotImplementedError
 
     def succeeded(self, username: str, ip: str) -> None:
@@ -45,11 +46,15 @@ class Throttle:
         """Lift lock-outs (all, or of one scope/key); returns how many."""
         raise NotImplementedError
 
-    def scopes(self, username: str, ip: str, trusted: bool) -> list[tuple[str, str, int]]:
+    def scopes(self, username: str, ip: str, trusted: bool, ip_only: bool = False) -> list[tuple[str, str, int]]:
         """(scope, key, limit) that apply: the whole-IP count exempts trusted networks."""
         from .models import LoginThrottle
 
-        scopes = [(LoginThrottle.ACCOUNT_IP, account_key(username, ip), get_setting("THROTTLE_ACCOUNT_FAILURES"))]
+        scopes = []
+        if not ip_only:
+            scopes.append(
+                (LoginThrottle.ACCOUNT_IP, account_key(username, ip), get_setting("THROTTLE_ACCOUNT_FAILURES"))
+            )
         if not trusted:
             scopes.append((LoginThrottle.IP, ip, get_setting("THROTTLE_IP_FAILURES")))
         return scopes
@@ -67,13 +72,13 @@ class DatabaseThrottle(Throttle):
                 return scope
         return None
 
-    def failed(self, username: str, ip: str, *, trusted: bool) -> str | None:
+    def failed(self, username: str, ip: str, *, trusted: bool, ip_only: bool = False) -> str | None:
         from .models import LoginThrottle
 
         now = self.clock()
         window = timedelta(seconds=get_setting("THROTTLE_WINDOW"))
         locked = None
-        for scope, key, limit in self.scopes(username, ip, trusted):
+        for scope, key, limit in self.scopes(username, ip, trusted, ip_only):
             for attempt in range(2):  # a concurrent first failure may create the row between get and create
                 try:
                     with transaction.atomic():
@@ -130,10 +135,10 @@ class CacheThrottle(Throttle):
                 return scope
         return None
 
-    def failed(self, username: str, ip: str, *, trusted: bool) -> str | None:
+    def failed(self, username: str, ip: str, *, trusted: bool, ip_only: bool = False) -> str | None:
         locked = None
         window, lockout = get_setting("THROTTLE_WINDOW"), get_setting("THROTTLE_LOCKOUT")
-        for scope, key, limit in self.scopes(username, ip, trusted):
+        for scope, key, limit in self.scopes(username, ip, trusted, ip_only):
             name = self._name("count", scope, key)
             self.cache.add(name, 0, timeout=window)
             try:

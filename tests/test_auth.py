@@ -344,3 +344,17 @@ def test_cache_throttle_on_redis(alice, clock):
     clock.advance(601)
     login("alice", "right", throttle=throttle).release()
     cache.clear()
+
+
+@override_settings(POPSERVER_THROTTLE_ACCOUNT_FAILURES=3, POPSERVER_THROTTLE_IP_FAILURES=6)
+def test_guessing_at_a_locked_account_still_counts_against_the_ip(alice, clock):
+    throttle = DatabaseThrottle(clock)
+    for _ in range(3):
+        with pytest.raises(AuthenticationFailed):
+            login("alice", "wrong", throttle=throttle)
+    for _ in range(3):
+        with pytest.raises(LoginLockedOut):
+            login("alice", "wrong", throttle=throttle)
+    assert LoginThrottle.objects.get(scope="ip").locked_until is not None
+    with pytest.raises(LoginLockedOut):  # the whole IP now, another account too
+        login("bob", "whatever", throttle=throttle)

@@ -1,6 +1,8 @@
 """Live tests: runpop3's server on a free port, spoken to by poplib, raw sockets and other processes."""
 import poplib
+import shutil
 import socket
+import subprocess
 import threading
 import time
 
@@ -429,3 +431,132 @@ def test_session_end_is_logged_without_password(pop3_server, alice, caplog):
     line = next(r.getMessage() for r in caplog.records if "Disconnected: Logged out" in r.getMessage())
     assert "user=<alice>" in line and "retr=1/" in line and "del=1/3" in line
     assert not any("secret" in r.getMessage() for r in caplog.records)
+
+
+# curl as a second real client ----------------------------------------------------------------------------
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_curl_lists_retrieves_and_deletes(pop3_server, alice):
+    base = f"pop3://127.0.0.1:{pop3_server.port}"
+
+    def curl(*args: str) -> bytes:
+        result = subprocess.run(["curl", "-sS", "--max-time", "20", "--user", "alice:secret", *args],
+                                capture_output=True, timeout=30)
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    sizes = list(Message.objects.filter(mailbox=alice).order_by("id").values_list("size", flat=True))
+    assert curl(f"{base}/") == b"".join(f"{n} {s}\r\n".encode() for n, s in enumerate(sizes, 1))
+    assert b"Subject: message 2" in curl(f"{base}/2")
+    curl("--request", "DELE", "--list-only", f"{base}/1")
+    wait_for(lambda: not is_locked(alice))
+    assert Message.objects.filter(mailbox=alice).count() == 2
+    uidl = curl("--request", "UIDL", f"{base}/")
+    assert uidl.count(b"\r\n") == 2
+
+
+# Crash safety ----------------------------------------------------------------------------------------------
+def test_kill_during_quit_leaves_all_or_none_of_the_deletions(runpop3, make_mailbox):
+    mailbox = make_mailbox("alice", "secret")
+    bulk = [Message(mailbox=mailbox, uid=f"U{n:06d}", size=5) for n in range(3000)]
+    Message.objects.bulk_create(bulk)
+    server = runpop3()
+    sock = login_raw(server)
+    sock.sendall(b"".join(f"DELE {n}\r\n".encode() for n in range(1, 3001)))
+    replies = b""
+    while replies.count(b"\r\n") < 3000:
+        replies += sock.recv(65536)
+    sock.sendall(b"QUIT\r\n")
+    server.kill()  # in the middle of UPDATE, or just before or after it
+    sock.close()
+    remaining = Message.objects.filter(mailbox=mailbox).count()
+    assert remaining in (0, 3000), remaining
+    restarted = runpop3()
+    client = restarted.poplib()
+    client.user("alice")
+    client.pass_("secret")
+    assert client.stat()[0] == remaining
+    client.quit()
+
+
+# IPv6 ----------------------------------------------------------------------------------------------------
+def ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback here")
+def test_ipv6_listener(transactional_db, alice):
+    from popserver.server.listener import parse_address, start_servers
+
+    assert parse_address("[::1]:8110") == ("::1", 8110)
+    stop = threading.Event()
+    (server,) = start_servers([parse_address("[::1]:0")], stop)
+    try:
+        assert server.display_address.startswith("[::1]:")
+        client = poplib.POP3("::1", server.port, timeout=10)
+        client.user("alice")
+        client.pass_("secret")
+        assert client.stat()[0] == 3
+        client.quit()
+    finally:
+        server.stop(grace=10)
+
+
+def test_parse_address_forms():
+    from popserver.server.listener import parse_address
+
+    assert parse_address("127.0.0.1:8110") == ("127.0.0.1", 8110)
+    assert parse_address("8111") == ("127.0.0.1", 8111)
+    assert parse_address("0.0.0.0") == ("0.0.0.0", 8110)
+    assert parse_address("[::]") == ("::", 8110)
+    with pytest.raises(ValueError):
+        parse_address("127.0.0.1:http")
+
+
+# Throttling across processes, and the audit trail ---------------------------------------------------------
+def test_throttle_is_shared_by_two_server_processes(runpop3, alice):
+    # Loopback plays an untrusted client: the whole-IP count applies and plaintext is allowed.
+    env = {"POPSERVER_TRUSTED_NETWORKS": "[]", "POPSERVER_PLAINTEXT_AUTH": "always"}
+    first, second = runpop3(**env), runpop3(**env)
+    for attempt in range(30):
+        server = (first, second)[attempt % 2]
+        client = server.poplib()
+        client.user("alice")
+        with pytest.raises(poplib.error_proto) as info:
+            client.pass_("wrong")
+        assert info.value.args[0].startswith((b"-ERR [AUTH]", b"-ERR [SYS/TEMP]"))
+        client.quit()
+    for server in (first, second):
+        client = server.poplib()
+        client.user("alice")
+        with pytest.raises(poplib.error_proto, match="SYS/TEMP"):
+            client.pass_("secret")  # the right password, refused: (account, IP) and IP are locked out
+        client.quit()
+    from popserver.models import LoginThrottle
+
+    assert set(LoginThrottle.objects.filter(locked_until__isnull=False).values_list("scope", flat=True)) == {
+        "account", "ip"}
+
+
+def test_sessions_and_logins_are_audited(pop3_server, alice):
+    from popserver.models import LoginEvent, SessionRecord
+
+    client = pop3_server.poplib()
+    client.user("alice")
+    with pytest.raises(poplib.error_proto):
+        client.pass_("wrong")
+    client.user("alice")
+    client.pass_("secret")
+    client.retr(1)
+    client.dele(2)
+    client.quit()
+    record = wait_for(lambda: SessionRecord.objects.first())
+    assert (record.username, record.retrieved_count, record.deleted_count, record.end_reason) == (
+        "alice", 1, 1, "Logged out")
+    assert record.retrieved_bytes > 0 and record.deleted_bytes > 0 and record.peer_ip == "127.0.0.1"
+    outcomes = list(LoginEvent.objects.order_by("time", "id").values_list("outcome", flat=True))
+    assert outcomes == ["failed", "success"]

@@ -481,3 +481,12 @@ def test_each_login_reads_the_snapshot_of_its_maildrop():
     for expected in (b"+OK 1 23\r\n", b"+OK 2 56\r\n"):
         session = Pop3Session(auth)
         assert b"".join(session.receive(b"USER alice\r\nPASS secret\r\nSTAT\r\n")).endswith(expected)
+
+
+def test_capa_announces_login_delay_only_when_set():
+    from popserver.protocol.session import Pop3Session
+
+    assert not any(t.startswith("LOGIN-DELAY") for t in Pop3Session(lambda *a, **k: None).capabilities())
+    session = Pop3Session(lambda *a, **k: None, login_delay=300)
+    assert "LOGIN-DELAY 300" in session.capabilities()
+    assert b"\r\nLOGIN-DELAY 300\r\n" in b"".join(session.receive(b"CAPA\r\n"))

@@ -119,8 +119,12 @@ class Pop3Session:
         plaintext_allowed: bool = True,
         tls_available: bool = False,
         tls_active: bool = False,
+        login_delay: int = 0,
     ) -> None:
+        """``login_delay``: seconds the server enforces between logins of a mailbox; announced in CAPA as
+        ``LOGIN-DELAY`` (RFC 2449 s.6.5) when not 0 (the authenticator enforces it with [LOGIN-DELAY])."""
         self.authenticate = authenticate
+        self.login_delay = login_delay
         self.peer = peer
         self.greeting_text = greeting
         self.implementation = implementation
@@ -189,7 +193,8 @@ class Pop3Session:
 
     def capabilities(self) -> list[str]:
         """CAPA's tags for the current state, derived from the verb registry."""
-        return capability_tags(self.commands, self, self.extensions, self.implementation)
+        extensions = self.extensions + ((f"LOGIN-DELAY {self.login_delay}",) if self.login_delay else ())
+        return capability_tags(self.commands, self, extensions, self.implementation)
 
     # Framing -----------------------------------------------------------------------------------------
     def _process_buffer(self) -> Iterator[bytes]:

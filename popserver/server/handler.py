@@ -102,6 +102,7 @@ class Pop3Handler(socketserver.BaseRequestHandler):
             plaintext_allowed=self.plaintext_allowed(tls_active),
             tls_available=self.server.tls is not None and not tls_active,
             tls_active=tls_active,
+            login_delay=int(get_setting("LOGIN_DELAY")),
         )
 
     def plaintext_allowed(self, tls_active: bool) -> bool:
