@@ -21,6 +21,11 @@ POSITIVE_NUMBERS = (
     "MAX_PASSWORD_CHECKS",
     "LOCK_HEARTBEAT",
     "LOCK_STALE_AFTER",
+    "THROTTLE_WINDOW",
+    "THROTTLE_ACCOUNT_FAILURES",
+    "THROTTLE_IP_FAILURES",
+    "THROTTLE_LOCKOUT",
+    "AUDIT_RETENTION_DAYS",
 )
 
 
@@ -37,10 +42,14 @@ def check_settings(app_configs=None, **kwargs):
                     id="popserver.E001",
                 )
             )
-    delay = get_setting("AUTH_FAILURE_DELAY")
-    if isinstance(delay, bool) or not isinstance(delay, int | float) or delay < 0:
-        messages.append(Error(f"POPSERVER_AUTH_FAILURE_DELAY must be a number >= 0, not {delay!r}.",
-                              id="popserver.E001"))
+    for name in ("AUTH_FAILURE_DELAY", "LOGIN_DELAY"):
+        value = get_setting(name)
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            messages.append(Error(f"POPSERVER_{name} must be a number >= 0, not {value!r}.", id="popserver.E001"))
+    accepted = get_setting("ACCEPTED_PASSWORDS")
+    if accepted not in ("account", "app", "both"):
+        messages.append(Error(f"POPSERVER_ACCEPTED_PASSWORDS must be 'account', 'app' or 'both', not {accepted!r}.",
+                              id="popserver.E005"))
     try:
         for network in get_setting("TRUSTED_NETWORKS"):
             ipaddress.ip_network(network, strict=False)

@@ -59,3 +59,10 @@ def test_throttle_cache_must_be_shared():
     assert "popserver.W005" not in ids(POPSERVER_THROTTLE=cache_throttle, CACHES=shared)
     assert "popserver.E004" in ids(POPSERVER_THROTTLE=cache_throttle, POPSERVER_THROTTLE_CACHE="nope")
     assert "popserver.W005" not in ids(CACHES=local)  # the database throttle needs no cache
+
+
+def test_accepted_passwords_and_login_delay():
+    assert "popserver.E005" in ids(POPSERVER_ACCEPTED_PASSWORDS="any")
+    assert "popserver.E005" not in ids(POPSERVER_ACCEPTED_PASSWORDS="app")
+    assert "popserver.E001" in ids(POPSERVER_LOGIN_DELAY=-5)
+    assert "popserver.E001" in ids(POPSERVER_THROTTLE_LOCKOUT=0)
