@@ -16,9 +16,18 @@ ALPHABET = "abcdefghjkmnpqrstuvwxyz23456789"  # no 0/o, 1/l/i: read aloud and ty
 GROUPS, GROUP_SIZE = 4, 5  # 20 characters of 31 symbols: about 99 bits
 
 
+def _normalize(secret: str) -> str:
+    return secret.replace("-", "").replace(" ", "").lower()
+
+
 def _digest(secret: str) -> str:
-    normalized = secret.replace("-", "").replace(" ", "").lower()
-    return salted_hmac("popserver.AppPassword", normalized, algorithm="sha256").hexdigest()
+    return salted_hmac("popserver.AppPassword", _normalize(secret), algorithm="sha256").hexdigest()
+
+
+def looks_like_app_password(secret: str) -> bool:
+    """True if ``secret`` has an app password's shape: other passwords skip the database look-up."""
+    normalized = _normalize(secret)
+    return len(normalized) == GROUPS * GROUP_SIZE and all(ch in ALPHABET for ch in normalized)
 
 
 def create_app_password(mailbox: Mailbox, name: str) -> tuple[AppPassword, str]:
@@ -31,7 +40,7 @@ def create_app_password(mailbox: Mailbox, name: str) -> tuple[AppPassword, str]:
 
 def check_app_password(mailbox: Mailbox, secret: str, peer: str = "") -> AppPassword | None:
     """The mailbox's active app password matching ``secret`` (stamping its last use), or None."""
-    if not secret or len(secret) > 100:
+    if not looks_like_app_password(secret):
         return None
     app_password = AppPassword.objects.filter(mailbox=mailbox, digest=_digest(secret), revoked_at=None).first()
     if app_password is not None:

@@ -13,7 +13,7 @@ from django.http import HttpRequest
 from django.utils import timezone
 
 from . import audit
-from .apppasswords import check_app_password
+from .apppasswords import check_app_password, looks_like_app_password
 from .conf import get_setting
 from .exceptions import (
     AuthenticationFailed,
@@ -129,7 +129,7 @@ class DjangoAuthenticator:
         """The mailbox these credentials open (app password or account password), or None."""
         accepted = get_setting("ACCEPTED_PASSWORDS")
         login_name = self._login_name(username)
-        if accepted in ("app", "both"):
+        if accepted in ("app", "both") and looks_like_app_password(password):
             mailbox = self._mailbox_of(login_name)
             if mailbox is not None and check_app_password(mailbox, password, self.peer):
                 return mailbox if self._may_log_in(mailbox.user) else None
