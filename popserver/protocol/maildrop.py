@@ -27,6 +27,8 @@ class Maildrop:
     def __init__(self, messages: Sequence[MessageInfo]):
         self.messages: tuple[MessageInfo, ...] = tuple(messages)
         self.deleted: set[int] = set()
+        self.total_size = sum(info.size for info in self.messages)
+        self.deleted_size = 0
 
     # Snapshot ----------------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -38,6 +40,10 @@ class Maildrop:
     def is_deleted(self, number: int) -> bool:
         return number in self.deleted
 
+    def totals(self) -> tuple[int, int]:
+        """(count, octets) of the messages not marked deleted, for STAT (RFC 1939 s.5), without a scan."""
+        return len(self.messages) - len(self.deleted), self.total_size - self.deleted_size
+
     def visible(self) -> Iterator[tuple[int, MessageInfo]]:
         """(number, info) of every message not marked deleted, in order."""
         for number, info in enumerate(self.messages, start=1):
@@ -46,10 +52,13 @@ class Maildrop:
 
     # Marks -------------------------------------------------------------------------------------------
     def mark_deleted(self, number: int) -> None:
-        self.deleted.add(number)
+        if number not in self.deleted:
+            self.deleted.add(number)
+            self.deleted_size += self.info(number).size
 
     def reset(self) -> None:
         self.deleted.clear()
+        self.deleted_size = 0
 
     # Storage (subclasses) ----------------------------------------------------------------------------
     def read(self, number: int) -> Iterator[bytes]:

@@ -575,8 +575,8 @@ class Pop3Session:
     @command("STAT", states=TRANSACTION_ONLY)
     def pop_STAT(self) -> Reply:
         """RFC 1939 s.5: ``+OK count octets`` of the messages not marked deleted."""
-        visible = [info.size for _, info in self._opened().visible()]
-        return wire.ok(f"{len(visible)} {sum(visible)}")
+        count, octets = self._opened().totals()
+        return wire.ok(f"{count} {octets}")
 
     @command("LIST", states=TRANSACTION_ONLY, max_args=1, syntax="LIST [msg]")
     def pop_LIST(self, number: bytes | None = None) -> Reply:
