@@ -68,11 +68,11 @@ MIDDLEWARE = [
 ]
 
 ROOT_URLCONF = "project.urls"
-LOGIN_URL = "admin:login"  # the default project signs users in through the admin's login page
+LOGIN_URL = "login"  # django.contrib.auth's views, with project/templates/registration/login.html
 TEMPLATES = [
     {
         "BACKEND": "django.template.backends.django.DjangoTemplates",
-        "DIRS": [],
+        "DIRS": [BASE_DIR / "project" / "templates"],
         "APP_DIRS": True,
         "OPTIONS": {
             "context_processors": [

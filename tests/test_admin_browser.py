@@ -132,3 +132,22 @@ def test_upload_list_and_read_a_hostile_message(browser, live_server, make_mailb
     assert browser.find_elements(By.TAG_NAME, "img") == []
     attachments = browser.find_element(By.ID, "message-attachments").text
     assert "text/html" in attachments and "HTML is never rendered here" in attachments
+
+
+def test_user_creates_and_revokes_an_app_password(browser, live_server, make_mailbox):
+    from popserver.apppasswords import check_app_password
+
+    mailbox = make_mailbox("carol", "carol-password")  # not staff: an ordinary user of the site
+    browser.get(f"{live_server.url}/mail/app-passwords/")
+    wait_for(browser, EC.presence_of_element_located((By.NAME, "username"))).send_keys("carol")
+    browser.find_element(By.NAME, "password").send_keys("carol-password")
+    browser.find_element(By.CSS_SELECTOR, "input[type=submit]").click()
+    wait_for(browser, EC.presence_of_element_located((By.NAME, "name"))).send_keys("phone")
+    browser.find_element(By.CSS_SELECTOR, "form button[type=submit]:not([form])").click()
+    secret = wait_for(browser, EC.visibility_of_element_located((By.ID, "secret"))).text
+    assert check_app_password(mailbox, secret) is not None
+    browser.get(f"{live_server.url}/mail/app-passwords/")
+    assert secret not in browser.find_element(By.TAG_NAME, "body").text  # shown once
+    wait_for(browser, EC.element_to_be_clickable((By.XPATH, "//button[text()='Revoke']"))).click()
+    wait_for(browser, EC.text_to_be_present_in_element((By.TAG_NAME, "body"), "revoked"))
+    assert check_app_password(mailbox, secret) is None
