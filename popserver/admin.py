@@ -367,3 +367,6 @@ class MessageAdmin(admin.ModelAdmin):
 
     def delete_queryset(self, request, queryset):
         delete_messages(list(queryset.values_list("pk", flat=True)))
+
+
+from . import admin_security  # noqa: F401  (lock-outs, app passwords, audit: registers their admins)
