@@ -18,7 +18,6 @@ from .conf import get_setting
 from .exceptions import (
     AuthenticationFailed,
     LoginLockedOut,
-    LoginRefused,
     LoginTooSoon,
     MailboxInUse,
     TemporaryLoginFailure,

@@ -15,6 +15,13 @@ DEFAULTS: dict[str, Any] = {
     "AUTO_CREATE_MAILBOX": False,  # create a user's mailbox on first delivery or first POP3 login
     "BODY_STORE": "popserver.bodystore.DatabaseBodyStore",
     "BODY_CHUNK_SIZE": 1 * MiB,  # rows of message bytes; MariaDB's default packet limit is 16 MiB
+    # Quotas, for every mailbox whose own limit is empty (a mailbox's 0 means unlimited). 0: unlimited.
+    "QUOTA_BYTES": 0,  # octets of all a mailbox's messages (sizes as LIST shows them)
+    "QUOTA_MESSAGES": 0,  # messages in a mailbox
+    "QUOTA_EXCEEDED_PERMANENT": False,  # over quota, deliver exits 69 (the MTA bounces) instead of 75 (retries)
+    # The email backend popserver.mail.LocalDeliveryBackend: a dotted path of the backend for recipients
+    # without a local mailbox (e.g. "django.core.mail.backends.smtp.EmailBackend"); None: they are refused.
+    "MAIL_FALLBACK_BACKEND": None,
     # Listener
     "LISTEN": "127.0.0.1:8110",
     "MAX_SESSIONS": 64,  # concurrent sessions per process; keep below the database's connection limit

@@ -1,4 +1,5 @@
 """One rooted exception tree. Nothing here imports Django, so the protocol package can use it."""
+import smtplib
 
 
 class PopserverError(Exception):
@@ -20,6 +21,46 @@ class EmptyMessage(DeliveryError):
 
 class MessageTooLarge(DeliveryError):
     """The message is over POPSERVER_MAX_MESSAGE_SIZE (sysexits EX_UNAVAILABLE)."""
+
+
+class QuotaExceeded(DeliveryError):
+    """The mailbox is full: the message would take it over its quota of octets or of messages (the mailbox's
+    own limits, or POPSERVER_QUOTA_BYTES / POPSERVER_QUOTA_MESSAGES). ``deliver`` exits EX_TEMPFAIL (75, the
+    MTA retries), or EX_UNAVAILABLE (69, a bounce) with POPSERVER_QUOTA_EXCEEDED_PERMANENT.
+
+    ``limit`` is the quota that would be passed, ``unit`` is "octets" or "messages", ``used`` what the
+    mailbox held before this message.
+    """
+
+    def __init__(self, message: str = "mailbox is full", *, unit: str = "", limit: int = 0, used: int = 0):
+        super().__init__(message)
+        self.unit, self.limit, self.used = unit, limit, used
+
+
+class DuplicateMessage(DeliveryError):
+    """An imported message whose unique id the mailbox already holds (``importmail`` skips it)."""
+
+
+class InvalidUniqueId(DeliveryError):
+    """An imported unique id that RFC 1939 s.7 does not allow: it must be 1-70 characters in 0x21-0x7E."""
+
+
+class RecipientsRefused(DeliveryError, smtplib.SMTPRecipientsRefused):
+    """``popserver.mail.LocalDeliveryBackend`` delivered the message to none of its recipients.
+
+    Each recipient either has no local mailbox while POPSERVER_MAIL_FALLBACK_BACKEND is unset, or its mailbox
+    refused the message (full, or the message is too large); nothing was stored for any recipient. An
+    ``smtplib.SMTPRecipientsRefused`` too, as Django documents for ``send_mail()`` errors: ``recipients``
+    maps each refused address to ``(SMTP code, reason)``. The mailbox's own error is ``__cause__``.
+    """
+
+    def __init__(self, recipients: dict[str, tuple[int, bytes]]):
+        smtplib.SMTPRecipientsRefused.__init__(self, recipients)
+
+    def __str__(self) -> str:
+        refused = ", ".join(f"{address} ({reason.decode(errors='replace')})"
+                            for address, (_, reason) in self.recipients.items())
+        return f"recipients refused: {refused}"
 
 
 # Login ---------------------------------------------------------------------------------------------------

@@ -23,6 +23,17 @@ class Mailbox(models.Model):
     uid_validity = models.PositiveBigIntegerField(default=new_uid_validity, editable=False)
     next_uid = models.PositiveBigIntegerField(default=1, editable=False)
 
+    # Quotas (see popserver.quota): empty = the site's default (POPSERVER_QUOTA_BYTES, POPSERVER_QUOTA_MESSAGES),
+    # 0 = unlimited for this mailbox whatever the default, N = at most N.
+    quota_bytes = models.PositiveBigIntegerField(
+        "size quota", null=True, blank=True,
+        help_text="Octets all messages may take together. Empty: the site default; 0: unlimited.",
+    )
+    quota_messages = models.PositiveIntegerField(
+        "message quota", null=True, blank=True,
+        help_text="Messages the mailbox may hold. Empty: the site default; 0: unlimited.",
+    )
+
     # The exclusive lock: empty token = free. Heartbeats let other hosts expire a crashed server's lock.
     lock_token = models.CharField(max_length=32, blank=True, default="", editable=False)
     lock_host = models.CharField(max_length=255, blank=True, default="", editable=False)
@@ -78,7 +89,11 @@ class Message(models.Model):
         # view_message shows a message's fields; reading its bytes (text view, download) needs this one too.
         permissions = [("view_message_content", "Can read the contents of messages")]
         constraints = [models.UniqueConstraint(fields=["mailbox", "uid"], name="popserver_message_uid_unique")]
-        indexes = [models.Index(fields=["mailbox", "id"], name="popserver_message_mbox_idx")]
+        indexes = [
+            models.Index(fields=["mailbox", "id"], name="popserver_message_mbox_idx"),
+            # A mailbox's total size (quota checks, the admin's list) from the index alone.
+            models.Index(fields=["mailbox", "size"], name="popserver_message_size_idx"),
+        ]
 
     def __str__(self) -> str:
         return self.subject or f"message {self.pk}"

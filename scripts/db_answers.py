@@ -15,6 +15,6 @@ try:
 
         pymysql.connect(host=config["HOST"], port=int(config["PORT"] or 3306), user=config["USER"],
                         password=config["PASSWORD"] or "", connect_timeout=3).close()
-except Exception as exc:  # any failure means "does not answer"
+except Exception as exc:  # noqa: BLE001 - any failure means "does not answer"
     print(f"{sys.argv[1]}: {exc}".splitlines()[0], file=sys.stderr)
     sys.exit(1)

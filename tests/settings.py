@@ -5,7 +5,7 @@ naming the test database the test created (see ``tests.conftest.subprocess_env``
 """
 import os
 
-from project.settings import *  # noqa: F401,F403
+from project.settings import *
 from project.settings import BASE_DIR, DATABASES, PASSWORD_HASHERS
 
 # Argon2 costs ~0.2 s of CPU per check: most tests use MD5; tests of hashing override this.

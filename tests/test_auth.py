@@ -1,5 +1,5 @@
 """Logins at the authenticator: throttling, app passwords, LOGIN-DELAY, audit and signals (no sockets)."""
-from datetime import datetime, timedelta, timezone as dt_timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from django.contrib.auth import authenticate
@@ -25,7 +25,7 @@ COUNTING = ["tests.backends.CountingBackend"]
 
 class Clock:
     def __init__(self):
-        self.now = datetime(2026, 11, 26, 12, 0, tzinfo=dt_timezone.utc)
+        self.now = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
 
     def __call__(self):
         return self.now
@@ -71,7 +71,7 @@ def test_login_by_address(alice):
 
 def test_failures_are_audited_and_signalled_without_the_password(alice):
     received = []
-    handler = lambda **kw: received.append(kw)  # noqa: E731
+    handler = lambda **kw: received.append(kw)
     login_failed.connect(handler)
     try:
         with pytest.raises(AuthenticationFailed):
@@ -159,7 +159,7 @@ def test_failures_outside_the_window_do_not_add_up(alice, clock):
 def test_whole_ip_lockout_and_trusted_networks_are_exempt(alice, clock):
     throttle = DatabaseThrottle(clock)
     received = []
-    handler = lambda **kw: received.append(kw)  # noqa: E731
+    handler = lambda **kw: received.append(kw)
     login_locked_out.connect(handler)
     try:
         for n in range(5):
@@ -319,7 +319,7 @@ def redis_answers() -> bool:
 
         redis.Redis(host="127.0.0.1", port=6379, socket_connect_timeout=1).ping()
         return True
-    except Exception:
+    except Exception:  # noqa: BLE001 - no Redis, whatever the reason
         return False
 
 

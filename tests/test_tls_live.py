@@ -210,9 +210,11 @@ def test_runpop3_refuses_a_missing_certificate(tmp_path):
 
 def _peer_cert(port: int, cafile: str) -> bytes:
     context = ssl.create_default_context(cafile=cafile)
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
-        with context.wrap_socket(raw, server_hostname="localhost") as sock:
-            return sock.getpeercert(binary_form=True)
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+        context.wrap_socket(raw, server_hostname="localhost") as sock,
+    ):
+        return sock.getpeercert(binary_form=True)
 
 
 def test_sighup_reloads_the_certificate(runpop3, alice, ca, cert_files):

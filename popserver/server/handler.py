@@ -41,7 +41,7 @@ class SessionEnded(Exception):
 class Pop3Handler(socketserver.BaseRequestHandler):
     """Runs one ``Pop3Session`` over one socket, in the connection's own thread."""
 
-    server: "Pop3Server"  # noqa: F821 (popserver.server.listener)
+    server: Pop3Server  # noqa: F821 (popserver.server.listener)
 
     def setup(self) -> None:
         self.sock: socket.socket = self.request
@@ -82,7 +82,7 @@ class Pop3Handler(socketserver.BaseRequestHandler):
             reason = "Logged out" if session.state is State.UPDATE else "Closed by server"
         except SessionEnded as ended:
             reason = ended.reason
-        except (ConnectionError, socket.timeout, OSError) as exc:
+        except (TimeoutError, ConnectionError, OSError) as exc:
             reason = "Connection closed" if not self.server.stop_event.is_set() else "Server shutting down"
             logger.debug("%s: %s", self.peer, exc)
         finally:

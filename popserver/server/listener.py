@@ -180,7 +180,7 @@ class Pop3Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
     def process_request_thread(self, request, client_address) -> None:
         try:
             self.finish_request(request, client_address)
-        except Exception:
+        except Exception:  # noqa: BLE001 - the connection's last resort: logged, never kills the server
             self.handle_error(request, client_address)
         finally:
             self.registry.remove(request, client_address[0])
