@@ -68,8 +68,8 @@ def this_process() -> ProcessIdentity:
     return _identity
 
 
-# Locks held by live sessions of this process: token -> maildrop.
-_live_locks: dict[str, OrmMaildrop] = {}
+# Locks held by live sessions of this process: token -> maildrop (None while the lock is being taken).
+_live_locks: dict[str, OrmMaildrop | None] = {}
 _live_locks_guard = threading.Lock()
 
 
@@ -107,6 +107,22 @@ def open_maildrop(mailbox_id: int, peer: str = "") -> OrmMaildrop:
     me = this_process()
     token = secrets.token_hex(16)
     now = timezone.now()
+    # Registered before the row says so: another thread of this process must never see our fresh lock as
+    # one of this instance's forgotten (stale) locks.
+    with _live_locks_guard:
+        _live_locks[token] = None
+    try:
+        maildrop = _take_lock(mailbox_id, peer, me, token, now)
+    except BaseException:
+        with _live_locks_guard:
+            _live_locks.pop(token, None)
+        raise
+    with _live_locks_guard:
+        _live_locks[token] = maildrop
+    return maildrop
+
+
+def _take_lock(mailbox_id: int, peer: str, me: ProcessIdentity, token: str, now) -> OrmMaildrop:
     with transaction.atomic():
         mailbox = Mailbox.objects.select_for_update().get(pk=mailbox_id)
         if mailbox.lock_token and not lock_is_stale(mailbox, now):
@@ -129,10 +145,7 @@ def open_maildrop(mailbox_id: int, peer: str = "") -> OrmMaildrop:
         rows = list(
             Message.objects.filter(mailbox_id=mailbox_id).order_by("id").values_list("id", "size", "uid")
         )
-    maildrop = OrmMaildrop(mailbox_id, token, rows)
-    with _live_locks_guard:
-        _live_locks[token] = maildrop
-    return maildrop
+    return OrmMaildrop(mailbox_id, token, rows)
 
 
 class OrmMaildrop(Maildrop):
@@ -168,14 +181,19 @@ class OrmMaildrop(Maildrop):
             Mailbox.objects.filter(pk=self.mailbox_id, lock_token=self.token).update(**FREE_LOCK)
             if ids:
                 mailbox_id = self.mailbox_id
-                transaction.on_commit(lambda: _announce_deleted(mailbox_id, len(ids), octets))
+                # robust: the deletions are committed by then, whatever a receiver or its query does
+                transaction.on_commit(lambda: _announce_deleted(mailbox_id, len(ids), octets), robust=True)
         self._forget()
 
     def release(self) -> None:
         if self.released:
             return
-        Mailbox.objects.filter(pk=self.mailbox_id, lock_token=self.token).update(**FREE_LOCK)
-        self._forget()
+        try:
+            Mailbox.objects.filter(pk=self.mailbox_id, lock_token=self.token).update(**FREE_LOCK)
+        finally:
+            # Even if the update failed, forget the token: the row's lock then counts as stale for this
+            # process at once and for every other after LOCK_STALE_AFTER, instead of living forever.
+            self._forget()
 
     def _forget(self) -> None:
         self.released = True
@@ -214,7 +232,7 @@ def release_dead_locks() -> int:
 def release_all_live_locks() -> int:
     """Release every lock this process still holds (shutdown); deletes nothing."""
     with _live_locks_guard:
-        maildrops = list(_live_locks.values())
+        maildrops = [maildrop for maildrop in _live_locks.values() if maildrop is not None]
     for maildrop in maildrops:
         try:
             maildrop.release()

@@ -6,7 +6,7 @@ import sys
 from datetime import timedelta
 
 import pytest
-from django.db import connection
+from django.db import DatabaseError, connection
 from django.test import override_settings
 from django.utils import timezone
 
@@ -208,3 +208,57 @@ def test_unique_ids_compare_as_bytes_on_every_database(make_mailbox):
     Message.objects.create(mailbox=mailbox, uid="abc", size=1)
     Message.objects.create(mailbox=mailbox, uid="ABC", size=1)  # a different id, not a duplicate
     assert Message.objects.filter(mailbox=mailbox, uid="abc").count() == 1
+
+
+def test_a_lock_being_taken_is_never_taken_over_by_the_same_process(mailbox, monkeypatch):
+    from popserver import maildrop as module
+
+    seen = []
+    original_init = module.OrmMaildrop.__init__
+
+    def init_and_race(self, *args, **kwargs):
+        # Another session of this process tries the same mailbox while the first builds its snapshot.
+        if not seen:
+            seen.append(True)
+            with pytest.raises(MailboxInUse):
+                open_maildrop(mailbox.pk)
+        original_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(module.OrmMaildrop, "__init__", init_and_race)
+    first = open_maildrop(mailbox.pk)
+    assert seen and reload(mailbox).lock_token == first.token
+    first.release()
+
+
+def test_a_failed_release_still_frees_the_lock_for_this_process(mailbox, monkeypatch):
+    from popserver import maildrop as module
+
+    maildrop = open_maildrop(mailbox.pk)
+
+    class Broken:
+        def filter(self, *args, **kwargs):
+            raise DatabaseError("database is locked")
+
+    monkeypatch.setattr(module.Mailbox, "objects", Broken())
+    with pytest.raises(DatabaseError):
+        maildrop.release()
+    monkeypatch.undo()
+    assert reload(mailbox).lock_token == maildrop.token  # the row still says locked...
+    assert lock_is_stale(reload(mailbox))  # ...but this process knows it is gone
+    open_maildrop(mailbox.pk).release()
+
+
+def test_a_failing_deleted_signal_does_not_undo_a_committed_quit(mailbox):
+    from popserver.signals import messages_deleted
+
+    def broken(**kwargs):
+        raise RuntimeError("receiver bug")
+
+    messages_deleted.connect(broken)
+    try:
+        maildrop = open_maildrop(mailbox.pk)
+        maildrop.mark_deleted(1)
+        maildrop.commit()
+    finally:
+        messages_deleted.disconnect(broken)
+    assert Message.objects.filter(mailbox=mailbox).count() == 2
