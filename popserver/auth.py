@@ -2,7 +2,6 @@
 audited, and ending in a locked maildrop."""
 from __future__ import annotations
 
-import ipaddress
 import logging
 import threading
 from datetime import timedelta
@@ -24,6 +23,7 @@ from .exceptions import (
 )
 from .maildrop import OrmMaildrop, open_maildrop
 from .models import Address, LoginEvent, LoginThrottle, Mailbox
+from .peers import is_trusted_peer, peer_group
 from .signals import login_failed, login_locked_out, send_safely
 from .throttle import Throttle, get_throttle
 
@@ -46,17 +46,6 @@ def password_check_slots() -> threading.BoundedSemaphore:
             _password_checks = threading.BoundedSemaphore(size)
             _password_checks_size = size
         return _password_checks
-
-
-def is_trusted_peer(ip: str) -> bool:
-    """True if ``ip`` is in POPSERVER_TRUSTED_NETWORKS (loopback by default)."""
-    try:
-        address = ipaddress.ip_address(ip.split("%", 1)[0])
-    except ValueError:
-        return False
-    if address.version == 6 and address.ipv4_mapped:
-        address = address.ipv4_mapped
-    return any(address in ipaddress.ip_network(net, strict=False) for net in get_setting("TRUSTED_NETWORKS"))
 
 
 def make_request(peer_ip: str) -> HttpRequest:
@@ -84,33 +73,41 @@ class DjangoAuthenticator:
         self.throttle = throttle or get_throttle()
         self.tls = False  # set by the connection handler once TLS is on
         self.mailbox: Mailbox | None = None
+        self.attempts = 0  # logins tried on this connection, for the session-end log line
 
     def __call__(self, username: str, password: str, *, mechanism: str = "USER") -> OrmMaildrop:
+        self.attempts += 1
         try:
-            return self._login(username, password, mechanism)
+            maildrop = self._login(username, password, mechanism)
         except DatabaseError:
             logger.exception("login for %r from %s: database error", _printable(username), self.peer)
             self._audit(username, mechanism, LoginEvent.ERROR, "database")
             raise TemporaryLoginFailure() from None
+        if self.stop_event.is_set():  # the server began to stop while this login took its lock
+            maildrop.release()
+            raise TemporaryLoginFailure()
+        return maildrop
 
     def _login(self, username: str, password: str, mechanism: str) -> OrmMaildrop:
-        scope = self.throttle.locked_out(username, self.peer_ip, trusted=self.trusted)
+        # Throttled by the login name an address resolves to, and by IPv4 address or IPv6 /64.
+        login_name, group = self._login_name(username), peer_group(self.peer_ip)
+        scope = self.throttle.locked_out(login_name, group, trusted=self.trusted)
         if scope:
             if scope != LoginThrottle.IP:  # guessing at a locked account still counts against its IP
-                self.throttle.failed(username, self.peer_ip, trusted=self.trusted, ip_only=True)
+                self.throttle.failed(login_name, group, trusted=self.trusted, ip_only=True)
             self._audit(username, mechanism, LoginEvent.LOCKED_OUT, scope)
             send_safely(login_locked_out, username=username, peer=self.peer, scope=scope)
             self._fail(username, mechanism, f"locked out ({scope})")
             raise LoginLockedOut()
-        mailbox = self._check_credentials(username, password)
+        mailbox = self._check_credentials(login_name, password)
         if mailbox is None:
-            scope = self.throttle.failed(username, self.peer_ip, trusted=self.trusted)
+            scope = self.throttle.failed(login_name, group, trusted=self.trusted)
             self._audit(username, mechanism, LoginEvent.FAILED, "credentials")
             if scope:
                 send_safely(login_locked_out, username=username, peer=self.peer, scope=scope)
             self._fail(username, mechanism, "credentials")
             raise AuthenticationFailed()
-        self.throttle.succeeded(username, self.peer_ip)
+        self.throttle.succeeded(login_name, group)
         delay = get_setting("LOGIN_DELAY")
         if delay and mailbox.last_login and mailbox.last_login > timezone.now() - timedelta(seconds=delay):
             self._audit(username, mechanism, LoginEvent.LOGIN_DELAY, "", mailbox)
@@ -124,10 +121,9 @@ class DjangoAuthenticator:
         self.mailbox = mailbox
         return maildrop
 
-    def _check_credentials(self, username: str, password: str) -> Mailbox | None:
+    def _check_credentials(self, login_name: str, password: str) -> Mailbox | None:
         """The mailbox these credentials open (app password or account password), or None."""
         accepted = get_setting("ACCEPTED_PASSWORDS")
-        login_name = self._login_name(username)
         if accepted in ("app", "both") and looks_like_app_password(password):
             mailbox = self._mailbox_of(login_name)
             if mailbox is not None and check_app_password(mailbox, password, self.peer):

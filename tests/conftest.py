@@ -101,8 +101,9 @@ class LiveServer:
         return socket.create_connection((self.host, self.port), timeout=timeout)
 
     def stop(self) -> None:
-        for server in self.servers:
-            server.stop(grace=10)
+        from popserver.server.listener import stop_servers
+
+        stop_servers(self.servers, grace=10)
 
 
 @pytest.fixture

@@ -346,13 +346,20 @@ def test_200_simultaneous_connections(pop3_server, alice):
 
 
 @override_settings(POPSERVER_MAX_SESSIONS=2)
-def test_sessions_over_the_cap_are_refused(pop3_server, alice):
-    first, second = pop3_server.socket(), pop3_server.socket()
-    read_lines(first, 1), read_lines(second, 1)
-    third = pop3_server.socket()
-    assert read_until(third, b"\r\n") == b"-ERR [SYS/TEMP] Too many connections, try again later.\r\n"
+def test_a_full_server_refuses_only_when_every_slot_is_logged_in(pop3_server, alice, make_mailbox):
+    make_mailbox("bob", "secret")
+    idle = pop3_server.socket()
+    read_lines(idle, 1)
+    first = login_raw(pop3_server)
+    newcomer = pop3_server.socket()  # full: the oldest unauthenticated connection makes room
+    assert read_lines(newcomer, 1)[0].startswith(b"+OK")
+    assert idle.recv(100) == b""
+    newcomer.sendall(b"USER bob\r\nPASS secret\r\n")
+    assert read_lines(newcomer, 2) == [b"+OK", b"+OK Logged in."]
+    refused = pop3_server.socket()  # every slot is logged in now
+    assert read_until(refused, b"\r\n") == b"-ERR [SYS/TEMP] Too many connections, try again later.\r\n"
     first.close()
-    second.close()
+    newcomer.close()
     wait_for(lambda: len(pop3_server.server.registry) == 0)
     assert read_lines(pop3_server.socket(), 1)[0].startswith(b"+OK")
 

@@ -230,3 +230,12 @@ def test_sighup_reloads_the_certificate(runpop3, alice, ca, cert_files):
         assert time.monotonic() < deadline, "the certificate was not reloaded"
         threading.Event().wait(0.1)
     assert server.terminate() == 0
+
+
+def test_a_handshake_has_one_deadline_not_one_per_read(tls_server, settings):
+    settings.POPSERVER_LOGIN_TIMEOUT = 1
+    trickle = socket.create_connection(("127.0.0.1", tls_server.tls_port), timeout=10)
+    started = time.monotonic()
+    trickle.sendall(b"\x16")  # the first byte of a ClientHello, then nothing
+    assert trickle.recv(100) == b""  # closed by the server
+    assert time.monotonic() - started < 5

@@ -5,6 +5,7 @@ The protocol itself lives in ``popserver.protocol.session``; this module only mo
 from __future__ import annotations
 
 import logging
+import select
 import socket
 import socketserver
 import ssl
@@ -30,6 +31,22 @@ WRITE_COALESCE = 256 * 1024
 DB_IDLE_CLOSE = 1.0
 
 
+# TCP keepalive: a client that vanished (a phone changing networks) frees its session and mailbox lock in
+# about 90 s instead of holding them until the autologout.
+KEEPALIVE = {"TCP_KEEPIDLE": 60, "TCP_KEEPINTVL": 10, "TCP_KEEPCNT": 3}
+
+
+def set_socket_options(sock: socket.socket) -> None:
+    options = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1), (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)]
+    options += [(socket.IPPROTO_TCP, getattr(socket, name), value) for name, value in KEEPALIVE.items()
+                if hasattr(socket, name)]
+    for level, option, value in options:
+        try:
+            sock.setsockopt(level, option, value)
+        except OSError:
+            pass
+
+
 class SessionEnded(Exception):
     """The connection is over: ``reason`` goes into the session-end log line."""
 
@@ -51,10 +68,7 @@ class Pop3Handler(socketserver.BaseRequestHandler):
         self.started_at = timezone.now()
         self.authenticated = False
         self.session: Pop3Session | None = None
-        try:
-            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass
+        set_socket_options(self.sock)
 
     # Main loop ------------------------------------------------------------------------------------------
     def handle(self) -> None:
@@ -117,12 +131,25 @@ class Pop3Handler(socketserver.BaseRequestHandler):
     def handshake(self) -> None:
         """Wrap the socket in TLS, in this session's thread, with a deadline (never in the accept loop)."""
         context = self.server.tls.context
-        self.sock.settimeout(HANDSHAKE_TIMEOUT)
+        # One deadline for the whole handshake, not per recv(): a byte every few seconds gains nothing.
+        deadline = time.monotonic() + min(HANDSHAKE_TIMEOUT, get_setting("LOGIN_TIMEOUT"))
         try:
             self.sock = context.wrap_socket(self.sock, server_side=True, do_handshake_on_connect=False)
             self.server.registry.rewrap(self.request, self.sock)
-            self.sock.do_handshake()
-        except (ssl.SSLError, OSError) as exc:
+            self.sock.setblocking(False)
+            while True:
+                try:
+                    self.sock.do_handshake()
+                    break
+                except ssl.SSLWantReadError:
+                    wait = ([self.sock], [])
+                except ssl.SSLWantWriteError:
+                    wait = ([], [self.sock])
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not any(select.select(*wait, [], remaining)[:2]):
+                    raise SessionEnded("TLS handshake timed out")
+            self.sock.setblocking(True)
+        except (ssl.SSLError, OSError, ValueError) as exc:
             raise SessionEnded(f"TLS handshake failed: {exc.__class__.__name__}") from None
 
     def start_tls(self, session: Pop3Session) -> None:
@@ -194,7 +221,9 @@ class Pop3Handler(socketserver.BaseRequestHandler):
     def log_session_end(self, session: Pop3Session, reason: str, authenticator: DjangoAuthenticator) -> None:
         duration = time.monotonic() - self.connected_at
         if session.username is None or authenticator.mailbox is None:
-            logger.info("Disconnected: %s (no auth attempts) peer=%s duration=%.1fs", reason, self.peer, duration)
+            attempts = authenticator.attempts
+            detail = f"auth failed, {attempts} attempts" if attempts else "no auth attempts"
+            logger.info("Disconnected: %s (%s) peer=%s duration=%.1fs", reason, detail, self.peer, duration)
             return
         stats = session.stats
         logger.info(

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 from django.db import connections
 
-from ..auth import is_trusted_peer
+from ..peers import is_trusted_peer, peer_group
 from ..conf import get_setting
 from ..maildrop import refresh_heartbeats, release_all_live_locks, release_dead_locks
 from .handler import Pop3Handler
@@ -44,14 +44,16 @@ def parse_address(text: str, default_port: int = 8110) -> tuple[str, int]:
 
 
 class SessionRegistry:
-    """Live connections of one listener, keyed by socket: the session cap and the per-IP cap on
-    unauthenticated connections."""
+    """Live connections of one server process (all its listeners), keyed by the accepted socket: the session
+    cap and the cap on unauthenticated connections per IP (IPv6: per /64)."""
 
     def __init__(self) -> None:
         self._guard = threading.Lock()
         # accepted socket -> the socket to cut it with (the TLS wrapper once there is one)
         self._sockets: dict[socket.socket, socket.socket] = {}
-        self._unauthenticated: dict[str, OrderedDict[socket.socket, None]] = {}
+        # not yet logged in, oldest first: overall, and per peer group
+        self._unauthenticated: OrderedDict[socket.socket, str] = OrderedDict()
+        self._unauthenticated_by_group: dict[str, OrderedDict[socket.socket, None]] = {}
         self._emptied = threading.Condition(self._guard)
 
     def __len__(self) -> int:
@@ -59,22 +61,42 @@ class SessionRegistry:
             return len(self._sockets)
 
     def admit(self, sock: socket.socket, peer_ip: str) -> bool:
-        """Register a new connection; False if the server is full. Over the per-IP cap, that IP's oldest
-        unauthenticated connection is cut, as Dovecot does, so half-open sockets cannot lock an IP out."""
+        """Register a new connection, or return False if every slot holds a logged-in session.
+
+        As Dovecot does, the oldest unauthenticated connection makes room (that IP's own oldest when the IP is
+        over its cap, else the oldest of all when the server is full), so half-open sockets cannot lock an IP,
+        an office NAT or the whole server out."""
+        group = peer_group(peer_ip)
         evicted = None
         with self._guard:
-            if len(self._sockets) >= get_setting("MAX_SESSIONS"):
-                return False
-            waiting = self._unauthenticated.setdefault(peer_ip, OrderedDict())
+            waiting = self._unauthenticated_by_group.setdefault(group, OrderedDict())
             if len(waiting) >= get_setting("MAX_UNAUTHENTICATED_PER_IP"):
-                evicted, _ = waiting.popitem(last=False)
-                evicted = self._sockets.get(evicted, evicted)
+                evicted = next(iter(waiting))
+            elif len(self._sockets) >= get_setting("MAX_SESSIONS"):
+                if not self._unauthenticated:
+                    if not waiting:
+                        del self._unauthenticated_by_group[group]
+                    return False
+                evicted = next(iter(self._unauthenticated))
+            if evicted is not None:
+                cut = self._sockets.pop(evicted, evicted)
+                self._forget_unauthenticated(evicted)
             self._sockets[sock] = sock
-            waiting[sock] = None
+            self._unauthenticated[sock] = group
+            self._unauthenticated_by_group.setdefault(group, OrderedDict())[sock] = None
         if evicted is not None:
-            logger.info("peer %s: too many unauthenticated connections, dropping the oldest", peer_ip)
-            disconnect(evicted)
+            logger.info("making room for %s: dropping the oldest unauthenticated connection", peer_ip)
+            disconnect(cut)
         return True
+
+    def _forget_unauthenticated(self, sock: socket.socket) -> None:
+        group = self._unauthenticated.pop(sock, None)
+        if group is not None:
+            waiting = self._unauthenticated_by_group.get(group)
+            if waiting is not None:
+                waiting.pop(sock, None)
+                if not waiting:
+                    del self._unauthenticated_by_group[group]
 
     def rewrap(self, sock: socket.socket, wrapped: socket.socket) -> None:
         """The connection accepted as ``sock`` now speaks through ``wrapped`` (TLS)."""
@@ -82,18 +104,14 @@ class SessionRegistry:
             if sock in self._sockets:
                 self._sockets[sock] = wrapped
 
-    def authenticated(self, sock: socket.socket, peer_ip: str) -> None:
+    def authenticated(self, sock: socket.socket, peer_ip: str = "") -> None:
         with self._guard:
-            self._unauthenticated.get(peer_ip, {}).pop(sock, None)
+            self._forget_unauthenticated(sock)
 
-    def remove(self, sock: socket.socket, peer_ip: str) -> None:
+    def remove(self, sock: socket.socket, peer_ip: str = "") -> None:
         with self._guard:
             self._sockets.pop(sock, None)
-            waiting = self._unauthenticated.get(peer_ip)
-            if waiting is not None:
-                waiting.pop(sock, None)
-                if not waiting:
-                    del self._unauthenticated[peer_ip]
+            self._forget_unauthenticated(sock)
             self._emptied.notify_all()
 
     def disconnect_all(self) -> None:
@@ -137,8 +155,9 @@ class Pop3Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
         tls: TlsContextHolder | None = None,
         implicit_tls: bool = False,
         is_trusted: Callable[[str], bool] = is_trusted_peer,
+        registry: SessionRegistry | None = None,
     ):
-        """``tls`` enables STLS (or, with ``implicit_tls``, TLS from the first byte: RFC 8314);
+        """``registry`` is shared by all listeners of a process (its limits are per process). ``tls`` enables STLS (or, with ``implicit_tls``, TLS from the first byte: RFC 8314);
         ``is_trusted(peer_ip)`` decides which peers count as local for the plaintext policy (tests inject
         it to play a remote peer while binding to 127.0.0.1 only)."""
         if implicit_tls and tls is None:
@@ -148,7 +167,7 @@ class Pop3Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.request_queue_size = get_setting("LISTEN_BACKLOG")
         self.stop_event = stop_event or threading.Event()
-        self.registry = SessionRegistry()
+        self.registry = registry or SessionRegistry()
         super().__init__((host, port), self.handler_class)
 
     @property
@@ -165,17 +184,23 @@ class Pop3Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
         peer_ip = client_address[0]
         if not self.registry.admit(request, peer_ip):
             logger.warning("refusing %s: %d sessions already", peer_ip, get_setting("MAX_SESSIONS"))
-            try:
-                request.setblocking(False)
-                request.send(b"-ERR [SYS/TEMP] Too many connections, try again later.\r\n")
-            except OSError:
-                pass
+            if not self.implicit_tls:  # a TLS client could not read a plaintext line anyway
+                try:
+                    request.setblocking(False)
+                    request.send(b"-ERR [SYS/TEMP] Too many connections, try again later.\r\n")
+                except OSError:
+                    pass
             self.shutdown_request(request)
             return
-        threading.Thread(
-            target=self.process_request_thread, args=(request, client_address), daemon=True,
-            name=f"pop3 {peer_ip}:{client_address[1]}",
-        ).start()
+        try:
+            threading.Thread(
+                target=self.process_request_thread, args=(request, client_address), daemon=True,
+                name=f"pop3 {peer_ip}:{client_address[1]}",
+            ).start()
+        except RuntimeError:  # no thread could be started: give the slot back
+            logger.exception("could not start a session thread for %s", peer_ip)
+            self.registry.remove(request, peer_ip)
+            self.shutdown_request(request)
 
     def process_request_thread(self, request, client_address) -> None:
         try:
@@ -192,14 +217,25 @@ class Pop3Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
 
     # Lifecycle ------------------------------------------------------------------------------------------
     def stop(self, grace: float | None = None) -> None:
-        """Stop accepting, end open sessions without UPDATE, release their locks. Call from a thread other
-        than the one in ``serve_forever()``."""
-        self.stop_event.set()
-        self.shutdown()
-        self.server_close()
-        self.registry.disconnect_all()
-        self.registry.wait_empty(get_setting("SHUTDOWN_GRACE") if grace is None else grace)
-        release_all_live_locks()
+        """Stop this listener and its process's sessions (see ``stop_servers``)."""
+        stop_servers([self], grace)
+
+
+def stop_servers(servers: list[Pop3Server], grace: float | None = None) -> None:
+    """Stop accepting on every listener, end open sessions without UPDATE, wait for them once, then release
+    any lock still held. Call from a thread other than the ones in ``serve_forever()``."""
+    for server in servers:
+        server.stop_event.set()
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+    registries = {id(server.registry): server.registry for server in servers}.values()
+    for registry in registries:
+        registry.disconnect_all()
+    deadline = time.monotonic() + (get_setting("SHUTDOWN_GRACE") if grace is None else grace)
+    for registry in registries:
+        registry.wait_empty(max(0.0, deadline - time.monotonic()))
+    release_all_live_locks()
 
 
 class LockHeartbeat(threading.Thread):
@@ -230,11 +266,10 @@ def start_servers(
     """Free this host's dead locks, bind every listener, start their loops and the lock heartbeat."""
     release_dead_locks()
     connections.close_all()
-    servers = [Pop3Server(a, stop_event=stop_event, tls=tls, is_trusted=is_trusted) for a in addresses]
-    servers += [
-        Pop3Server(a, stop_event=stop_event, tls=tls, implicit_tls=True, is_trusted=is_trusted)
-        for a in implicit_tls_addresses
-    ]
+    registry = SessionRegistry()
+    options = {"stop_event": stop_event, "tls": tls, "is_trusted": is_trusted, "registry": registry}
+    servers = [Pop3Server(a, **options) for a in addresses]
+    servers += [Pop3Server(a, implicit_tls=True, **options) for a in implicit_tls_addresses]
     for server in servers:
         threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.5}, daemon=True,
                          name=f"pop3 listener {server.display_address}").start()

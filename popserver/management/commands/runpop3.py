@@ -6,7 +6,7 @@ import threading
 from django.core.management.base import BaseCommand, CommandError
 
 from popserver.conf import get_setting
-from popserver.server.listener import parse_address, start_servers
+from popserver.server.listener import parse_address, start_servers, stop_servers
 from popserver.server.tls import TlsConfigError, TlsContextHolder
 
 ERRORS = {
@@ -51,8 +51,8 @@ class Command(BaseCommand):
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, lambda *_: stop.set())
         reload_requested = threading.Event()
-        if tls is not None:
-            signal.signal(signal.SIGHUP, lambda *_: reload_requested.set())
+        # SIGHUP (logrotate, systemctl reload) reloads the certificate; without TLS it is ignored, never fatal.
+        signal.signal(signal.SIGHUP, lambda *_: reload_requested.set())
         try:
             servers = start_servers([address], stop, tls=tls, implicit_tls_addresses=tls_addresses)
         except OSError as exc:
@@ -66,9 +66,9 @@ class Command(BaseCommand):
         while not stop.wait(0.5):
             if reload_requested.is_set():
                 reload_requested.clear()
-                tls.reload()
-        for server in servers:
-            server.stop()
+                if tls is not None:
+                    tls.reload()
+        stop_servers(servers)
         self.stdout.write("popserver: stopped.")
 
     @staticmethod
