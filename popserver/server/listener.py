@@ -15,9 +15,9 @@ from collections.abc import Callable
 
 from django.db import connections
 
-from ..peers import is_trusted_peer, peer_group
 from ..conf import get_setting
 from ..maildrop import refresh_heartbeats, release_all_live_locks, release_dead_locks
+from ..peers import is_trusted_peer, peer_group
 from .handler import Pop3Handler
 from .tls import TlsContextHolder
 
