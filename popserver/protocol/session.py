@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import ClassVar, Protocol
@@ -46,6 +47,7 @@ PLAINTEXT_DISALLOWED = "[AUTH] Plaintext authentication disallowed on non-secure
 INTERNAL_ERROR = "[SYS/TEMP] Internal error occurred. Refer to server log for more information."
 COMMIT_FAILED = "[SYS/TEMP] Deleting the marked messages failed; none were deleted."
 
+ECHOABLE_VERB = re.compile(rb"[A-Za-z][A-Za-z0-9-]{0,15}")  # what an unknown-command reply may quote
 _FLUSH = b""  # yielded to make the output coalescer hand everything so far to the server
 
 
@@ -220,7 +222,9 @@ class Pop3Session:
                 del buffer[:start]
 
     def _handle_line(self, raw: bytes) -> Iterator[bytes]:
-        limit = self.continuation_line_limit if self._continuation else self.command_line_limit
+        # PASS takes the rest of the line, and Django allows long passwords: it gets the continuation limit.
+        long_ok = self._continuation is not None or raw[:5].upper() == b"PASS "
+        limit = self.continuation_line_limit if long_ok else self.command_line_limit
         if len(raw) > limit:
             log.debug("%s C: <line of %d octets>", self.peer, len(raw))
             self._continuation = None
@@ -302,7 +306,7 @@ class Pop3Session:
             yield wire.err(INTERNAL_ERROR)
             yield from self._bad_command()
         else:
-            if first.startswith(b"+OK"):
+            if first.startswith((b"+OK", b"+ ")):  # an accepted AUTH's challenge is a success too
                 self._bad_commands = 0
             elif first.startswith(b"-ERR"):
                 yield from self._bad_command()
@@ -315,7 +319,9 @@ class Pop3Session:
         if cmd is None:
             if not verb_bytes:
                 raise CommandError("Empty command.")
-            raise CommandError(f"Unknown command: {printable(verb_bytes.upper())}")
+            if not ECHOABLE_VERB.fullmatch(verb_bytes):  # never echo what might be a secret or garbage
+                raise CommandError("Unknown command.")
+            raise CommandError(f"Unknown command: {verb_bytes.upper().decode('ascii')}")
         if not cmd.allowed_in(self.state):
             when = "before" if self.state is State.AUTHORIZATION else "after"
             raise CommandError(f"{verb} is not valid {when} login.")
@@ -329,7 +335,9 @@ class Pop3Session:
         if self.state is State.AUTHORIZATION and self._bad_commands >= self.max_bad_commands_before_login:
             yield wire.err("Too many invalid bad commands.")
             self._close()
-        elif self.state is State.TRANSACTION and self._bad_commands >= self.max_bad_commands_after_login:
+        elif self.state is State.TRANSACTION and self._bad_commands > self.max_bad_commands_after_login:
+            # Dovecot's pop3: the 21st bad command in a row closes (``++bad_counter > 20``); pop3-login's
+            # limit above closes at the 3rd.
             yield wire.err("Too many bad commands.")
             self._close()
 
@@ -351,12 +359,16 @@ class Pop3Session:
     def _log_command(self, line: bytes) -> None:
         if not log.isEnabledFor(logging.DEBUG):
             return
-        verb, _, rest = line.partition(b" ")
-        upper = verb.upper()
-        if upper == b"PASS":
+        words = line.split(None, 2)
+        upper = words[0].upper() if words else b""
+        if upper.startswith(b"PASS"):
             shown = "PASS ***"
-        elif upper == b"AUTH" and len(rest.split()) > 1:
-            shown = f"AUTH {printable(rest.split()[0])} ***"
+        elif upper.startswith(b"AUTH") and len(words) > 2:
+            shown = f"AUTH {printable(words[1])} ***"
+        elif upper.startswith(b"AUTH"):
+            shown = printable(line, 40)
+        elif upper and not ECHOABLE_VERB.fullmatch(words[0]):
+            shown = f"<{len(line)} octets>"  # perhaps a SASL response sent after a refused AUTH
         else:
             shown = printable(line, 200)
         log.debug("%s C: %s", self.peer, shown)
