@@ -99,8 +99,8 @@ def tune_database(db: dict) -> dict:
                 "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
             }
         )
-        if str(db["NAME"]) not in ("", ":memory:"):
-            Path(db["NAME"]).parent.mkdir(parents=True, exist_ok=True)
+        if str(db["NAME"]) not in ("", ":memory:") and Path(db["NAME"]).parent == DATA_DIR:
+            DATA_DIR.mkdir(parents=True, exist_ok=True)  # only our own folder: a wrong path must fail
     elif db["ENGINE"] == "django.db.backends.mysql":
         db.setdefault("OPTIONS", {}).setdefault("charset", "utf8mb4")
     return db
