@@ -19,7 +19,7 @@ from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 from django.utils.http import urlencode
 
-from . import admin_views
+from . import admin_views, quota
 from .admin_ops import LockRelease, delete_messages, empty_mailbox, release_stale_lock
 from .conf import get_setting
 from .maildrop import lock_is_stale
@@ -86,8 +86,8 @@ class LockFilter(admin.SimpleListFilter):
 class MailboxAdmin(admin.ModelAdmin):
     inlines = (AddressInline,)
     list_display = (
-        "owner", "address_list", "messages_link", "total_size", "pop3_enabled", "lock_holder", "locked_at",
-        "lock_heartbeat", "last_login",
+        "owner", "address_list", "messages_link", "total_size", "quota_usage", "pop3_enabled", "lock_holder",
+        "locked_at", "lock_heartbeat", "last_login",
     )
     list_filter = ("pop3_enabled", LockFilter)
     list_select_related = ("user",)
@@ -95,11 +95,12 @@ class MailboxAdmin(admin.ModelAdmin):
     actions = ("release_stale_locks", "empty_mailboxes", "enable_pop3", "disable_pop3")
     readonly_fields = (
         "message_summary", "lock_holder", "locked_at", "lock_heartbeat", "last_login", "created_at",
-        "uid_validity", "next_uid",
+        "uid_validity", "next_uid", "quota_usage",
     )
     fieldsets = (
         (None, {"fields": ("user", "pop3_enabled")}),
         ("Messages", {"fields": ("message_summary",)}),
+        ("Quota", {"fields": ("quota_usage", "quota_bytes", "quota_messages")}),
         ("Lock", {"fields": ("lock_holder", "locked_at", "lock_heartbeat")}),
         ("History", {"fields": ("last_login", "created_at", "uid_validity", "next_uid")}),
     )
@@ -139,6 +140,19 @@ class MailboxAdmin(admin.ModelAdmin):
     @admin.display(description="size", ordering="message_octets")
     def total_size(self, mailbox):
         return filesizeformat(mailbox.message_octets)
+
+    @admin.display(description="quota")
+    def quota_usage(self, mailbox):
+        """From the page's annotations and the settings: no query of its own."""
+        return quota.describe_usage(mailbox.message_count, mailbox.message_octets, quota.mailbox_limits(mailbox))
+
+    def formfield_for_dbfield(self, db_field, request, **kwargs):
+        if db_field.name == "quota_bytes":  # typed as 500M or 2G, not only in octets
+            return quota.SizeField(required=False, label="Size quota", help_text=(
+                "All messages together, e.g. 500M or 2G (binary multiples) or octets. "
+                "Empty: the site default (POPSERVER_QUOTA_BYTES); 0: unlimited."
+            ))
+        return super().formfield_for_dbfield(db_field, request, **kwargs)
 
     @admin.display(description="lock held by")
     def lock_holder(self, mailbox):

@@ -7,6 +7,7 @@ import ipaddress
 
 from django.conf import settings
 from django.core.checks import Error, Warning, register
+from django.utils.module_loading import import_string
 
 from .conf import DEFAULTS, get_setting
 
@@ -46,6 +47,12 @@ def check_settings(app_configs=None, **kwargs):
         value = get_setting(name)
         if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
             messages.append(Error(f"POPSERVER_{name} must be a number >= 0, not {value!r}.", id="popserver.E001"))
+    for name in ("QUOTA_BYTES", "QUOTA_MESSAGES"):  # whole numbers; 0 is unlimited
+        value = get_setting(name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            messages.append(Error(f"POPSERVER_{name} must be a whole number >= 0 (0: unlimited), not {value!r}.",
+                                  id="popserver.E001"))
+    messages += check_mail_fallback_backend()
     accepted = get_setting("ACCEPTED_PASSWORDS")
     if accepted not in ("account", "app", "both"):
         messages.append(Error(f"POPSERVER_ACCEPTED_PASSWORDS must be 'account', 'app' or 'both', not {accepted!r}.",
@@ -120,4 +127,17 @@ def check_throttle_cache() -> list:
                 id="popserver.W005",
             )
         ]
+    return []
+
+
+def check_mail_fallback_backend() -> list:
+    path = get_setting("MAIL_FALLBACK_BACKEND")
+    if not path:
+        return []
+    try:
+        import_string(path)
+    except ImportError as exc:
+        return [Error(f"POPSERVER_MAIL_FALLBACK_BACKEND {path!r} cannot be imported: {exc}", id="popserver.E006")]
+    if path == "popserver.mail.LocalDeliveryBackend":
+        return [Error("POPSERVER_MAIL_FALLBACK_BACKEND cannot be LocalDeliveryBackend itself.", id="popserver.E006")]
     return []

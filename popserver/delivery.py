@@ -3,7 +3,9 @@
 ``deliver(recipient, data)`` stores a message in the form the server presents it (Dovecot's rule: a bare LF
 becomes CRLF, a lone CR stays, every other byte is unchanged), with its size in octets of that form, a unique
 id for UIDL and the Subject, From and Date headers decoded for display. Everything is written in one
-transaction; ``signals.message_delivered`` is sent once it has been committed.
+transaction, after the mailbox's quota has been checked; ``signals.message_delivered`` is sent once it has
+been committed. ``importmail`` stores through the same path (``prepare_message`` and ``store_prepared``),
+keeping the unique ids the messages had on the old server.
 """
 import logging
 import re
@@ -15,14 +17,20 @@ from functools import partial
 
 from django.contrib.auth import get_user_model
 from django.db import transaction
-from django.db.models import CharField, F, Value
+from django.db.models import CharField, Value
 from django.db.models.functions import Lower
 
-from . import signals
+from . import quota, signals
 from .bodystore import get_body_store
 from .conf import get_setting
-from .exceptions import EmptyMessage, MessageTooLarge, UnknownRecipient
-from .models import Address, Mailbox, Message
+from .exceptions import (
+    DuplicateMessage,
+    EmptyMessage,
+    InvalidUniqueId,
+    MessageTooLarge,
+    UnknownRecipient,
+)
+from .models import Address, Mailbox, Message, new_uid_validity
 from .protocol.wire import normalize_line_endings
 
 logger = logging.getLogger(__name__)
@@ -31,6 +39,10 @@ ENVELOPE_PREFIX = b"From "  # an mbox envelope line (Postfix pipe flag F); dovec
 HEADER_SCAN_LIMIT = 1024 * 1024  # octets searched for the header fields shown for display
 DISPLAY_LIMIT = 1000  # characters kept of a decoded Subject or From
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")  # PostgreSQL text cannot hold NUL; none is worth showing
+_HEADER_BREAKERS = re.compile(r"[\r\n\x00]")
+UID_RE = re.compile(r"[\x21-\x7e]{1,70}")  # RFC 1939 s.7
+_GENERATED_FORM = re.compile(r"([0-9A-Fa-f]{8,})([0-9A-Fa-f]{8})")  # format_uid(): counter, then uid_validity
+COUNTER_LIMIT = 2**48  # an imported id numbered past this gets a new uid_validity instead of a bigger counter
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,17 +52,48 @@ class DisplayHeaders:
     date: datetime | None = None
 
 
-def deliver(recipient: str, data: bytes) -> Message:
+@dataclass(frozen=True, slots=True)
+class PreparedMessage:
+    """A message in its stored form, checked against the size limit, with its display headers."""
+
+    data: bytes
+    headers: DisplayHeaders
+
+    @property
+    def size(self) -> int:
+        return len(self.data)
+
+
+def deliver(recipient: str, data: bytes, *, return_path: str | None = None,
+            delivered_to: str | None = None) -> Message:
     """Store ``data`` (an RFC 5322 message, bytes as received) in the mailbox of ``recipient``.
 
     ``recipient`` is a login name or one of the mailbox's addresses, compared case-insensitively; a
     ``user+detail`` form delivers to ``user``. A leading mbox ``From `` line is dropped.
 
+    Nothing is added to the message unless asked, as with Postfix's pipe flags and dovecot-lda:
+    ``return_path`` puts ``Return-Path: <return_path>`` on top (``""`` is the null sender, ``<>``) and
+    ``delivered_to`` puts ``Delivered-To: delivered_to`` below it. Both count toward the size limit.
+
     Raises ``EmptyMessage`` for no bytes, ``MessageTooLarge`` when the message as stored (the size POP3
     clients see in LIST) is over POPSERVER_MAX_MESSAGE_SIZE, ``UnknownRecipient`` when no mailbox takes it,
-    and database errors as they come (the ``deliver`` command turns those into EX_TEMPFAIL).
+    ``QuotaExceeded`` when the mailbox is full (``popserver.quota``), ``ValueError`` for a ``return_path``
+    or ``delivered_to`` that would break the header (a line break, a NUL), and database errors as they come
+    (the ``deliver`` command turns those into EX_TEMPFAIL).
     """
     data = strip_envelope_line(data)
+    if not data:
+        raise EmptyMessage("empty message")
+    prepared = prepare_message(trace_fields(return_path=return_path, delivered_to=delivered_to) + data)
+    mailbox = resolve_mailbox(recipient)
+    return store_prepared(mailbox, prepared)
+
+
+def prepare_message(data: bytes) -> PreparedMessage:
+    """``data`` in the form the server presents it (bare LF as CRLF), its size checked, headers parsed.
+
+    Raises ``EmptyMessage`` or ``MessageTooLarge``.
+    """
     if not data:
         raise EmptyMessage("empty message")
     limit = get_setting("MAX_MESSAGE_SIZE")
@@ -59,37 +102,145 @@ def deliver(recipient: str, data: bytes) -> Message:
     data = normalize_line_endings(data)  # returns data itself when it has no bare LF
     if len(data) > limit:
         raise MessageTooLarge(f"message of {len(data)} octets is over the limit of {limit} octets")
-    headers = parse_display_headers(data)
+    return PreparedMessage(data, parse_display_headers(data))
 
+
+def store_prepared(mailbox: Mailbox, prepared: PreparedMessage, *, uid: str | None = None,
+                   enforce_quota: bool = True, send_signal: bool = True) -> Message:
+    """Store a prepared message in ``mailbox``: the one storage path of delivery and of ``importmail``.
+
+    One transaction: lock the mailbox's row, check the quota (unless ``enforce_quota`` is false), take the
+    next unique id (or keep ``uid``, an imported one), write the row and the body. ``message_delivered`` is
+    sent after the commit when ``send_signal``.
+
+    With ``uid``: raises ``InvalidUniqueId`` unless it is 1-70 characters in 0x21-0x7E, ``DuplicateMessage``
+    if the mailbox already has it; and the counter is moved past it (or the mailbox's uid_validity changed)
+    so that no id the server generates later can equal it.
+    """
+    if uid is not None:
+        validate_uid(uid)
     with transaction.atomic():
-        mailbox = resolve_mailbox(recipient)
-        # The counter only grows (never reused, even after a QUIT deleted the newest message); the row lock
-        # the UPDATE takes serialises concurrent deliveries into one mailbox.
-        Mailbox.objects.filter(pk=mailbox.pk).update(next_uid=F("next_uid") + 1)
-        next_uid, uid_validity = (
-            Mailbox.objects.filter(pk=mailbox.pk).values_list("next_uid", "uid_validity").get()
+        # The row lock serialises deliveries and imports into one mailbox: the quota sum and the counter
+        # below see every message committed before it (READ COMMITTED on PostgreSQL and MariaDB; SQLite's
+        # IMMEDIATE transactions hold the database's write lock from their start).
+        state = (
+            Mailbox.objects.select_for_update()
+            .filter(pk=mailbox.pk)
+            .values("next_uid", "uid_validity", "quota_bytes", "quota_messages")
+            .get()
         )
+        if enforce_quota:
+            quota.check(mailbox.pk, quota.limits(state["quota_bytes"], state["quota_messages"]), prepared.size)
+        next_uid, uid_validity = state["next_uid"], state["uid_validity"]
+        if uid is None:
+            # The counter only grows: never reused, even after a QUIT deleted the newest message.
+            uid = format_uid(next_uid, uid_validity)
+            next_uid += 1
+            Mailbox.objects.filter(pk=mailbox.pk).update(next_uid=next_uid)
+        else:
+            if Message.objects.filter(mailbox_id=mailbox.pk, uid=uid).exists():
+                raise DuplicateMessage(f"the mailbox already has a message with unique id {uid}")
+            next_uid, uid_validity = _keep_generated_ids_apart(mailbox.pk, uid, next_uid, uid_validity)
         mailbox.next_uid, mailbox.uid_validity = next_uid, uid_validity
+        headers = prepared.headers
         message = Message.objects.create(
             mailbox=mailbox,
-            uid=format_uid(next_uid - 1, uid_validity),
-            size=len(data),
+            uid=uid,
+            size=prepared.size,
             subject=headers.subject,
             sender=headers.sender,
             date=headers.date,
         )
-        get_body_store().save(message, data)
-        transaction.on_commit(
-            partial(signals.send_safely, signals.message_delivered, mailbox=mailbox, message=message)
-        )
-    logger.debug("delivered message %s (%d octets, uid %s) to mailbox %s", message.pk, message.size,
+        get_body_store().save(message, prepared.data)
+        if send_signal:
+            transaction.on_commit(
+                partial(signals.send_safely, signals.message_delivered, mailbox=mailbox, message=message)
+            )
+    logger.debug("stored message %s (%d octets, uid %s) in mailbox %s", message.pk, message.size,
                  message.uid, mailbox.pk)
     return message
 
 
+# Trace fields --------------------------------------------------------------------------------------------
+def trace_fields(*, return_path: str | None = None, delivered_to: str | None = None) -> bytes:
+    """``Return-Path: <...>`` and ``Delivered-To: ...`` lines (CRLF) for the ones given, in that order.
+
+    A return path may come with or without its angle brackets; ``""`` and ``"<>"`` are the null sender.
+    Raises ValueError for a value with a CR, LF or NUL (it would end the header) or an empty Delivered-To.
+    Command-line bytes that are not UTF-8 (decoded with surrogateescape) are written back as they came.
+    """
+    lines = []
+    if return_path is not None:
+        path = return_path.strip()
+        if path.startswith("<") and path.endswith(">"):
+            path = path[1:-1]
+        lines.append(("Return-Path", f"<{path}>"))
+    if delivered_to is not None:
+        if not delivered_to.strip():
+            raise ValueError("empty Delivered-To address")
+        lines.append(("Delivered-To", delivered_to.strip()))
+    for name, value in lines:
+        if _HEADER_BREAKERS.search(value):
+            raise ValueError(f"{name} must not contain a line break or a NUL: {value!r}")
+    return b"".join(f"{name}: {value}\r\n".encode("utf-8", "surrogateescape") for name, value in lines)
+
+
+# Unique ids ----------------------------------------------------------------------------------------------
 def format_uid(number: int, uid_validity: int) -> str:
     """Dovecot's ``%08Xu%08Xv``: 16 characters in 0-9A-F (RFC 1939 s.7 allows 1-70 in 0x21-0x7E)."""
     return f"{number:08X}{uid_validity:08X}"
+
+
+def validate_uid(uid: str) -> None:
+    """Raise InvalidUniqueId unless ``uid`` is 1-70 characters in 0x21-0x7E (RFC 1939 s.7)."""
+    if not isinstance(uid, str) or not UID_RE.fullmatch(uid):
+        raise InvalidUniqueId(
+            f"unique id {uid!r} is not allowed: RFC 1939 wants 1-70 printable ASCII characters, no spaces"
+        )
+
+
+def generated_number(uid: str, uid_validity: int) -> int | None:
+    """N if ``uid`` has the form of a generated id, ``format_uid(N, uid_validity)`` (case ignored, to be
+    safe with clients that fold case); None otherwise."""
+    match = _GENERATED_FORM.fullmatch(uid)
+    if match is None or int(match[2], 16) != uid_validity:
+        return None
+    return int(match[1], 16)
+
+
+def _keep_generated_ids_apart(mailbox_id: int, uid: str, next_uid: int, uid_validity: int) -> tuple[int, int]:
+    """Make sure the server never generates ``uid`` (being imported): returns the new (next_uid, uid_validity).
+
+    Generated ids are ``format_uid(next_uid, uid_validity)`` with a counter that only grows, so an imported
+    id of that form moves the counter past it. One whose number is too large to count past gets the mailbox
+    a new uid_validity instead (stored ids are kept as they are; only later ones change form).
+    """
+    number = generated_number(uid, uid_validity)
+    if number is None:
+        return next_uid, uid_validity
+    if number < COUNTER_LIMIT:
+        if number >= next_uid:
+            next_uid = number + 1
+            Mailbox.objects.filter(pk=mailbox_id).update(next_uid=next_uid)
+        return next_uid, uid_validity
+    return next_uid, renew_uid_validity(mailbox_id, also=[uid])
+
+
+def renew_uid_validity(mailbox_id: int, also=(), avoid=()) -> int:
+    """Give the mailbox a new uid_validity that none of its ids (nor those in ``also``) ends with and that is
+    not in ``avoid``; returns it. Call with the mailbox's row locked. Stored ids do not change."""
+    taken = [u.upper() for u in Message.objects.filter(mailbox_id=mailbox_id).values_list("uid", flat=True)]
+    taken += [u.upper() for u in also]
+    current = Mailbox.objects.filter(pk=mailbox_id).values_list("uid_validity", flat=True).get()
+    while True:
+        candidate = new_uid_validity()
+        suffix = f"{candidate:08X}"
+        if candidate != current and candidate not in avoid and not any(u.endswith(suffix) for u in taken):
+            break
+    Mailbox.objects.filter(pk=mailbox_id).update(uid_validity=candidate)
+    logger.info("mailbox %s: uid_validity renewed so that generated unique ids stay apart from imported ones",
+                mailbox_id)
+    return candidate
 
 
 def strip_envelope_line(data: bytes) -> bytes:
@@ -175,6 +326,13 @@ def parse_display_headers(data: bytes) -> DisplayHeaders:
         sender=decode_header_value(fields.get(b"from", b"")),
         date=parse_date(fields.get(b"date", b"")),
     )
+
+
+def header_value(data: bytes, name: bytes) -> bytes | None:
+    """The first ``name`` field (lower case, e.g. ``b"x-uidl"``) of a message in the presented form, unfolded
+    and stripped; None when absent."""
+    value = _header_fields(data, wanted=(name,)).get(name)
+    return None if value is None else value.strip()
 
 
 def _header_fields(data: bytes, wanted=(b"subject", b"from", b"date")) -> dict[bytes, bytes]:

@@ -1,4 +1,9 @@
-"""``manage.py deliver RECIPIENT < message.eml``: an MDA for Postfix ``pipe``, Exim and procmail.
+"""``manage.py deliver [-f SENDER] [--delivered-to ADDRESS] RECIPIENT < message.eml``: an MDA for Postfix
+``pipe``, Exim and procmail.
+
+The message is stored as given (a leading mbox ``From `` line dropped, bare LF as CRLF). ``-f SENDER`` puts
+``Return-Path: <SENDER>`` on top and ``--delivered-to ADDRESS`` puts ``Delivered-To: ADDRESS`` below it, as
+Postfix's pipe flags R and D and dovecot-lda do; each only when given.
 
 The exit status follows sysexits(3), which is what MTAs act on: Exim's pipe transport retries 75 (and 73)
 and bounces everything else, Python's own 1 included. So every failure, also one before ``handle()`` runs
@@ -8,8 +13,9 @@ one-line reason on stderr and never a traceback:
     0   delivered
     65  EX_DATAERR      empty input
     67  EX_NOUSER       unknown recipient
-    69  EX_UNAVAILABLE  over POPSERVER_MAX_MESSAGE_SIZE
-    75  EX_TEMPFAIL     database unavailable or busy, and any unexpected error: the MTA retries later
+    69  EX_UNAVAILABLE  over POPSERVER_MAX_MESSAGE_SIZE; over quota with POPSERVER_QUOTA_EXCEEDED_PERMANENT
+    75  EX_TEMPFAIL     over quota (the default), database unavailable or busy, and any unexpected error:
+                        the MTA retries later
 
 The default project's ``manage.py`` hands ``deliver`` to ``main()`` below before Django is set up, so that
 even a settings module that cannot be imported exits 75.
@@ -21,7 +27,7 @@ from typing import ClassVar
 
 from django.core.management.base import BaseCommand, CommandError, handle_default_options
 
-from popserver.exceptions import DeliveryError, EmptyMessage, MessageTooLarge, UnknownRecipient
+from popserver.exceptions import DeliveryError, EmptyMessage, MessageTooLarge, QuotaExceeded, UnknownRecipient
 
 EX_OK = 0
 EX_DATAERR = 65
@@ -30,6 +36,7 @@ EX_UNAVAILABLE = 69
 EX_TEMPFAIL = 75
 SYSEXITS = {EX_DATAERR, EX_NOUSER, EX_UNAVAILABLE, EX_TEMPFAIL}
 DELIVERY_STATUS = {EmptyMessage: EX_DATAERR, UnknownRecipient: EX_NOUSER, MessageTooLarge: EX_UNAVAILABLE}
+USAGE = "manage.py deliver [-f SENDER] [--delivered-to ADDRESS] RECIPIENT < message"
 REASON_LIMIT = 500  # characters of the one-line reason (it ends up in bounces and MTA logs)
 
 
@@ -41,6 +48,14 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser):
         parser.add_argument("recipient", help="a login name or one of a mailbox's addresses")
+        parser.add_argument(
+            "-f", "--from", dest="sender", metavar="SENDER", default=None,
+            help='the envelope sender: adds "Return-Path: <SENDER>" on top ("" or "<>" for the null sender)',
+        )
+        parser.add_argument(
+            "--delivered-to", dest="delivered_to", metavar="ADDRESS", default=None,
+            help='adds "Delivered-To: ADDRESS" (below a Return-Path)',
+        )
 
     def handle(self, *args, recipient, **options):
         from popserver.conf import get_setting
@@ -48,9 +63,14 @@ class Command(BaseCommand):
 
         stream = options.get("stdin") or sys.stdin.buffer
         try:
-            message = deliver(recipient, read_message(stream, get_setting("MAX_MESSAGE_SIZE")))
+            message = deliver(
+                recipient, read_message(stream, get_setting("MAX_MESSAGE_SIZE")),
+                return_path=options.get("sender"), delivered_to=options.get("delivered_to"),
+            )
         except DeliveryError as exc:
             raise CommandError(str(exc), returncode=_delivery_status(exc)) from exc
+        except ValueError as exc:  # a -f or --delivered-to that cannot be a header: fix the MTA's command
+            raise CommandError(f"usage error: {exc}", returncode=EX_TEMPFAIL) from exc
         if options.get("verbosity", 1) > 1:
             self.stdout.write(f"delivered {message.size} octets to {message.mailbox} as {message.uid}")
 
@@ -115,7 +135,7 @@ def exit_status(exc: BaseException, stage: str = "delivery") -> tuple[int, str]:
     if isinstance(exc, CommandError):
         if stage == "usage":
             problem = str(exc).removeprefix("Error: ")
-            return EX_TEMPFAIL, f"usage error: {problem} (usage: manage.py deliver RECIPIENT < message)"
+            return EX_TEMPFAIL, f"usage error: {problem} (usage: {USAGE})"
         if exc.returncode in SYSEXITS:
             return exc.returncode, str(exc)
         return EX_TEMPFAIL, str(exc)
@@ -129,6 +149,10 @@ def exit_status(exc: BaseException, stage: str = "delivery") -> tuple[int, str]:
 
 
 def _delivery_status(exc: DeliveryError) -> int:
+    if isinstance(exc, QuotaExceeded):  # a full mailbox may empty: retry, unless the site says bounce
+        from popserver.conf import get_setting
+
+        return EX_UNAVAILABLE if get_setting("QUOTA_EXCEEDED_PERMANENT") else EX_TEMPFAIL
     for kind, status in DELIVERY_STATUS.items():
         if isinstance(exc, kind):
             return status
