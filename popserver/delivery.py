@@ -187,7 +187,9 @@ def trace_fields(*, return_path: str | None = None, delivered_to: str | None = N
 
 # Unique ids ----------------------------------------------------------------------------------------------
 def format_uid(number: int, uid_validity: int) -> str:
-    """Dovecot's ``%08Xu%08Xv``: 16 characters in 0-9A-F (RFC 1939 s.7 allows 1-70 in 0x21-0x7E)."""
+    """The layout of Dovecot's ``%08Xu%08Xv`` in upper case: 16 characters in 0-9A-F (RFC 1939 s.7 allows 1-70
+    in 0x21-0x7E). Dovecot's own ``X`` gives lower case; these ids are this server's and must never change
+    form (clients would download everything again), so they stay as they are."""
     return f"{number:08X}{uid_validity:08X}"
 
 

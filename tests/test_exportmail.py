@@ -100,6 +100,13 @@ def test_an_empty_mailbox_is_an_empty_file(make_mailbox, tmp_path):
 
 
 @pytest.mark.django_db
+def test_an_unwritable_path_is_a_clear_error(make_mailbox, tmp_path):
+    make_mailbox("alice")
+    with pytest.raises(CommandError, match="cannot write .*No such file or directory"):
+        command("exportmail", "alice", tmp_path / "missing" / "a.mbox")
+
+
+@pytest.mark.django_db
 def test_unknown_recipient(tmp_path):
     with pytest.raises(CommandError, match="no mailbox"):
         command("exportmail", "nobody", tmp_path / "a.mbox")

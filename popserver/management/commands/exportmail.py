@@ -44,6 +44,8 @@ class Command(BaseCommand):
                 written, gone = self._export_to_file(mailbox, Path(path), options, progress)
         except MessageExpunged as exc:
             raise CommandError(f"message {exc} was deleted while it was being written; run exportmail again") from exc
+        except OSError as exc:
+            raise CommandError(f"cannot write {path}: {exc.strerror or exc}") from exc
         finally:
             progress.finish()
         if gone:

@@ -28,7 +28,8 @@ class Command(BaseCommand):
         parser.add_argument(
             "--uidl-format", default=DEFAULT_UIDL_FORMAT, metavar="FORMAT",
             help="Dovecot's pop3_uidl_format on the old server: %%u IMAP UID, %%v UIDVALIDITY, %%f file name, "
-                 "with Dovecot's modifiers (%%08Xu: 8 hex digits). Default: %(default)s.",
+                 "with Dovecot's modifiers (%%08Xu: at least 8 lower-case hex digits, as Dovecot shows them; "
+                 "%%08XUu: upper case). Default: %(default)s.",
         )
         parser.add_argument(
             "--x-uidl", action="store_true",
