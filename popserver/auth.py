@@ -91,15 +91,19 @@ class DjangoAuthenticator:
     def _login(self, username: str, password: str, mechanism: str) -> OrmMaildrop:
         # Throttled by the login name an address resolves to, and by IPv4 address or IPv6 /64.
         login_name, group = self._login_name(username), peer_group(self.peer_ip)
-        scope = self.throttle.locked_out(login_name, group, trusted=self.trusted)
-        if scope:
-            if scope != LoginThrottle.IP:  # guessing at a locked account still counts against its IP
-                self.throttle.failed(login_name, group, trusted=self.trusted, ip_only=True)
-            self._audit(username, mechanism, LoginEvent.LOCKED_OUT, scope)
-            send_safely(login_locked_out, username=username, peer=self.peer, scope=scope)
-            self._fail(username, mechanism, f"locked out ({scope})")
-            raise LoginLockedOut()
-        mailbox = self._check_credentials(login_name, password)
+
+        def refuse_if_locked_out() -> None:
+            scope = self.throttle.locked_out(login_name, group, trusted=self.trusted)
+            if scope:
+                if scope != LoginThrottle.IP:  # guessing at a locked account still counts against its IP
+                    self.throttle.failed(login_name, group, trusted=self.trusted, ip_only=True)
+                self._audit(username, mechanism, LoginEvent.LOCKED_OUT, scope)
+                send_safely(login_locked_out, username=username, peer=self.peer, scope=scope)
+                self._fail(username, mechanism, f"locked out ({scope})")
+                raise LoginLockedOut()
+
+        refuse_if_locked_out()
+        mailbox = self._check_credentials(login_name, password, before_check=refuse_if_locked_out)
         if mailbox is None:
             scope = self.throttle.failed(login_name, group, trusted=self.trusted)
             self._audit(username, mechanism, LoginEvent.FAILED, "credentials")
@@ -121,8 +125,11 @@ class DjangoAuthenticator:
         self.mailbox = mailbox
         return maildrop
 
-    def _check_credentials(self, login_name: str, password: str) -> Mailbox | None:
-        """The mailbox these credentials open (app password or account password), or None."""
+    def _check_credentials(self, login_name: str, password: str, before_check=lambda: None) -> Mailbox | None:
+        """The mailbox these credentials open (app password or account password), or None.
+
+        ``before_check`` runs again once a password-check slot is free: logins queued behind a burst of
+        guesses must not check passwords for an account the burst has meanwhile locked out."""
         accepted = get_setting("ACCEPTED_PASSWORDS")
         if accepted in ("app", "both") and looks_like_app_password(password):
             mailbox = self._mailbox_of(login_name)
@@ -134,6 +141,7 @@ class DjangoAuthenticator:
         if not slots.acquire(timeout=PASSWORD_CHECK_WAIT):
             raise TemporaryLoginFailure()
         try:
+            before_check()
             user = authenticate(make_request(self.peer_ip), username=login_name, password=password)
         finally:
             slots.release()

@@ -115,6 +115,27 @@ def test_lockout_refuses_the_right_password_without_checking_it(alice, clock, co
 
 
 @override_settings(POPSERVER_THROTTLE_ACCOUNT_FAILURES=3)
+def test_a_login_queued_for_a_password_slot_looks_at_the_lockout_again(alice, clock, counting_backend):
+    """A burst of guesses can lock the account while a login waits for a password-check slot."""
+    class LockedWhileQueued(DatabaseThrottle):
+        checks = 0
+
+        def locked_out(self, login_name, group, *, trusted):
+            self.checks += 1
+            if self.checks == 1:  # the first look passes; then the other guesses of the burst land
+                answer = super().locked_out(login_name, group, trusted=trusted)
+                for _ in range(3):
+                    self.failed(login_name, group, trusted=trusted)
+                return answer
+            return super().locked_out(login_name, group, trusted=trusted)
+
+    throttle = LockedWhileQueued(clock)
+    with pytest.raises(LoginLockedOut):
+        login("alice", "right", throttle=throttle)
+    assert throttle.checks == 2 and counting_backend == []  # no password was checked
+
+
+@override_settings(POPSERVER_THROTTLE_ACCOUNT_FAILURES=3)
 def test_unknown_names_are_throttled_exactly_like_real_ones(alice, clock, counting_backend):
     throttle = DatabaseThrottle(clock)
     replies = {}
