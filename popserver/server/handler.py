@@ -88,9 +88,6 @@ class Pop3Handler(socketserver.BaseRequestHandler):
                 produced = self.send(session.receive(data))
                 if produced:
                     line_deadline = time.monotonic() + get_setting("AUTOLOGOUT")
-                if session.state is State.TRANSACTION and not self.authenticated:
-                    self.authenticated = True
-                    self.server.registry.authenticated(self.request, self.peer_ip)
                 if session.wants_tls:
                     self.start_tls(session)
             reason = "Logged out" if session.state is State.UPDATE else "Closed by server"
@@ -108,8 +105,18 @@ class Pop3Handler(socketserver.BaseRequestHandler):
 
     def make_session(self, authenticator: DjangoAuthenticator) -> Pop3Session:
         tls_active = self.server.implicit_tls
+
+        def authenticate(username: str, password: str, *, mechanism: str = "USER"):
+            maildrop = authenticator(username, password, mechanism=mechanism)
+            # Counted as logged in before "+OK Logged in." is sent: from then on the client may rely on its
+            # slot, and a full server must not make room by dropping it.
+            if not self.authenticated:
+                self.authenticated = True
+                self.server.registry.authenticated(self.request, self.peer_ip)
+            return maildrop
+
         return Pop3Session(
-            authenticator,
+            authenticate,
             peer=self.peer,
             greeting=get_setting("GREETING"),
             implementation=get_setting("IMPLEMENTATION"),
