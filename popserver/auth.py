@@ -17,6 +17,7 @@ from .conf import get_setting
 from .exceptions import (
     AuthenticationFailed,
     LoginLockedOut,
+    LoginRefused,
     LoginTooSoon,
     MailboxInUse,
     TemporaryLoginFailure,
@@ -56,6 +57,16 @@ def make_request(peer_ip: str) -> HttpRequest:
     return request
 
 
+# How the session-end log line names a refused login.
+REFUSALS = {
+    AuthenticationFailed: "auth failed",
+    LoginLockedOut: "locked out",
+    LoginTooSoon: "login delay",
+    MailboxInUse: "mailbox in use",
+    TemporaryLoginFailure: "temporary failure",
+}
+
+
 class DjangoAuthenticator:
     """The engine's ``authenticate`` callable for one connection.
 
@@ -73,16 +84,25 @@ class DjangoAuthenticator:
         self.throttle = throttle or get_throttle()
         self.tls = False  # set by the connection handler once TLS is on
         self.mailbox: Mailbox | None = None
-        self.attempts = 0  # logins tried on this connection, for the session-end log line
+        # For the session-end log line: logins tried on this connection, and what became of the last one.
+        self.attempts = 0
+        self.last_username = ""
+        self.last_mechanism = ""
+        self.refusal = ""
 
     def __call__(self, username: str, password: str, *, mechanism: str = "USER") -> OrmMaildrop:
         self.attempts += 1
+        self.last_username, self.last_mechanism = username, mechanism
         try:
             maildrop = self._login(username, password, mechanism)
         except DatabaseError:
-            logger.exception("login for %r from %s: database error", _printable(username), self.peer)
+            logger.exception("login for %r from %s: database error", printable(username), self.peer)
             self._audit(username, mechanism, LoginEvent.ERROR, "database")
+            self.refusal = REFUSALS[TemporaryLoginFailure]
             raise TemporaryLoginFailure() from None
+        except LoginRefused as refused:
+            self.refusal = REFUSALS.get(type(refused), "auth failed")
+            raise
         if self.stop_event.is_set():  # the server began to stop while this login took its lock
             maildrop.release()
             raise TemporaryLoginFailure()
@@ -178,7 +198,7 @@ class DjangoAuthenticator:
         return username
 
     def _fail(self, username: str, mechanism: str, reason: str) -> None:
-        logger.info("login failed: user=<%s> peer=%s mechanism=%s reason=%s", _printable(username),
+        logger.info("login failed: user=<%s> peer=%s mechanism=%s reason=%s", printable(username),
                     self.peer, mechanism, reason)
         send_safely(login_failed, username=username, peer=self.peer, mechanism=mechanism, reason=reason)
         delay = get_setting("AUTH_FAILURE_DELAY")
@@ -190,5 +210,6 @@ class DjangoAuthenticator:
                            outcome=outcome, reason=reason, mailbox=mailbox)
 
 
-def _printable(text: str, limit: int = 64) -> str:
+def printable(text: str, limit: int = 64) -> str:
+    """A client-given name made safe for one log line: control characters replaced, length capped."""
     return "".join(ch if ch.isprintable() else "?" for ch in text[:limit])

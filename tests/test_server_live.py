@@ -426,6 +426,38 @@ def test_failed_login_delay_blocks_no_other_session(pop3_server, alice, make_mai
     assert time.monotonic() - started >= 2.5
 
 
+def test_session_end_before_login_says_why_and_who(pop3_server, alice, caplog):
+    """Like Dovecot's pop3-login: "Aborted login by logging out (auth failed, 1 attempts ...): user=<alice>"."""
+    caplog.set_level("INFO", logger="popserver")
+    holder = pop3_server.poplib()
+    holder.user("alice")
+    holder.pass_("secret")
+    failed = pop3_server.poplib()
+    failed.user("alice")
+    with pytest.raises(poplib.error_proto):
+        failed.pass_("wrong")
+    failed.quit()
+    in_use = pop3_server.poplib()
+    in_use.user("alice")
+    with pytest.raises(poplib.error_proto, match="IN-USE"):
+        in_use.pass_("secret")  # and the server closes the connection, as Dovecot does
+    in_use.close()
+    holder.quit()
+
+    def end_lines():
+        lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Disconnected")]
+        return lines if len(lines) == 3 else None
+
+    lines = wait_for(end_lines)
+    for expected in (
+        "Disconnected: Aborted login by logging out (auth failed, 1 attempts) user=<alice> method=USER peer=127.",
+        "Disconnected: Closed by server (mailbox in use, 1 attempts) user=<alice> method=USER peer=127.",
+        "Disconnected: Logged out user=<alice> peer=127.",
+    ):
+        assert any(line.startswith(expected) for line in lines), (expected, lines)
+    assert not any("secret" in line or "wrong" in line for line in lines)
+
+
 def test_session_end_is_logged_without_password(pop3_server, alice, caplog):
     caplog.set_level("DEBUG", logger="popserver")
     client = pop3_server.poplib()

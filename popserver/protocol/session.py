@@ -136,6 +136,7 @@ class Pop3Session:
 
         self.state = State.AUTHORIZATION
         self.closed = False
+        self.quit_received = False  # the client said QUIT (in either state), for the session-end log
         self.wants_tls = False
         self.username: str | None = None
         self.stats = SessionStats()
@@ -565,6 +566,7 @@ class Pop3Session:
     @command("QUIT", states=BOTH_STATES, flush_before=True)
     def pop_QUIT(self) -> Reply:
         """RFC 1939 s.6: from TRANSACTION, UPDATE: commit the deletions; ``+OK`` only if that succeeded."""
+        self.quit_received = True
         if self.state is State.AUTHORIZATION:
             self._close()
             return wire.ok("Logging out.")

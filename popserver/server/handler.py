@@ -16,7 +16,7 @@ from django.db import connections
 from django.utils import timezone
 
 from ..audit import record_session
-from ..auth import DjangoAuthenticator
+from ..auth import DjangoAuthenticator, printable
 from ..conf import get_setting
 from ..protocol.session import Pop3Session, State
 from ..signals import send_safely, session_closed
@@ -90,7 +90,12 @@ class Pop3Handler(socketserver.BaseRequestHandler):
                     line_deadline = time.monotonic() + get_setting("AUTOLOGOUT")
                 if session.wants_tls:
                     self.start_tls(session)
-            reason = "Logged out" if session.state is State.UPDATE else "Closed by server"
+            if session.state is State.UPDATE:
+                reason = "Logged out"
+            elif session.quit_received:  # QUIT before login (Dovecot's words)
+                reason = "Aborted login by logging out"
+            else:
+                reason = "Closed by server"
         except SessionEnded as ended:
             reason = ended.reason
         except (TimeoutError, ConnectionError, OSError) as exc:
@@ -228,9 +233,16 @@ class Pop3Handler(socketserver.BaseRequestHandler):
     def log_session_end(self, session: Pop3Session, reason: str, authenticator: DjangoAuthenticator) -> None:
         duration = time.monotonic() - self.connected_at
         if session.username is None or authenticator.mailbox is None:
+            # Like Dovecot's pop3-login: "Disconnected (auth failed, 1 attempts in 2 secs): user=<alice>, ..."
             attempts = authenticator.attempts
-            detail = f"auth failed, {attempts} attempts" if attempts else "no auth attempts"
-            logger.info("Disconnected: %s (%s) peer=%s duration=%.1fs", reason, detail, self.peer, duration)
+            if not attempts:
+                logger.info("Disconnected: %s (no auth attempts) peer=%s duration=%.1fs", reason, self.peer, duration)
+                return
+            logger.info(
+                "Disconnected: %s (%s, %d attempts) user=<%s> method=%s peer=%s duration=%.1fs",
+                reason, authenticator.refusal, attempts, printable(authenticator.last_username),
+                authenticator.last_mechanism, self.peer, duration,
+            )
             return
         stats = session.stats
         logger.info(
