@@ -90,7 +90,9 @@ class DjangoAuthenticator:
         self.last_mechanism = ""
         self.refusal = ""
 
-    def __call__(self, username: str, password: str, *, mechanism: str = "USER") -> OrmMaildrop:
+    def __call__(self, username: str, password: str | None, *, mechanism: str = "USER") -> OrmMaildrop:
+        """Log in, or raise a ``LoginRefused``. ``password`` None: credentials that cannot be right (the
+        engine's verdict), refused like a wrong password without a check."""
         self.attempts += 1
         self.last_username, self.last_mechanism = username, mechanism
         try:
@@ -108,7 +110,7 @@ class DjangoAuthenticator:
             raise TemporaryLoginFailure()
         return maildrop
 
-    def _login(self, username: str, password: str, mechanism: str) -> OrmMaildrop:
+    def _login(self, username: str, password: str | None, mechanism: str) -> OrmMaildrop:
         # Throttled by the login name an address resolves to, and by IPv4 address or IPv6 /64.
         login_name, group = self._login_name(username), peer_group(self.peer_ip)
 
@@ -123,7 +125,9 @@ class DjangoAuthenticator:
                 raise LoginLockedOut()
 
         refuse_if_locked_out()
-        mailbox = self._check_credentials(login_name, password, before_check=refuse_if_locked_out)
+        mailbox = None
+        if password is not None:
+            mailbox = self._check_credentials(login_name, password, before_check=refuse_if_locked_out)
         if mailbox is None:
             scope = self.throttle.failed(login_name, group, trusted=self.trusted)
             self._audit(username, mechanism, LoginEvent.FAILED, "credentials")

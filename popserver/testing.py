@@ -108,12 +108,12 @@ class MemoryAuthenticator:
     def refuse(self, username: str, exc: LoginRefused) -> None:
         self.refusals[username] = exc
 
-    def __call__(self, username: str, password: str, *, mechanism: str) -> Maildrop:
+    def __call__(self, username: str, password: str | None, *, mechanism: str) -> Maildrop:
         self.calls.append((username, mechanism))
         if username in self.refusals:
             raise self.refusals[username]
         entry = self.users.get(username)
-        if entry is None or not hmac.compare_digest(entry[0].encode(), password.encode()):
+        if entry is None or password is None or not hmac.compare_digest(entry[0].encode(), password.encode()):
             raise AuthenticationFailed()
         source = entry[1]
         return source if isinstance(source, Maildrop) else source()

@@ -115,6 +115,19 @@ def test_lockout_refuses_the_right_password_without_checking_it(alice, clock, co
 
 
 @override_settings(POPSERVER_THROTTLE_ACCOUNT_FAILURES=3)
+def test_credentials_the_engine_rejected_are_a_failed_login_without_a_check(alice, clock, counting_backend):
+    """password None (undecodable bytes, a malformed SASL message): throttled and audited like a wrong one."""
+    throttle = DatabaseThrottle(clock)
+    for _ in range(3):
+        with pytest.raises(AuthenticationFailed):
+            login("alice", None, throttle=throttle, mechanism="PLAIN")
+    assert counting_backend == []
+    assert LoginEvent.objects.filter(outcome="failed", mechanism="PLAIN").count() == 3
+    with pytest.raises(LoginLockedOut):
+        login("alice", "right", throttle=throttle)
+
+
+@override_settings(POPSERVER_THROTTLE_ACCOUNT_FAILURES=3)
 def test_a_login_queued_for_a_password_slot_looks_at_the_lockout_again(alice, clock, counting_backend):
     """A burst of guesses can lock the account while a login waits for a password-check slot."""
     class LockedWhileQueued(DatabaseThrottle):

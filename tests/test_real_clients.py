@@ -276,7 +276,7 @@ def test_mpop_implicit_tls_deletes_at_quit(tls_server, make_mailbox, ca_file, tm
     settings = f"auth user\ntls on\ntls_starttls off\ntls_trust_file {ca_file}"
     transcript = mpop(tmp_path, settings, tls_server.tls_port, "off", box)
     assert "STLS" not in transcript and transcript.count("--> DELE") == 3
-    assert "--> QUIT" in transcript and "<-- +OK Logging out." in transcript
+    assert "--> QUIT" in transcript and "<-- +OK Logging out, messages deleted." in transcript
     assert maildir_messages(box) == sorted(lf(served(raw)) for raw in messages)
     assert count(mailbox) == 0
     assert_unlocked(mailbox)

@@ -26,13 +26,24 @@ def test_three_bad_commands_before_login_close():
     assert c.send(b"CAPA\r\n") == b""
 
 
-def test_any_kind_of_error_counts_before_login():
+def test_before_login_only_unknown_verbs_count_as_dovecot_does():
+    # Dovecot's pop3-login counts only commands it does not know (TRANSACTION verbs included); a refused
+    # USER, PASS, AUTH or STLS is not a bad command, and it resets the count.
     c = Client()
-    out = c.send(b"STAT\r\nPASS x\r\nUSER\r\n")
-    assert out == (
-        b"-ERR STAT is not valid before login.\r\n-ERR No username given.\r\n"
-        b"-ERR Missing argument. Syntax: USER name\r\n-ERR Too many invalid bad commands.\r\n"
+    out = c.send(b"PASS x\r\nUSER\r\nAUTH FOO\r\nSTLS\r\n" * 3)
+    assert out.count(b"-ERR") == 12 and not c.session.closed
+    c.send(b"STAT\r\nXYZ\r\nPASS x\r\nSTAT\r\nXYZ\r\n")
+    assert not c.session.closed
+    assert c.send(b"RETR 1\r\n") == (
+        b"-ERR RETR is not valid before login.\r\n-ERR Too many invalid bad commands.\r\n"
     )
+    assert c.session.closed
+
+
+def test_a_failed_login_resets_the_count_before_login():
+    c = Client()
+    c.send(b"X\r\nY\r\nUSER alice\r\nPASS wrong\r\nX\r\nY\r\n")
+    assert not c.session.closed
 
 
 def test_a_success_resets_the_count_before_login():
@@ -51,7 +62,7 @@ def test_more_than_twenty_bad_commands_after_login_close():
     assert out == b"-ERR There's no message 9.\r\n" * 20
     assert not c.session.closed
     assert c.send(b"LIST 0\r\nNOOP\r\n") == (
-        b"-ERR Invalid message number: 0\r\n-ERR Too many bad commands.\r\n"
+        b"-ERR There's no message 0.\r\n-ERR Too many bad commands.\r\n"
     )
     assert c.session.closed
     md = c.maildrop
@@ -198,7 +209,7 @@ def test_output_before_quit_is_handed_over_before_the_commit():
     assert c.maildrop.commit_calls == 0
     assert next(replies) == b""  # the flush mark: the server writes what it holds before the commit
     assert c.maildrop.commit_calls == 0
-    assert next(replies) == b"+OK Logging out.\r\n"
+    assert next(replies) == b"+OK Logging out, messages deleted.\r\n"
     assert c.maildrop.commit_calls == 1
     assert list(replies) == []
 
@@ -303,7 +314,7 @@ def test_expunged_message():
     assert c.send(b"RETR 2\r\nTOP 2 0\r\nLIST 2\r\nRETR 1\r\n") == (
         b"-ERR Message 2 expunged.\r\n-ERR Message 2 expunged.\r\n+OK 2 33\r\n+OK 23 octets\r\n" + M1 + b".\r\n"
     )
-    assert c.send(b"DELE 1\r\nQUIT\r\n") == b"+OK Marked to be deleted.\r\n+OK Logging out.\r\n"
+    assert c.send(b"DELE 1\r\nQUIT\r\n") == b"+OK Marked to be deleted.\r\n+OK Logging out, messages deleted.\r\n"
     assert c.maildrop.committed == (1,)
 
 

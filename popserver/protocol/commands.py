@@ -29,11 +29,16 @@ BOTH_STATES = frozenset({State.AUTHORIZATION, State.TRANSACTION})
 
 
 class CommandError(Exception):
-    """Refuse the current command: ``text`` goes after ``-ERR `` and the command counts as a bad one."""
+    """Refuse the current command: ``text`` goes after ``-ERR `` and the command counts as a bad one
+    (before login only an ``UnknownCommand`` counts, as in Dovecot's pop3-login)."""
 
     def __init__(self, text: str):
         super().__init__(text)
         self.text = text
+
+
+class UnknownCommand(CommandError):
+    """A verb that does not exist, or is not valid in the current state."""
 
 
 SessionPredicate = Callable[["Pop3Session"], bool]
@@ -88,12 +93,15 @@ class Command:
     def parse_arguments(self, rest: bytes | None) -> tuple[bytes, ...]:
         """Split the argument part of a command line (``None`` when the line had no space after the verb).
 
-        RFC 1939 s.3 separates arguments by a single space; runs of whitespace are accepted too.
+        RFC 1939 s.3 separates arguments by a single space; runs of whitespace are accepted too. A verb that
+        takes no arguments ignores any it is given, as Dovecot does (``QUIT now`` still logs out).
         """
         if self.rest_of_line:
             if rest is None:
                 raise CommandError(f"Missing argument. Syntax: {self.syntax}")
             return (rest,)
+        if self.max_args == 0:
+            return ()
         args = tuple(rest.split()) if rest else ()
         if len(args) < self.min_args:
             raise CommandError(f"Missing argument. Syntax: {self.syntax}")

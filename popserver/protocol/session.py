@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import ClassVar, Protocol
 
-from popserver.exceptions import AuthenticationFailed, LoginRefused, MessageExpunged
+from popserver.exceptions import LoginRefused, MessageExpunged
 from popserver.protocol import wire
 from popserver.protocol.commands import (
     AUTHORIZATION_ONLY,
@@ -31,6 +31,7 @@ from popserver.protocol.commands import (
     Command,
     CommandError,
     State,
+    UnknownCommand,
     capability_tags,
     collect_commands,
     command,
@@ -55,10 +56,12 @@ class Authenticate(Protocol):
     """``authenticate(username, password, *, mechanism) -> Maildrop``; raises ``LoginRefused`` subclasses.
 
     ``mechanism`` is "USER" (USER/PASS), "PLAIN" or "LOGIN". It may block (password hashing, the failure
-    delay); the session just calls it.
+    delay); the session just calls it. ``password`` is None for credentials that cannot be right (bytes that
+    are not UTF-8, an empty name, a malformed SASL PLAIN message): refuse them as a failed login, with the
+    same reply, delay and accounting, without checking anything.
     """
 
-    def __call__(self, username: str, password: str, *, mechanism: str) -> Maildrop: ...
+    def __call__(self, username: str, password: str | None, *, mechanism: str) -> Maildrop: ...
 
 
 @dataclass
@@ -230,7 +233,7 @@ class Pop3Session:
             log.debug("%s C: <line of %d octets>", self.peer, len(raw))
             self._continuation = None
             yield wire.err("Input line too long.")
-            yield from self._bad_command()
+            yield from self._refused(unknown=True)
             return
         line = raw[:-2] if raw.endswith(b"\r\n") else raw[:-1]
         yield from self._run(line)
@@ -284,12 +287,13 @@ class Pop3Session:
             reply_line = wire.err(exc.text)
             self._log_reply(reply_line)
             yield reply_line
-            yield from self._bad_command()
+            yield from self._refused(unknown=isinstance(exc, UnknownCommand))
         except LoginRefused as exc:
             # A failed login is not a bad command (RFC 1939 s.4); throttling is the authenticator's job.
             reply_line = wire.err(exc.reply)
             self._log_reply(reply_line)
             yield reply_line
+            self._bad_commands = 0
             if exc.close_connection:
                 self._close()
         except MessageExpunged:
@@ -305,12 +309,12 @@ class Pop3Session:
                 self._close()
                 return
             yield wire.err(INTERNAL_ERROR)
-            yield from self._bad_command()
+            yield from self._refused(unknown=True)
         else:
             if first.startswith((b"+OK", b"+ ")):  # an accepted AUTH's challenge is a success too
                 self._bad_commands = 0
             elif first.startswith(b"-ERR"):
-                yield from self._bad_command()
+                yield from self._refused(unknown=False)
 
     def _resolve(self, line: bytes) -> tuple[Command, tuple[bytes, ...]]:
         """The command and its arguments, or ``CommandError`` (unknown verb, wrong state, arity)."""
@@ -319,19 +323,25 @@ class Pop3Session:
         cmd = self.commands.get(verb)
         if cmd is None:
             if not verb_bytes:
-                raise CommandError("Empty command.")
+                raise UnknownCommand("Empty command.")
             if not ECHOABLE_VERB.fullmatch(verb_bytes):  # never echo what might be a secret or garbage
-                raise CommandError("Unknown command.")
-            raise CommandError(f"Unknown command: {verb_bytes.upper().decode('ascii')}")
+                raise UnknownCommand("Unknown command.")
+            raise UnknownCommand(f"Unknown command: {verb_bytes.upper().decode('ascii')}")
         if not cmd.allowed_in(self.state):
             when = "before" if self.state is State.AUTHORIZATION else "after"
-            raise CommandError(f"{verb} is not valid {when} login.")
+            raise UnknownCommand(f"{verb} is not valid {when} login.")
         if not cmd.is_available(self):
             raise CommandError(cmd.unavailable_reply(self))
         return cmd, cmd.parse_arguments(rest if space else None)
 
-    def _bad_command(self) -> Iterator[bytes]:
-        """Count a refused command; too many in a row end the session (Dovecot's limits)."""
+    def _refused(self, *, unknown: bool) -> Iterator[bytes]:
+        """Count a refused command; too many in a row end the session (Dovecot's limits).
+
+        Before login only unknown verbs (and over-long lines) count, and a refusal of a known verb resets the
+        count, as in Dovecot's pop3-login, whose USER, PASS, AUTH and STLS never count as bad commands."""
+        if self.state is State.AUTHORIZATION and not unknown:
+            self._bad_commands = 0
+            return
         self._bad_commands += 1
         if self.state is State.AUTHORIZATION and self._bad_commands >= self.max_bad_commands_before_login:
             yield wire.err("Too many invalid bad commands.")
@@ -385,25 +395,28 @@ class Pop3Session:
 
     def _message_number(self, arg: bytes) -> int:
         """A message number that can be used now (RFC 1939 s.4: 1-based, deleted ones are invisible)."""
-        if not arg.isdigit() or len(arg) > 10 or int(arg) == 0:
+        if not arg.isdigit() or len(arg) > 10:
             raise CommandError(f"Invalid message number: {printable(arg)}")
         number = int(arg)
         maildrop = self._opened()
-        if number > len(maildrop):
+        if number == 0 or number > len(maildrop):  # Dovecot says the same for 0
             raise CommandError(f"There's no message {number}.")
         if maildrop.is_deleted(number):
             raise CommandError("Message is deleted.")
         return number
 
-    def _login(self, username: bytes, password: bytes, mechanism: str) -> bytes:
-        """Open the maildrop through ``authenticate`` and enter TRANSACTION (RFC 1939 s.4)."""
+    def _login(self, username: bytes, password: bytes | None, mechanism: str) -> bytes:
+        """Open the maildrop through ``authenticate`` and enter TRANSACTION (RFC 1939 s.4).
+
+        ``password`` None: credentials that cannot be right. They still go to the authenticator, which
+        refuses them like a wrong password (Dovecot delays every failure)."""
         try:
             name = username.decode("utf-8")
-            secret = password.decode("utf-8")
+            secret = password.decode("utf-8") if password is not None else None
         except UnicodeDecodeError:
-            raise AuthenticationFailed() from None  # no valid credential has such bytes
+            name, secret = username.decode("utf-8", "replace"), None  # no valid credential has such bytes
         if not name:
-            raise AuthenticationFailed()
+            secret = None
         maildrop = self.authenticate(name, secret, mechanism=mechanism)
         self._maildrop = maildrop
         self.state = State.TRANSACTION
@@ -476,14 +489,19 @@ class Pop3Session:
     @command(
         "USER",
         states=AUTHORIZATION_ONLY,
-        min_args=1,
+        rest_of_line=True,
         syntax="USER name",
         capability="USER",
         available=lambda s: s.plaintext_allowed,
         unavailable=PLAINTEXT_DISALLOWED,
     )
     def pop_USER(self, name: bytes) -> Reply:
-        """RFC 1939 s.7: remember the name for PASS. Nothing is checked yet, so nothing is disclosed."""
+        """RFC 1939 s.7: remember the name for PASS. Nothing is checked yet, so nothing is disclosed.
+
+        The name is the rest of the line, as in Dovecot (login names of some backends contain spaces)."""
+        name = name.strip(b" \t")
+        if not name:
+            raise CommandError("Missing argument. Syntax: USER name")
         self._user = name
         return wire.ok()
 
@@ -519,7 +537,7 @@ class Pop3Session:
             return wire.multiline(wire.ok(), self.sasl_mechanisms)
         name = mechanism.upper().decode("ascii", "replace")
         if name not in self.sasl_mechanisms:
-            raise CommandError("Unsupported authentication mechanism.")
+            raise CommandError("[AUTH] Unsupported authentication mechanism.")  # RFC 3206 s.4, as Dovecot
         if name == "PLAIN":
             if initial_response is None:
                 self._continuation = self._auth_plain_response
@@ -540,14 +558,16 @@ class Pop3Session:
         try:
             return base64.b64decode(padded, validate=True)
         except (binascii.Error, ValueError):
-            raise CommandError("Invalid base64 data.") from None
+            # Dovecot's words, with [AUTH] (RFC 3206 s.4)
+            where = "initial" if initial else "continued"
+            raise CommandError(f"[AUTH] Invalid base64 data in {where} response") from None
 
     def _auth_plain_response(self, response: bytes, initial: bool = False) -> Reply:
         """RFC 4616: ``authzid NUL authcid NUL passwd``; an authzid other than the user is refused."""
         message = self._sasl_decode(response, initial)
         parts = message.split(b"\0")
-        if len(parts) != 3:
-            raise CommandError("Invalid AUTH PLAIN message.")
+        if len(parts) != 3:  # a failed login, as in Dovecot's mech-plain (with its delay)
+            return self._login(parts[1] if len(parts) > 1 else b"", None, "PLAIN")
         authzid, authcid, password = parts
         if authzid and authzid != authcid:
             raise CommandError("[AUTH] Logging in as another user is not supported.")
@@ -565,11 +585,13 @@ class Pop3Session:
 
     @command("QUIT", states=BOTH_STATES, flush_before=True)
     def pop_QUIT(self) -> Reply:
-        """RFC 1939 s.6: from TRANSACTION, UPDATE: commit the deletions; ``+OK`` only if that succeeded."""
+        """RFC 1939 s.6: from TRANSACTION, UPDATE: commit the deletions; ``+OK`` only if that succeeded.
+
+        The texts are Dovecot's: "Logging out" before login, "Logging out, messages deleted." after DELE."""
         self.quit_received = True
         if self.state is State.AUTHORIZATION:
             self._close()
-            return wire.ok("Logging out.")
+            return wire.ok("Logging out")
         maildrop = self._opened()
         self.state = State.UPDATE
         deleted = sorted(maildrop.deleted)
@@ -583,7 +605,7 @@ class Pop3Session:
         self.stats.deleted_count = len(deleted)
         self.stats.deleted_bytes = sum(maildrop.info(number).size for number in deleted)
         self._close()
-        return wire.ok("Logging out.")
+        return wire.ok("Logging out, messages deleted." if deleted else "Logging out.")
 
     # TRANSACTION ---------------------------------------------------------------------------------------
     @command("STAT", states=TRANSACTION_ONLY)
