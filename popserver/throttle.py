@@ -102,7 +102,9 @@ class DatabaseThrottle(Throttle):
     def succeeded(self, username: str, ip: str) -> None:
         from .models import LoginThrottle
 
-        LoginThrottle.objects.filter(scope=LoginThrottle.ACCOUNT_IP, key=account_key(username, ip)).delete()
+        rows = LoginThrottle.objects.filter(scope=LoginThrottle.ACCOUNT_IP, key=account_key(username, ip))
+        if rows.exists():  # a read first: most logins have no failures to forget, and a write locks SQLite
+            rows.delete()
 
     def clear(self, scope: str | None = None, key: str | None = None) -> int:
         from .models import LoginThrottle

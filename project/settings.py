@@ -141,6 +141,10 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # POP3 settings (see popserver/conf.py for every name and default). Any POPSERVER_* variable in the
 # environment is passed through, parsed as JSON where it looks like JSON (numbers, lists, true/false).
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    # No connection limit to stay under (the app's default, 64, leaves room in PostgreSQL's 100): allow
+    # Dovecot's default of 100 concurrent POP3 processes.
+    POPSERVER_MAX_SESSIONS = 100
 for _name, _value in os.environ.items():
     if _name.startswith("POPSERVER_") and _name != "POPSERVER_DATA_DIR":
         import json

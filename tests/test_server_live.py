@@ -365,8 +365,10 @@ def test_a_full_server_refuses_only_when_every_slot_is_logged_in(pop3_server, al
     assert read_lines(pop3_server.socket(), 1)[0].startswith(b"+OK")
 
 
-@override_settings(POPSERVER_MAX_UNAUTHENTICATED_PER_IP=2)
+@override_settings(POPSERVER_MAX_UNAUTHENTICATED_PER_IP=2, POPSERVER_TRUSTED_NETWORKS=[],
+                   POPSERVER_PLAINTEXT_AUTH="always")
 def test_oldest_unauthenticated_connection_of_an_ip_is_evicted(pop3_server, alice):
+    # Loopback plays an untrusted peer here: trusted networks have no per-IP cap.
     authenticated = login_raw(pop3_server)
     oldest, middle = pop3_server.socket(), pop3_server.socket()
     read_lines(oldest, 1), read_lines(middle, 1)
@@ -377,6 +379,18 @@ def test_oldest_unauthenticated_connection_of_an_ip_is_evicted(pop3_server, alic
     assert read_lines(middle, 1)[0].startswith(b"-ERR")  # still there (NOOP needs a login)
     authenticated.sendall(b"STAT\r\n")
     assert read_lines(authenticated, 1)[0].startswith(b"+OK 3")
+
+
+@override_settings(POPSERVER_MAX_UNAUTHENTICATED_PER_IP=2)
+def test_a_trusted_network_has_no_per_ip_cap(pop3_server, alice):
+    """A webmail on the same host brings every user's logins from 127.0.0.1."""
+    idle = [pop3_server.socket() for _ in range(5)]
+    for sock in idle:
+        assert read_lines(sock, 1)[0].startswith(b"+OK")
+    for sock in idle:
+        sock.sendall(b"CAPA\r\n")
+        assert read_until(sock, b".\r\n").startswith(b"+OK\r\n")
+        sock.close()
 
 
 @override_settings(POPSERVER_BODY_CHUNK_SIZE=256 * 1024)

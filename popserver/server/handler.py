@@ -18,6 +18,7 @@ from django.utils import timezone
 from ..audit import record_session
 from ..auth import DjangoAuthenticator, printable
 from ..conf import get_setting
+from ..exceptions import TemporaryLoginFailure
 from ..protocol.session import Pop3Session, State
 from ..signals import send_safely, session_closed
 from .tls import HANDSHAKE_TIMEOUT
@@ -103,6 +104,9 @@ class Pop3Handler(socketserver.BaseRequestHandler):
             logger.debug("%s: %s", self.peer, exc)
         finally:
             session.abandon()  # releases the lock without UPDATE unless QUIT already committed
+            # The client is done: its slot is free before the bookkeeping below (which may wait for a busy
+            # database), so a client that reconnects at once finds room.
+            self.server.registry.remove(self.request, self.peer_ip)
             self.log_session_end(session, reason, authenticator)
             connections.close_all()
             if self.sock is not self.request:
@@ -111,13 +115,19 @@ class Pop3Handler(socketserver.BaseRequestHandler):
     def make_session(self, authenticator: DjangoAuthenticator) -> Pop3Session:
         tls_active = self.server.implicit_tls
 
-        def authenticate(username: str, password: str, *, mechanism: str = "USER"):
-            maildrop = authenticator(username, password, mechanism=mechanism)
-            # Counted as logged in before "+OK Logged in." is sent: from then on the client may rely on its
-            # slot, and a full server must not make room by dropping it.
-            if not self.authenticated:
-                self.authenticated = True
-                self.server.registry.authenticated(self.request, self.peer_ip)
+        def authenticate(username: str, password: str | None, *, mechanism: str = "USER"):
+            # While the password is checked the connection is not dropped to make room, and it counts as
+            # logged in before "+OK Logged in." is sent: from then on the client relies on its slot.
+            registry = self.server.registry
+            if not registry.begin_login(self.request):
+                raise TemporaryLoginFailure()  # dropped to make room: its socket is already cut
+            try:
+                maildrop = authenticator(username, password, mechanism=mechanism)
+            except BaseException:
+                registry.end_login(self.request, logged_in=False)
+                raise
+            registry.end_login(self.request, logged_in=True)
+            self.authenticated = True
             return maildrop
 
         return Pop3Session(

@@ -45,47 +45,56 @@ def parse_address(text: str, default_port: int = 8110) -> tuple[str, int]:
 
 class SessionRegistry:
     """Live connections of one server process (all its listeners), keyed by the accepted socket: the session
-    cap and the cap on unauthenticated connections per IP (IPv6: per /64)."""
+    cap and the cap on unauthenticated connections per IP (IPv6: per /64).
+
+    A connection is idle before login (it may be dropped to make room), logging in (a password check is
+    running: never dropped) or logged in. A dropped connection still counts until its thread ends, so the
+    caps bound threads and database connections, not just sockets."""
 
     def __init__(self) -> None:
         self._guard = threading.Lock()
         # accepted socket -> the socket to cut it with (the TLS wrapper once there is one)
         self._sockets: dict[socket.socket, socket.socket] = {}
-        # not yet logged in, oldest first: overall, and per peer group
+        # idle before login, oldest first: overall, and per peer group
         self._unauthenticated: OrderedDict[socket.socket, str] = OrderedDict()
         self._unauthenticated_by_group: dict[str, OrderedDict[socket.socket, None]] = {}
+        self._logging_in: dict[socket.socket, str] = {}
+        self._dropped: set[socket.socket] = set()  # cut to make room; their threads are ending
         self._emptied = threading.Condition(self._guard)
 
     def __len__(self) -> int:
         with self._guard:
             return len(self._sockets)
 
-    def admit(self, sock: socket.socket, peer_ip: str) -> bool:
-        """Register a new connection, or return False if every slot holds a logged-in session.
+    def admit(self, sock: socket.socket, peer_ip: str, *, trusted: bool = False) -> bool:
+        """Register a new connection, or return False if there is no room for it.
 
-        As Dovecot does, the oldest unauthenticated connection makes room (that IP's own oldest when the IP is
-        over its cap, else the oldest of all when the server is full), so half-open sockets cannot lock an IP,
-        an office NAT or the whole server out."""
+        As Dovecot does, an idle unauthenticated connection makes room (that IP's own oldest when the IP is
+        at its cap, else the oldest of all when the server is full), so half-open sockets cannot lock an IP,
+        an office NAT or the whole server out. Trusted networks have no per-IP cap: a webmail or a proxy on
+        the same host brings every user's logins from one address."""
         group = peer_group(peer_ip)
         evicted = None
         with self._guard:
-            waiting = self._unauthenticated_by_group.setdefault(group, OrderedDict())
-            if len(waiting) >= get_setting("MAX_UNAUTHENTICATED_PER_IP"):
+            waiting = self._unauthenticated_by_group.get(group, {})
+            logging_in = sum(1 for g in self._logging_in.values() if g == group) if not trusted else 0
+            if not trusted and len(waiting) + logging_in >= get_setting("MAX_UNAUTHENTICATED_PER_IP"):
+                if not waiting:
+                    return False
                 evicted = next(iter(waiting))
-            elif len(self._sockets) >= get_setting("MAX_SESSIONS"):
+            elif len(self._sockets) - len(self._dropped) >= get_setting("MAX_SESSIONS"):
                 if not self._unauthenticated:
-                    if not waiting:
-                        del self._unauthenticated_by_group[group]
                     return False
                 evicted = next(iter(self._unauthenticated))
             if evicted is not None:
-                cut = self._sockets.pop(evicted, evicted)
                 self._forget_unauthenticated(evicted)
+                self._dropped.add(evicted)
+                cut = self._sockets[evicted]
             self._sockets[sock] = sock
             self._unauthenticated[sock] = group
             self._unauthenticated_by_group.setdefault(group, OrderedDict())[sock] = None
         if evicted is not None:
-            logger.info("making room for %s: dropping the oldest unauthenticated connection", peer_ip)
+            logger.info("making room for %s: dropping the oldest idle unauthenticated connection", peer_ip)
             disconnect(cut)
         return True
 
@@ -104,14 +113,31 @@ class SessionRegistry:
             if sock in self._sockets:
                 self._sockets[sock] = wrapped
 
-    def authenticated(self, sock: socket.socket, peer_ip: str = "") -> None:
+    def begin_login(self, sock: socket.socket) -> bool:
+        """A password check starts: from now on the connection is not dropped. False if it already was."""
         with self._guard:
-            self._forget_unauthenticated(sock)
+            if sock in self._dropped or sock not in self._sockets:
+                return False
+            group = self._unauthenticated.get(sock)
+            if group is not None:
+                self._forget_unauthenticated(sock)
+                self._logging_in[sock] = group
+            return True
+
+    def end_login(self, sock: socket.socket, *, logged_in: bool) -> None:
+        """The check is over: logged in, or idle again (and then the newest idle connection)."""
+        with self._guard:
+            group = self._logging_in.pop(sock, None)
+            if group is not None and not logged_in and sock in self._sockets:
+                self._unauthenticated[sock] = group
+                self._unauthenticated_by_group.setdefault(group, OrderedDict())[sock] = None
 
     def remove(self, sock: socket.socket, peer_ip: str = "") -> None:
         with self._guard:
             self._sockets.pop(sock, None)
             self._forget_unauthenticated(sock)
+            self._logging_in.pop(sock, None)
+            self._dropped.discard(sock)
             self._emptied.notify_all()
 
     def disconnect_all(self) -> None:
@@ -182,8 +208,8 @@ class Pop3Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
     def process_request(self, request, client_address) -> None:
         """Accept loop: admit or refuse at once (no blocking work here), then a thread per connection."""
         peer_ip = client_address[0]
-        if not self.registry.admit(request, peer_ip):
-            logger.warning("refusing %s: %d sessions already", peer_ip, get_setting("MAX_SESSIONS"))
+        if not self.registry.admit(request, peer_ip, trusted=self.is_trusted(peer_ip)):
+            logger.warning("refusing %s: no room (%d connections)", peer_ip, len(self.registry))
             if not self.implicit_tls:  # a TLS client could not read a plaintext line anyway
                 try:
                     request.setblocking(False)
