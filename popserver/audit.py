@@ -12,6 +12,7 @@ from django.utils import timezone
 
 from .conf import get_setting
 from .models import LoginEvent, SessionRecord
+from .writelock import one_writer
 
 logger = logging.getLogger(__name__)
 
@@ -26,10 +27,11 @@ def _ip_or_none(ip: str) -> str | None:
 def record_login(*, username: str, peer_ip: str, mechanism: str, tls: bool, outcome: str, reason: str = "",
                  mailbox=None) -> None:
     try:
-        LoginEvent.objects.create(
-            username=username[:255], peer_ip=_ip_or_none(peer_ip), mechanism=mechanism[:16], tls=tls,
-            outcome=outcome, reason=reason[:64], mailbox=mailbox,
-        )
+        with one_writer():
+            LoginEvent.objects.create(
+                username=username[:255], peer_ip=_ip_or_none(peer_ip), mechanism=mechanism[:16], tls=tls,
+                outcome=outcome, reason=reason[:64], mailbox=mailbox,
+            )
     except Exception:
         logger.exception("could not record a login event")
 
@@ -37,11 +39,13 @@ def record_login(*, username: str, peer_ip: str, mechanism: str, tls: bool, outc
 def record_session(*, mailbox, username: str, peer_ip: str, started_at, duration: float, end_reason: str,
                    stats) -> None:
     try:
-        SessionRecord.objects.create(
-            mailbox=mailbox, username=username[:255], peer_ip=_ip_or_none(peer_ip), started_at=started_at,
-            duration=duration, end_reason=end_reason[:64], retrieved_count=stats.retr_count,
-            retrieved_bytes=stats.retr_bytes, deleted_count=stats.deleted_count, deleted_bytes=stats.deleted_bytes,
-        )
+        with one_writer():
+            SessionRecord.objects.create(
+                mailbox=mailbox, username=username[:255], peer_ip=_ip_or_none(peer_ip), started_at=started_at,
+                duration=duration, end_reason=end_reason[:64], retrieved_count=stats.retr_count,
+                retrieved_bytes=stats.retr_bytes, deleted_count=stats.deleted_count,
+                deleted_bytes=stats.deleted_bytes,
+            )
     except Exception:
         logger.exception("could not record a session")
 

@@ -27,6 +27,7 @@ from .exceptions import CommitFailed, MailboxInUse
 from .models import Mailbox, Message
 from .protocol.maildrop import Maildrop, MessageInfo
 from .signals import messages_deleted, send_safely
+from .writelock import one_writer
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +124,7 @@ def open_maildrop(mailbox_id: int, peer: str = "") -> OrmMaildrop:
 
 
 def _take_lock(mailbox_id: int, peer: str, me: ProcessIdentity, token: str, now) -> OrmMaildrop:
-    with transaction.atomic():
+    with one_writer(), transaction.atomic():
         mailbox = Mailbox.objects.select_for_update().get(pk=mailbox_id)
         if mailbox.lock_token and not lock_is_stale(mailbox, now):
             raise MailboxInUse()
@@ -169,7 +170,7 @@ class OrmMaildrop(Maildrop):
         ids = [self.message_ids[n - 1] for n in numbers]
         octets = sum(self.info(n).size for n in numbers)
         store = get_body_store()
-        with transaction.atomic():
+        with one_writer(), transaction.atomic():
             still_ours = (
                 Mailbox.objects.select_for_update().filter(pk=self.mailbox_id, lock_token=self.token).exists()
             )
@@ -189,7 +190,8 @@ class OrmMaildrop(Maildrop):
         if self.released:
             return
         try:
-            Mailbox.objects.filter(pk=self.mailbox_id, lock_token=self.token).update(**FREE_LOCK)
+            with one_writer():
+                Mailbox.objects.filter(pk=self.mailbox_id, lock_token=self.token).update(**FREE_LOCK)
         finally:
             # Even if the update failed, forget the token: the row's lock then counts as stale for this
             # process at once and for every other after LOCK_STALE_AFTER, instead of living forever.
@@ -213,7 +215,8 @@ def refresh_heartbeats() -> int:
     touched = 0
     now = timezone.now()
     for batch in batched(tokens, DELETE_BATCH):
-        touched += Mailbox.objects.filter(lock_token__in=batch).update(lock_heartbeat=now)
+        with one_writer():
+            touched += Mailbox.objects.filter(lock_token__in=batch).update(lock_heartbeat=now)
     return touched
 
 

@@ -15,6 +15,7 @@ from django.utils import timezone
 from django.utils.module_loading import import_string
 
 from .conf import get_setting
+from .writelock import one_writer
 
 Clock = Callable[[], datetime]
 
@@ -81,7 +82,7 @@ class DatabaseThrottle(Throttle):
         for scope, key, limit in self.scopes(username, ip, trusted, ip_only):
             for attempt in range(2):  # a concurrent first failure may create the row between get and create
                 try:
-                    with transaction.atomic():
+                    with one_writer(), transaction.atomic():
                         row, _ = LoginThrottle.objects.select_for_update().get_or_create(
                             scope=scope, key=key, defaults={"window_started": now}
                         )
@@ -104,7 +105,8 @@ class DatabaseThrottle(Throttle):
 
         rows = LoginThrottle.objects.filter(scope=LoginThrottle.ACCOUNT_IP, key=account_key(username, ip))
         if rows.exists():  # a read first: most logins have no failures to forget, and a write locks SQLite
-            rows.delete()
+            with one_writer():
+                rows.delete()
 
     def clear(self, scope: str | None = None, key: str | None = None) -> int:
         from .models import LoginThrottle
