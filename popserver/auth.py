@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from datetime import timedelta
+from typing import NoReturn
 
 from django.contrib.auth import authenticate, get_user_model
 from django.db import DatabaseError
@@ -67,6 +69,12 @@ REFUSALS = {
 }
 
 
+class _LockedOutWhileQueued(Exception):
+    def __init__(self, scope: str):
+        super().__init__(scope)
+        self.scope = scope
+
+
 class DjangoAuthenticator:
     """The engine's ``authenticate`` callable for one connection.
 
@@ -83,6 +91,9 @@ class DjangoAuthenticator:
         self.trusted = is_trusted_peer(peer_ip) if trusted is None else trusted
         self.throttle = throttle or get_throttle()
         self.tls = False  # set by the connection handler once TLS is on
+        # Called before the failed-login delay: the connection handler makes the connection droppable again
+        # (a guesser must not keep its slot for the whole delay).
+        self.before_failure_delay: Callable[[], None] = lambda: None
         self.mailbox: Mailbox | None = None
         # For the session-end log line: logins tried on this connection, and what became of the last one.
         self.attempts = 0
@@ -107,6 +118,7 @@ class DjangoAuthenticator:
             raise
         if self.stop_event.is_set():  # the server began to stop while this login took its lock
             maildrop.release()
+            self.mailbox, self.refusal = None, "server shutting down"
             raise TemporaryLoginFailure()
         return maildrop
 
@@ -114,20 +126,25 @@ class DjangoAuthenticator:
         # Throttled by the login name an address resolves to, and by IPv4 address or IPv6 /64.
         login_name, group = self._login_name(username), peer_group(self.peer_ip)
 
-        def refuse_if_locked_out() -> None:
-            scope = self.throttle.locked_out(login_name, group, trusted=self.trusted)
-            if scope:
-                if scope != LoginThrottle.IP:  # guessing at a locked account still counts against its IP
-                    self.throttle.failed(login_name, group, trusted=self.trusted, ip_only=True)
-                self._audit(username, mechanism, LoginEvent.LOCKED_OUT, scope)
-                send_safely(login_locked_out, username=username, peer=self.peer, scope=scope)
-                self._fail(username, mechanism, f"locked out ({scope})")
-                raise LoginLockedOut()
+        def locked_out() -> str | None:
+            return self.throttle.locked_out(login_name, group, trusted=self.trusted)
 
-        refuse_if_locked_out()
+        def refuse(scope: str) -> NoReturn:
+            if scope != LoginThrottle.IP:  # guessing at a locked account still counts against its IP
+                self.throttle.failed(login_name, group, trusted=self.trusted, ip_only=True)
+            self._audit(username, mechanism, LoginEvent.LOCKED_OUT, scope)
+            send_safely(login_locked_out, username=username, peer=self.peer, scope=scope)
+            self._fail(username, mechanism, f"locked out ({scope})")
+            raise LoginLockedOut()
+
+        if scope := locked_out():
+            refuse(scope)
         mailbox = None
         if password is not None:
-            mailbox = self._check_credentials(login_name, password, before_check=refuse_if_locked_out)
+            try:
+                mailbox = self._check_credentials(login_name, password, locked_out=locked_out)
+            except _LockedOutWhileQueued as queued:
+                refuse(queued.scope)  # with the password slot given back first
         if mailbox is None:
             scope = self.throttle.failed(login_name, group, trusted=self.trusted)
             self._audit(username, mechanism, LoginEvent.FAILED, "credentials")
@@ -149,11 +166,13 @@ class DjangoAuthenticator:
         self.mailbox = mailbox
         return maildrop
 
-    def _check_credentials(self, login_name: str, password: str, before_check=lambda: None) -> Mailbox | None:
+    def _check_credentials(self, login_name: str, password: str,
+                           locked_out: Callable[[], str | None] = lambda: None) -> Mailbox | None:
         """The mailbox these credentials open (app password or account password), or None.
 
-        ``before_check`` runs again once a password-check slot is free: logins queued behind a burst of
-        guesses must not check passwords for an account the burst has meanwhile locked out."""
+        ``locked_out`` is asked again once a password-check slot is free: logins queued behind a burst of
+        guesses must not check passwords for an account the burst has meanwhile locked out. The refusal
+        (and its delay) comes after the slot is given back."""
         accepted = get_setting("ACCEPTED_PASSWORDS")
         if accepted in ("app", "both") and looks_like_app_password(password):
             mailbox = self._mailbox_of(login_name)
@@ -165,7 +184,8 @@ class DjangoAuthenticator:
         if not slots.acquire(timeout=PASSWORD_CHECK_WAIT):
             raise TemporaryLoginFailure()
         try:
-            before_check()
+            if scope := locked_out():
+                raise _LockedOutWhileQueued(scope)
             user = authenticate(make_request(self.peer_ip), username=login_name, password=password)
         finally:
             slots.release()
@@ -205,6 +225,7 @@ class DjangoAuthenticator:
         logger.info("login failed: user=<%s> peer=%s mechanism=%s reason=%s", printable(username),
                     self.peer, mechanism, reason)
         send_safely(login_failed, username=username, peer=self.peer, mechanism=mechanism, reason=reason)
+        self.before_failure_delay()
         delay = get_setting("AUTH_FAILURE_DELAY")
         if delay:
             self.stop_event.wait(delay)

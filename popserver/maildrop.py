@@ -180,11 +180,12 @@ class OrmMaildrop(Maildrop):
                 store.delete(batch)
                 Message.objects.filter(mailbox_id=self.mailbox_id, id__in=batch).delete()
             Mailbox.objects.filter(pk=self.mailbox_id, lock_token=self.token).update(**FREE_LOCK)
-            if ids:
-                mailbox_id = self.mailbox_id
-                # robust: the deletions are committed by then, whatever a receiver or its query does
-                transaction.on_commit(lambda: _announce_deleted(mailbox_id, len(ids), octets), robust=True)
         self._forget()
+        if ids:
+            mailbox_id = self.mailbox_id
+            # Outside the write lock (a slow receiver must not hold up every writer); at once, or when an
+            # outer transaction commits. robust: the deletions are committed, whatever a receiver does.
+            transaction.on_commit(lambda: _announce_deleted(mailbox_id, len(ids), octets), robust=True)
 
     def release(self) -> None:
         if self.released:

@@ -8,7 +8,8 @@ from django.test import override_settings
 from django.urls import reverse
 
 from popserver.apppasswords import create_app_password, revoke_app_password
-from popserver.auth import DjangoAuthenticator
+from popserver.auth import DjangoAuthenticator, password_check_slots
+from popserver.conf import get_setting
 from popserver.exceptions import (
     AuthenticationFailed,
     LoginLockedOut,
@@ -143,9 +144,22 @@ def test_a_login_queued_for_a_password_slot_looks_at_the_lockout_again(alice, cl
             return super().locked_out(login_name, group, trusted=trusted)
 
     throttle = LockedWhileQueued(clock)
+    auth = DjangoAuthenticator("203.0.113.5", 4000, trusted=False, throttle=throttle)
+    free_slots_at_the_delay = []
+
+    def count_free_slots():
+        slots, taken = password_check_slots(), 0
+        while slots.acquire(blocking=False):
+            taken += 1
+        for _ in range(taken):
+            slots.release()
+        free_slots_at_the_delay.append(taken)
+
+    auth.before_failure_delay = count_free_slots
     with pytest.raises(LoginLockedOut):
-        login("alice", "right", throttle=throttle)
+        auth("alice", "right")
     assert throttle.checks == 2 and counting_backend == []  # no password was checked
+    assert free_slots_at_the_delay == [get_setting("MAX_PASSWORD_CHECKS")]  # the slot was given back first
 
 
 @override_settings(POPSERVER_THROTTLE_ACCOUNT_FAILURES=3)

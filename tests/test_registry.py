@@ -67,7 +67,7 @@ def test_trusted_peers_have_no_per_ip_cap(sockets):
 
 
 @override_settings(POPSERVER_MAX_SESSIONS=2)
-def test_a_dropped_connection_counts_until_its_thread_ends(sockets):
+def test_a_dropped_connection_frees_its_slot_but_is_tracked_until_its_thread_ends(sockets):
     registry = SessionRegistry()
     a, b, c = sockets(), sockets(), sockets()
     assert registry.admit(a, "203.0.113.5") and registry.admit(b, "198.51.100.7")
@@ -78,3 +78,34 @@ def test_a_dropped_connection_counts_until_its_thread_ends(sockets):
     assert not registry.admit(sockets(), "192.0.2.2")  # b and c are logged in: no room
     registry.remove(a)
     assert len(registry) == 2
+
+
+@override_settings(POPSERVER_MAX_SESSIONS=1)
+def test_a_finished_session_frees_its_slot_before_its_thread_ends(sockets):
+    registry = SessionRegistry()
+    a = sockets()
+    assert registry.admit(a, "203.0.113.5") and registry.begin_login(a)
+    registry.end_login(a, logged_in=True)
+    assert not registry.admit(sockets(), "198.51.100.7")  # full of logged-in sessions
+    registry.release_slot(a)  # QUIT done; the thread still writes its session record
+    assert registry.admit(sockets(), "198.51.100.7")
+    assert not registry.wait_empty(0)  # a shutdown still waits for a's thread
+    registry.remove(a)
+
+
+def test_a_connection_dropped_while_being_wrapped_in_tls_is_told(sockets):
+    registry = SessionRegistry()
+    a, wrapped = sockets(), sockets()
+    with override_settings(POPSERVER_MAX_SESSIONS=1):
+        assert registry.admit(a, "203.0.113.5") and registry.admit(sockets(), "198.51.100.7")
+    assert not registry.rewrap(a, wrapped)  # the handler then ends the session itself
+
+
+@override_settings(POPSERVER_MAX_UNAUTHENTICATED_PER_IP=1)
+def test_a_failed_login_waits_its_delay_as_a_droppable_connection(sockets):
+    registry = SessionRegistry()
+    a = sockets()
+    assert registry.admit(a, "203.0.113.5") and registry.begin_login(a)
+    registry.end_login(a, logged_in=False)  # the authenticator's hook, before the delay
+    registry.end_login(a, logged_in=False)  # and the handler's, after it: harmless
+    assert registry.admit(sockets(), "203.0.113.5") and was_cut(a)

@@ -567,7 +567,8 @@ class Pop3Session:
         message = self._sasl_decode(response, initial)
         parts = message.split(b"\0")
         if len(parts) != 3:  # a failed login, as in Dovecot's mech-plain (with its delay)
-            return self._login(parts[1] if len(parts) > 1 else b"", None, "PLAIN")
+            # The name only when it stands between two NULs: in "alice\0secret" the second part is a password.
+            return self._login(parts[1] if len(parts) > 3 else b"", None, "PLAIN")
         authzid, authcid, password = parts
         if authzid and authzid != authcid:
             raise CommandError("[AUTH] Logging in as another user is not supported.")

@@ -67,7 +67,6 @@ class Pop3Handler(socketserver.BaseRequestHandler):
         self.peer = f"{self.peer_ip}:{self.peer_port}"
         self.connected_at = time.monotonic()
         self.started_at = timezone.now()
-        self.authenticated = False
         self.session: Pop3Session | None = None
         set_socket_options(self.sock)
 
@@ -77,6 +76,8 @@ class Pop3Handler(socketserver.BaseRequestHandler):
             self.peer_ip, self.peer_port, self.server.stop_event, trusted=self.server.is_trusted(self.peer_ip)
         )
         authenticator.tls = self.server.implicit_tls
+        # A failed login waits its delay as an idle connection: droppable again, like any other.
+        authenticator.before_failure_delay = lambda: self.server.registry.end_login(self.request, logged_in=False)
         self.session = session = self.make_session(authenticator)
         reason = "Connection closed"
         try:
@@ -105,8 +106,9 @@ class Pop3Handler(socketserver.BaseRequestHandler):
         finally:
             session.abandon()  # releases the lock without UPDATE unless QUIT already committed
             # The client is done: its slot is free before the bookkeeping below (which may wait for a busy
-            # database), so a client that reconnects at once finds room.
-            self.server.registry.remove(self.request, self.peer_ip)
+            # database), so a client that reconnects at once finds room. The thread stays counted until
+            # it ends (``remove``), so a shutdown waits for that bookkeeping.
+            self.server.registry.release_slot(self.request)
             self.log_session_end(session, reason, authenticator)
             connections.close_all()
             if self.sock is not self.request:
@@ -127,7 +129,6 @@ class Pop3Handler(socketserver.BaseRequestHandler):
                 registry.end_login(self.request, logged_in=False)
                 raise
             registry.end_login(self.request, logged_in=True)
-            self.authenticated = True
             return maildrop
 
         return Pop3Session(
@@ -157,7 +158,8 @@ class Pop3Handler(socketserver.BaseRequestHandler):
         deadline = time.monotonic() + min(HANDSHAKE_TIMEOUT, get_setting("LOGIN_TIMEOUT"))
         try:
             self.sock = context.wrap_socket(self.sock, server_side=True, do_handshake_on_connect=False)
-            self.server.registry.rewrap(self.request, self.sock)
+            if not self.server.registry.rewrap(self.request, self.sock):
+                raise SessionEnded("Dropped to make room")  # cut while being wrapped: the cut missed it
             self.sock.setblocking(False)
             while True:
                 try:

@@ -48,8 +48,8 @@ class SessionRegistry:
     cap and the cap on unauthenticated connections per IP (IPv6: per /64).
 
     A connection is idle before login (it may be dropped to make room), logging in (a password check is
-    running: never dropped) or logged in. A dropped connection still counts until its thread ends, so the
-    caps bound threads and database connections, not just sockets."""
+    running: never dropped) or logged in. A dropped or finished connection gives its slot back at once but is
+    tracked until its thread ends (``remove``), so a shutdown waits for its bookkeeping."""
 
     def __init__(self) -> None:
         self._guard = threading.Lock()
@@ -60,6 +60,7 @@ class SessionRegistry:
         self._unauthenticated_by_group: dict[str, OrderedDict[socket.socket, None]] = {}
         self._logging_in: dict[socket.socket, str] = {}
         self._dropped: set[socket.socket] = set()  # cut to make room; their threads are ending
+        self._slot_free: set[socket.socket] = set()  # dropped or finished, thread still running
         self._emptied = threading.Condition(self._guard)
 
     def __len__(self) -> int:
@@ -82,13 +83,14 @@ class SessionRegistry:
                 if not waiting:
                     return False
                 evicted = next(iter(waiting))
-            elif len(self._sockets) - len(self._dropped) >= get_setting("MAX_SESSIONS"):
+            elif len(self._sockets) - len(self._slot_free) >= get_setting("MAX_SESSIONS"):
                 if not self._unauthenticated:
                     return False
                 evicted = next(iter(self._unauthenticated))
             if evicted is not None:
                 self._forget_unauthenticated(evicted)
                 self._dropped.add(evicted)
+                self._slot_free.add(evicted)
                 cut = self._sockets[evicted]
             self._sockets[sock] = sock
             self._unauthenticated[sock] = group
@@ -107,11 +109,14 @@ class SessionRegistry:
                 if not waiting:
                     del self._unauthenticated_by_group[group]
 
-    def rewrap(self, sock: socket.socket, wrapped: socket.socket) -> None:
-        """The connection accepted as ``sock`` now speaks through ``wrapped`` (TLS)."""
+    def rewrap(self, sock: socket.socket, wrapped: socket.socket) -> bool:
+        """The connection accepted as ``sock`` now speaks through ``wrapped`` (TLS). False if it was dropped
+        meanwhile (a cut of the socket being wrapped may have missed)."""
         with self._guard:
-            if sock in self._sockets:
-                self._sockets[sock] = wrapped
+            if sock in self._dropped or sock not in self._sockets:
+                return False
+            self._sockets[sock] = wrapped
+            return True
 
     def begin_login(self, sock: socket.socket) -> bool:
         """A password check starts: from now on the connection is not dropped. False if it already was."""
@@ -132,12 +137,22 @@ class SessionRegistry:
                 self._unauthenticated[sock] = group
                 self._unauthenticated_by_group.setdefault(group, OrderedDict())[sock] = None
 
+    def release_slot(self, sock: socket.socket) -> None:
+        """The session is over (its thread still has bookkeeping to do): its slot may serve a new client."""
+        with self._guard:
+            if sock in self._sockets:
+                self._forget_unauthenticated(sock)
+                self._logging_in.pop(sock, None)
+                self._slot_free.add(sock)
+
     def remove(self, sock: socket.socket, peer_ip: str = "") -> None:
+        """The connection's thread has ended."""
         with self._guard:
             self._sockets.pop(sock, None)
             self._forget_unauthenticated(sock)
             self._logging_in.pop(sock, None)
             self._dropped.discard(sock)
+            self._slot_free.discard(sock)
             self._emptied.notify_all()
 
     def disconnect_all(self) -> None:
