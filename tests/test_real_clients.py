@@ -69,6 +69,18 @@ def corpus() -> list[bytes]:
     return [path.read_bytes() for path in files]
 
 
+@pytest.fixture
+def alice_with(make_mailbox):
+    """``alice_with(messages)``: the mailbox of alice (password "secret") with these messages delivered."""
+    def make(messages: list[bytes]) -> Mailbox:
+        mailbox = make_mailbox("alice", "secret")
+        for raw in messages:
+            deliver("alice", raw)
+        return mailbox
+
+    return make
+
+
 def count(mailbox: Mailbox) -> int:
     return Message.objects.filter(mailbox=mailbox).count()
 
@@ -163,11 +175,9 @@ def without_fetchmail_received(data: bytes) -> bytes:
 
 
 @needs_fetchmail
-def test_fetchmail_user_pass_keeps_the_corpus_byte_for_byte(pop3_server, make_mailbox, mda, tmp_path):
-    mailbox = make_mailbox("alice", "secret")
+def test_fetchmail_user_pass_keeps_the_corpus_byte_for_byte(pop3_server, alice_with, mda, tmp_path):
     messages = corpus()
-    for raw in messages:
-        deliver("alice", raw)
+    mailbox = alice_with(messages)
     mda_argv, out = mda
     # fetchmail 6.4 checks certificates by default and then insists on STLS: sslproto '' turns TLS off.
     transcript = fetchmail(tmp_path, f"poll 127.0.0.1 port {pop3_server.port}", "keep fetchall sslproto ''",
@@ -181,11 +191,9 @@ def test_fetchmail_user_pass_keeps_the_corpus_byte_for_byte(pop3_server, make_ma
 
 
 @needs_fetchmail
-def test_fetchmail_deletes_only_without_keep_and_each_quit_commits(pop3_server, make_mailbox, mda, tmp_path):
-    mailbox = make_mailbox("alice", "secret")
+def test_fetchmail_deletes_only_without_keep_and_each_quit_commits(pop3_server, alice_with, mda, tmp_path):
     messages = [msg(f"message {n}", "x" * n) for n in range(1, 6)]
-    for raw in messages:
-        deliver("alice", raw)
+    mailbox = alice_with(messages)
     mda_argv, out = mda
     poll = f"poll 127.0.0.1 port {pop3_server.port}"
     fetchmail(tmp_path, poll, "keep fetchall sslproto ''", mda_argv)
@@ -201,12 +209,10 @@ def test_fetchmail_deletes_only_without_keep_and_each_quit_commits(pop3_server, 
 
 
 @needs_fetchmail
-def test_fetchmail_stls_with_a_checked_certificate_fetches_only_new_messages(tls_server, make_mailbox, mda,
+def test_fetchmail_stls_with_a_checked_certificate_fetches_only_new_messages(tls_server, alice_with, mda,
                                                                            ca_file, tmp_path):
-    mailbox = make_mailbox("alice", "secret")
     first = [msg("one"), msg("two")]
-    for raw in first:
-        deliver("alice", raw)
+    mailbox = alice_with(first)
     mda_argv, out = mda
     poll = f"poll localhost via 127.0.0.1 port {tls_server.port}"
     # sslproto tls1.2+ without "ssl": STLS is required; the UIDL list of what was seen goes to the id file.
@@ -245,12 +251,10 @@ def lf(data: bytes) -> bytes:
 
 
 @needs_mpop
-def test_mpop_stls_auth_plain_keeps_the_corpus_and_fetches_only_new(tls_server, make_mailbox, ca_file,
+def test_mpop_stls_auth_plain_keeps_the_corpus_and_fetches_only_new(tls_server, alice_with, ca_file,
                                                                      tmp_path):
-    mailbox = make_mailbox("alice", "secret")
     messages = corpus()
-    for raw in messages:
-        deliver("alice", raw)
+    mailbox = alice_with(messages)
     box = maildir(tmp_path / "Maildir")
     settings = f"auth plain\ntls on\ntls_starttls on\ntls_trust_file {ca_file}"
     transcript = mpop(tmp_path, settings, tls_server.port, "on", box)
@@ -267,11 +271,9 @@ def test_mpop_stls_auth_plain_keeps_the_corpus_and_fetches_only_new(tls_server, 
 
 
 @needs_mpop
-def test_mpop_implicit_tls_deletes_at_quit(tls_server, make_mailbox, ca_file, tmp_path):
-    mailbox = make_mailbox("alice", "secret")
+def test_mpop_implicit_tls_deletes_at_quit(tls_server, alice_with, ca_file, tmp_path):
     messages = [msg(f"message {n}", ".leading dot\r\n" * n) for n in range(1, 4)]
-    for raw in messages:
-        deliver("alice", raw)
+    mailbox = alice_with(messages)
     box = maildir(tmp_path / "Maildir")
     settings = f"auth user\ntls on\ntls_starttls off\ntls_trust_file {ca_file}"
     transcript = mpop(tmp_path, settings, tls_server.tls_port, "off", box)
@@ -314,11 +316,9 @@ def getmail_form(data: bytes) -> bytes:
 
 
 @needs_getmail
-def test_getmail_user_pass_keeps_the_corpus_and_reads_only_new(pop3_server, make_mailbox, mda, tmp_path):
-    mailbox = make_mailbox("alice", "secret")
+def test_getmail_user_pass_keeps_the_corpus_and_reads_only_new(pop3_server, alice_with, mda, tmp_path):
     messages = corpus()
-    for raw in messages:
-        deliver("alice", raw)
+    mailbox = alice_with(messages)
     mda_argv, out = mda
     retriever = f"type = SimplePOP3Retriever\nserver = 127.0.0.1\nport = {pop3_server.port}"
     options = "read_all = false\ndelete = false"
@@ -340,11 +340,9 @@ def test_getmail_user_pass_keeps_the_corpus_and_reads_only_new(pop3_server, make
 
 
 @needs_getmail
-def test_getmail_implicit_tls_deletes_only_when_asked(tls_server, make_mailbox, mda, ca_file, tmp_path):
-    mailbox = make_mailbox("alice", "secret")
+def test_getmail_implicit_tls_deletes_only_when_asked(tls_server, alice_with, mda, ca_file, tmp_path):
     messages = [msg(f"message {n}", "..\r\n.\r\n" * n) for n in range(1, 4)]
-    for raw in messages:
-        deliver("alice", raw)
+    mailbox = alice_with(messages)
     mda_argv, out = mda
     retriever = (f"type = SimplePOP3SSLRetriever\nserver = 127.0.0.1\nport = {tls_server.tls_port}\n"
                  f"ca_certs = {ca_file}")
