@@ -137,21 +137,22 @@ def test_credentials_the_engine_rejected_are_a_failed_login_without_a_check(alic
         login("alice", "right", throttle=throttle)
 
 
-@override_settings(POPSERVER_THROTTLE_ACCOUNT_FAILURES=3)
+@override_settings(POPSERVER_THROTTLE_IP_FAILURES=3)
 def test_a_login_queued_for_a_password_slot_looks_at_the_lockout_again(alice, clock, counting_backend):
-    """A burst of guesses can lock the account while a login waits for a password-check slot."""
+    """A burst of guesses from its IP can lock the IP out while a login waits for a password-check slot (the
+    per-account count needs no second look: each attempt reserved its check before queueing)."""
 
     class LockedWhileQueued(DatabaseThrottle):
         checks = 0
 
-        def locked_out(self, login_name, group, *, trusted):
+        def locked_out(self, login_name, group, *, trusted, ip_only=False):
             self.checks += 1
             if self.checks == 1:  # the first look passes; then the other guesses of the burst land
-                answer = super().locked_out(login_name, group, trusted=trusted)
-                for _ in range(3):
-                    self.failed(login_name, group, trusted=trusted)
+                answer = super().locked_out(login_name, group, trusted=trusted, ip_only=ip_only)
+                for n in range(3):
+                    self.failed(f"guess{n}", group, trusted=trusted)
                 return answer
-            return super().locked_out(login_name, group, trusted=trusted)
+            return super().locked_out(login_name, group, trusted=trusted, ip_only=ip_only)
 
     throttle = LockedWhileQueued(clock)
     auth = DjangoAuthenticator("203.0.113.5", 4000, trusted=False, throttle=throttle)

@@ -6,7 +6,9 @@ import threading
 import pytest
 
 from popserver.protocol.wire import FLUSH
-from popserver.server.handler import WRITE_COALESCE, Pop3Handler, send_buffers
+import time
+
+from popserver.server.handler import WRITE_COALESCE, Pop3Handler
 
 
 class Recording(Pop3Handler):
@@ -63,9 +65,10 @@ def test_gather_write_survives_partial_sends():
 
     reader = threading.Thread(target=read_all)
     reader.start()
+    writer = Pop3Handler.__new__(Pop3Handler)  # only its output path
+    writer.sock, writer.session, writer.connected_at = left, None, time.monotonic()
     try:
-        left.settimeout(10)
-        send_buffers(left, buffers)
+        writer.write(buffers)
         reader.join(10)
     finally:
         left.close()

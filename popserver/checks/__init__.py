@@ -19,8 +19,9 @@ Errors only where the server truly cannot run; everything else is a warning, so 
 | W003 | POPSERVER_BODY_CHUNK_SIZE over 8 MiB |
 | W004 | POPSERVER_PLAINTEXT_AUTH = "always" |
 | W005 | the throttle cache is not shared between processes |
+| W006 | one server's POPSERVER_DB_CONNECTIONS exceeds the database's max_connections (``database`` tag) |
 """
 
-from . import logins, numbers, paths
+from . import database, logins, numbers, paths
 
-__all__ = ["logins", "numbers", "paths"]
+__all__ = ["database", "logins", "numbers", "paths"]

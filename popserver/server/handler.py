@@ -15,7 +15,6 @@ import ssl
 import time
 from collections.abc import Iterable
 
-from django.db import connections
 from django.utils import timezone
 
 from ..conf import get_setting
@@ -25,6 +24,7 @@ from ..logins.authenticator import DjangoAuthenticator, printable
 from ..logins.peers import plaintext_allowed
 from ..protocol.session import Pop3Session, State
 from ..protocol.wire import FLUSH
+from ..storage.gate import connection_wanted, holding_connection, release_connection
 from .tls import HANDSHAKE_TIMEOUT
 
 logger = logging.getLogger("popserver.server")
@@ -33,8 +33,11 @@ RECV_SIZE = 64 * 1024
 # Replies are coalesced up to this many octets per write (few writes: see PITFALLS on Nagle).
 WRITE_COALESCE = 256 * 1024
 MAX_IOVEC = 512  # buffers per sendmsg (Linux allows 1024)
-# A session idle this long gives its database connection back (PostgreSQL allows ~100 in all).
+# A session waiting for its client keeps its database connection (and its slot of the budget) this long at
+# most, and only while no other session of the process waits for one; it looks every DB_IDLE_SLICE.
 DB_IDLE_CLOSE = 1.0
+DB_IDLE_SLICE = 0.05
+SHUTDOWN_NOTICE = b"-ERR [SYS/TEMP] Server shutting down.\r\n"
 
 
 # TCP keepalive: a client that vanished (a phone changing networks) frees its session and mailbox lock in
@@ -54,19 +57,6 @@ def set_socket_options(sock: socket.socket) -> None:
             sock.setsockopt(level, option, value)
         except OSError:
             pass
-
-
-def send_buffers(sock: socket.socket, buffers: list[bytes]) -> None:
-    """``sendall`` for a list of buffers, with ``sendmsg`` (partial writes resumed where they stopped)."""
-    views = [memoryview(buffer) for buffer in buffers]
-    while views:
-        sent = sock.sendmsg(views[:MAX_IOVEC])
-        while sent and views:
-            if sent >= len(views[0]):
-                sent -= len(views.pop(0))
-            else:
-                views[0] = views[0][sent:]
-                sent = 0
 
 
 class SessionEnded(Exception):
@@ -89,6 +79,7 @@ class Pop3Handler(socketserver.BaseRequestHandler):
         self.connected_at = time.monotonic()
         self.started_at = timezone.now()
         self.session: Pop3Session | None = None
+        self.told_shutdown = False
         set_socket_options(self.sock)
 
     # Main loop ------------------------------------------------------------------------------------------
@@ -123,7 +114,8 @@ class Pop3Handler(socketserver.BaseRequestHandler):
                 reason = "Closed by server"
         except SessionEnded as ended:
             reason = ended.reason
-        except (TimeoutError, ConnectionError, OSError) as exc:
+        except (TimeoutError, ConnectionError, OSError, ValueError) as exc:
+            # OSError includes ssl.SSLError; ValueError: a TLS socket closed under us (dropped to make room)
             reason = "Connection closed" if not self.server.stop_event.is_set() else "Server shutting down"
             logger.debug("%s: %s", self.peer, exc)
         finally:
@@ -133,7 +125,7 @@ class Pop3Handler(socketserver.BaseRequestHandler):
             # it ends (``remove``), so a shutdown waits for that bookkeeping.
             self.server.registry.release_slot(self.request)
             self.log_session_end(session, reason, authenticator)
-            connections.close_all()
+            release_connection()
             if self.sock is not self.request:
                 self.sock.close()  # the TLS wrapper; the server closes the accepted socket
 
@@ -171,9 +163,11 @@ class Pop3Handler(socketserver.BaseRequestHandler):
     # TLS ------------------------------------------------------------------------------------------------
     def handshake(self) -> None:
         """Wrap the socket in TLS, in this session's thread, with a deadline (never in the accept loop)."""
+        release_connection()  # the handshake waits for the client
         context = self.server.tls.context
-        # One deadline for the whole handshake, not per recv(): a byte every few seconds gains nothing.
-        deadline = time.monotonic() + min(HANDSHAKE_TIMEOUT, get_setting("LOGIN_TIMEOUT"))
+        # One deadline for the whole handshake, not per recv(): a byte every few seconds gains nothing. It is
+        # also within the pre-login deadline.
+        deadline = min(time.monotonic() + HANDSHAKE_TIMEOUT, self.connected_at + get_setting("LOGIN_TIMEOUT"))
         try:
             self.sock = context.wrap_socket(self.sock, server_side=True, do_handshake_on_connect=False)
             if not self.server.registry.rewrap(self.request, self.sock):
@@ -184,14 +178,17 @@ class Pop3Handler(socketserver.BaseRequestHandler):
                     self.sock.do_handshake()
                     break
                 except ssl.SSLWantReadError:
-                    wait = ([self.sock], [])
+                    events = select.POLLIN
                 except ssl.SSLWantWriteError:
-                    wait = ([], [self.sock])
+                    events = select.POLLOUT
                 remaining = deadline - time.monotonic()
-                if remaining <= 0 or not any(select.select(*wait, [], remaining)[:2]):
+                if remaining <= 0 or not self.wait_for(events, remaining):
+                    if self.server.stop_event.is_set():
+                        raise SessionEnded("Server shutting down")
                     raise SessionEnded("TLS handshake timed out")
             self.sock.setblocking(True)
         except (ssl.SSLError, OSError, ValueError) as exc:
+            # The peer (or a cut to make room) dropped it mid-handshake: the session-end line says so.
             raise SessionEnded(f"TLS handshake failed: {exc.__class__.__name__}") from None
 
     def start_tls(self, session: Pop3Session) -> None:
@@ -205,12 +202,15 @@ class Pop3Handler(socketserver.BaseRequestHandler):
     # Input ----------------------------------------------------------------------------------------------
     def receive(self, session: Pop3Session, line_deadline: float) -> bytes:
         """Bytes from the client, within the deadline that applies: before login the whole login time
-        (Dovecot: 3 minutes), after it the autologout per line (RFC 1939 s.3), not per ``recv()``."""
+        (Dovecot: 3 minutes), after it the autologout per line (RFC 1939 s.3), not per ``recv()``.
+
+        While it waits, the session gives its database connection back as soon as another session wants one
+        (or after DB_IDLE_CLOSE); a server that stops wakes it to say so."""
         idle_since = time.monotonic()
-        db_released = False
         while True:
             now = time.monotonic()
             if self.server.stop_event.is_set():
+                self.tell_shutdown()
                 raise SessionEnded("Server shutting down")
             if session.state is State.AUTHORIZATION:
                 deadline = min(line_deadline, self.connected_at + get_setting("LOGIN_TIMEOUT"))
@@ -220,25 +220,41 @@ class Pop3Handler(socketserver.BaseRequestHandler):
             if remaining <= 0:
                 self.send_quietly(b"-ERR Disconnected for inactivity.\r\n")
                 raise SessionEnded("Inactivity")
-            wait = remaining if db_released else min(remaining, max(0.0, idle_since + DB_IDLE_CLOSE - now))
-            self.sock.settimeout(max(wait, 0.001))
+            wait = remaining
+            if holding_connection():
+                if connection_wanted() or now - idle_since >= DB_IDLE_CLOSE:
+                    release_connection()
+                else:
+                    wait = min(remaining, DB_IDLE_SLICE)
+            if not self.wait_for(select.POLLIN, wait):
+                continue
+            self.sock.settimeout(max(remaining, 0.001))  # readable: a TLS record may still be arriving
             try:
                 data = self.sock.recv(RECV_SIZE)
             except TimeoutError:
-                if not db_released:
-                    connections.close_all()  # idle: give the database connection back
-                    db_released = True
                 continue
             if not data:
+                if self.server.stop_event.is_set():
+                    raise SessionEnded("Server shutting down")
                 raise SessionEnded("Connection closed")
             return data
+
+    def wait_for(self, events: int, timeout: float) -> bool:
+        """Wait until the socket is ready for ``events`` (or closed), the server stops, or ``timeout``
+        passes; True if the socket is ready. ``poll``, not ``select``: descriptors may be over 1023."""
+        if events & select.POLLIN and isinstance(self.sock, ssl.SSLSocket) and self.sock.pending():
+            return True
+        poller = select.poll()
+        poller.register(self.sock.fileno(), events)
+        poller.register(self.server.registry.stop_fd, select.POLLIN)
+        ready = poller.poll(max(timeout, 0.0) * 1000)
+        return any(fd == self.sock.fileno() for fd, _ in ready)
 
     # Output ---------------------------------------------------------------------------------------------
     def send(self, chunks: Iterable[bytes]) -> int:
         """Write everything ``chunks`` yields in few large writes (Nagle: see PITFALLS); returns octets sent.
 
         Output is gathered up to WRITE_COALESCE octets, and written early at the session's ``FLUSH`` mark."""
-        self.sock.settimeout(get_setting("AUTOLOGOUT"))  # a client that stops reading is dropped in time
         pending: list[bytes] = []
         pending_size = total = 0
         for chunk in chunks:
@@ -261,13 +277,72 @@ class Pop3Handler(socketserver.BaseRequestHandler):
         return total
 
     def write(self, buffers: list[bytes]) -> None:
-        """Send ``buffers`` whole: one ``sendmsg`` gather-write where the socket has it (no join), else joined."""
-        if len(buffers) == 1:
-            self.sock.sendall(buffers[0])
-        elif isinstance(self.sock, ssl.SSLSocket):
-            self.sock.sendall(b"".join(buffers))
-        else:
-            send_buffers(self.sock, buffers)
+        """Send ``buffers`` whole, in one ``sendmsg`` gather-write where the socket has it (joined under TLS).
+
+        A write that would wait for the client first gives the session's database connection back, and it
+        waits at most until the deadline: before login the login deadline (a client that never reads cannot
+        outstay POPSERVER_LOGIN_TIMEOUT), after it the autologout."""
+        try:
+            if isinstance(self.sock, ssl.SSLSocket):
+                self._write_tls(buffers[0] if len(buffers) == 1 else b"".join(buffers))
+            else:
+                self._write_plain(buffers)
+        except TimeoutError:
+            raise SessionEnded("Inactivity (the client does not read)") from None
+
+    def _write_plain(self, buffers: list[bytes]) -> None:
+        views = [memoryview(buffer) for buffer in buffers]
+        while views:
+            if holding_connection():
+                self.sock.settimeout(0.0)
+                try:
+                    sent = self.sock.sendmsg(views[:MAX_IOVEC])
+                except BlockingIOError:
+                    sent = 0
+                if not sent:
+                    release_connection()  # it would wait for the client
+                    continue
+            else:
+                self.sock.settimeout(self.write_timeout())
+                sent = self.sock.sendmsg(views[:MAX_IOVEC])
+            while sent and views:
+                if sent >= len(views[0]):
+                    sent -= len(views.pop(0))
+                else:
+                    views[0] = views[0][sent:]
+                    sent = 0
+
+    def _write_tls(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            # After a would-block, OpenSSL wants the same bytes again: the retry starts where this try did.
+            if holding_connection():
+                self.sock.settimeout(0.0)
+                try:
+                    sent = self.sock.send(view)
+                except (ssl.SSLWantWriteError, ssl.SSLWantReadError, BlockingIOError):
+                    release_connection()
+                    continue
+            else:
+                self.sock.settimeout(self.write_timeout())
+                sent = self.sock.send(view)
+            view = view[sent:]
+
+    def write_timeout(self) -> float:
+        """Seconds a write may wait for the client now."""
+        session = self.session
+        if session is None or session.state is State.AUTHORIZATION:
+            remaining = self.connected_at + get_setting("LOGIN_TIMEOUT") - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError()
+            return remaining
+        return get_setting("AUTOLOGOUT")
+
+    def tell_shutdown(self) -> None:
+        """RFC 3206 s.4 (as Dovecot): say why the connection ends when the server stops."""
+        if not self.told_shutdown:
+            self.told_shutdown = True
+            self.send_quietly(SHUTDOWN_NOTICE)
 
     def send_quietly(self, data: bytes) -> None:
         try:

@@ -8,14 +8,16 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 
-from django.db import transaction
+from django.db import OperationalError, transaction
 
-from ..exceptions import CommitFailed
+from ..exceptions import CommitFailed, ServerBusy
+from ..overload import database_unavailable
 from ..models import Mailbox, Message
 from ..protocol.maildrop import Maildrop, MessageInfo
 from ..signals import messages_deleted, send_safely
 from .bodies import get_body_store
 from .deletion import delete_messages
+from .gate import using_database
 from .lock import MailboxLock
 from .writelock import one_writer
 
@@ -33,7 +35,8 @@ def open_maildrop(mailbox_id: int, peer: str = "") -> OrmMaildrop:
             Message.objects.filter(mailbox_id=mailbox_id).order_by("id").values_list("id", "size", "uid")
         )
 
-    lock, rows = MailboxLock.take(mailbox_id, peer, then=snapshot)
+    with using_database():
+        lock, rows = MailboxLock.take(mailbox_id, peer, then=snapshot)
     return OrmMaildrop(lock, rows)
 
 
@@ -55,8 +58,22 @@ class OrmMaildrop(Maildrop):
         return self.lock.released
 
     def read(self, number: int) -> Iterator[bytes]:
-        # Each chunk is its own short query: no transaction is open while the caller writes to a socket.
-        return get_body_store().read_chunks(self.message_ids[number - 1])
+        # Each chunk is its own short query: no transaction is open while the caller writes to a socket,
+        # and between two chunks the connection may go back to the budget.
+        chunks = get_body_store().read_chunks(self.message_ids[number - 1])
+        try:
+            while True:
+                try:
+                    with using_database():
+                        chunk = next(chunks)
+                except StopIteration:
+                    return
+                except OperationalError as exc:
+                    database_unavailable(exc, "reading a message")
+                    raise ServerBusy() from None
+                yield chunk
+        finally:
+            chunks.close()
 
     def commit(self) -> None:
         """RFC 1939 s.6 UPDATE: delete the marked messages and release the lock in ONE transaction, after
@@ -64,20 +81,36 @@ class OrmMaildrop(Maildrop):
         numbers = sorted(self.deleted)
         ids = [self.message_ids[n - 1] for n in numbers]
         octets = sum(self.info(n).size for n in numbers)
-        with one_writer(), transaction.atomic():
-            if not self.lock.is_held():
-                raise CommitFailed("the mailbox lock was lost")
-            delete_messages(ids, mailbox_id=self.mailbox_id)
-            self.lock.free()
-        self.lock.forget()
-        if ids:
-            mailbox_id = self.mailbox_id
-            # Outside the write lock (a slow receiver must not hold up every writer); at once, or when an
-            # outer transaction commits. robust: the deletions are committed, whatever a receiver does.
-            transaction.on_commit(lambda: _announce_deleted(mailbox_id, len(ids), octets), robust=True)
+        try:
+            with using_database():
+                with one_writer(), transaction.atomic():
+                    if not self.lock.is_held():
+                        raise CommitFailed("the mailbox lock was lost")
+                    delete_messages(ids, mailbox_id=self.mailbox_id)
+                    self.lock.free()
+                self.lock.forget()
+                if ids:
+                    mailbox_id = self.mailbox_id
+                    # Outside the write lock (a slow receiver must not hold up every writer); at once, or when
+                    # an outer transaction commits. robust: the deletions are committed, whatever a receiver does.
+                    transaction.on_commit(
+                        lambda: _announce_deleted(mailbox_id, len(ids), octets), robust=True
+                    )
+        except OperationalError as exc:
+            database_unavailable(exc, "QUIT")
+            raise ServerBusy() from None
 
     def release(self) -> None:
-        self.lock.release()
+        """Free the lock without UPDATE. Under overload the release may not reach the database: the lock is
+        then forgotten here (stale at once for this process, for the others after POPSERVER_LOCK_STALE_AFTER
+        or when this process ends)."""
+        try:
+            with using_database():
+                self.lock.release()
+        except (ServerBusy, OperationalError) as exc:
+            self.lock.forget()
+            if isinstance(exc, OperationalError):
+                database_unavailable(exc, "releasing a mailbox lock")
 
 
 def _announce_deleted(mailbox_id: int, count: int, octets: int) -> None:
