@@ -426,3 +426,40 @@ def test_guessing_at_a_locked_account_still_counts_against_the_ip(alice, clock):
     assert LoginThrottle.objects.get(scope="ip").locked_until is not None
     with pytest.raises(LoginLockedOut):  # the whole IP now, another account too
         login("bob", "whatever", throttle=throttle)
+
+
+def test_a_name_typed_in_another_unicode_form_finds_the_account(make_mailbox):
+    """NFD "jose\u0301" finds the account created as NFC "jos\u00e9" (AbstractBaseUser.normalize_username)."""
+    make_mailbox("jos\u00e9", "right")
+    maildrop = login("jose\u0301", "right")
+    assert maildrop.mailbox_id
+    maildrop.release()
+
+
+@override_settings(POPSERVER_THROTTLE_ACCOUNT_FAILURES=4, POPSERVER_MAX_PASSWORD_CHECKS=8)
+@pytest.mark.django_db(transaction=True)
+def test_parallel_guesses_get_exactly_the_limit_of_checks(make_mailbox, counting_backend):
+    """Guesses that arrive together are each reserved before their check: 4 checks, however many guess."""
+    import threading
+
+    make_mailbox("carol", "right")
+    outcomes, start = [], threading.Barrier(20)
+
+    def guess():
+        start.wait(30)
+        try:
+            login("carol", "wrong")
+        except (AuthenticationFailed, LoginLockedOut) as exc:
+            outcomes.append(type(exc))
+        finally:
+            from django.db import connection
+
+            connection.close()
+
+    threads = [threading.Thread(target=guess) for _ in range(20)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert outcomes.count(AuthenticationFailed) == 4 and outcomes.count(LoginLockedOut) == 16
+    assert counting_backend.count("carol") == 4

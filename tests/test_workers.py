@@ -3,7 +3,6 @@ parent replaces a dead worker, forwards SIGHUP and stops them all; SQLite's writ
 
 import fcntl
 import os
-import poplib
 import signal
 import socket
 import ssl
@@ -187,7 +186,9 @@ def test_sighup_reloads_the_certificate_in_every_worker(runpop3, alice, tmp_path
 
     issue()
     ca.cert_pem.write_to_path(str(cafile))
-    server = runpop3("--workers", "2", "--certfile", str(certfile), "--keyfile", str(keyfile), "--tls-port", "0")
+    server = runpop3(
+        "--workers", "2", "--certfile", str(certfile), "--keyfile", str(keyfile), "--tls-port", "0"
+    )
     context = ssl.create_default_context(cafile=str(cafile))
 
     def served_certificate() -> bytes:
@@ -217,6 +218,7 @@ def test_the_sqlite_writer_lock_holds_across_processes(transactional_db):
     holder = subprocess.Popen(
         manage_py_command(
             "shell",
+            "--no-imports",
             "-c",
             "import sys; from popserver.storage.writelock import one_writer\n"
             "with one_writer():\n    print('holding', flush=True); sys.stdin.readline()",

@@ -239,9 +239,12 @@ class SessionRegistry:
 
 
 def disconnect(sock: socket.socket) -> None:
-    """Cut a connection from another thread; its handler's recv() or send() then fails and it ends."""
+    """Cut a connection from another thread; its handler's recv() or send() then fails and it ends.
+
+    At the socket's level even for TLS: ``SSLSocket.shutdown`` also drops the TLS object, under the feet of
+    the thread that may be in its handshake (which then failed with an AttributeError and a traceback)."""
     try:
-        sock.shutdown(socket.SHUT_RDWR)
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
     except OSError:
         pass
 
@@ -278,8 +281,9 @@ class Pop3Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.request_queue_size = get_setting("LISTEN_BACKLOG")
         self.stop_event = stop_event or threading.Event()
-        self.registry = registry or SessionRegistry()
-        self.gate = gate or ConnectionGate(worker_share("DB_CONNECTIONS"), get_setting("DB_CONNECTION_WAIT"))
+        # "is None", not "or": an empty registry is falsy (len 0), and listeners must share theirs
+        self.registry = registry if registry is not None else SessionRegistry()
+        self.gate = gate if gate is not None else ConnectionGate()
         super().__init__((host, port), self.handler_class, bind_and_activate=sock is None)
         if sock is not None:
             self.socket.close()
@@ -424,7 +428,7 @@ def start_servers(
 
     The process's session registry and its share of the database-connection budget are made here, once
     for all its listeners."""
-    gate = ConnectionGate(worker_share("DB_CONNECTIONS"), get_setting("DB_CONNECTION_WAIT"))
+    gate = ConnectionGate()
     with gate.budgeted():
         release_dead_locks()
     registry = SessionRegistry()

@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 from django.db import DatabaseError, connections
 from django.db.backends.signals import connection_created
 
+from ..conf import get_setting, worker_share
 from ..exceptions import ServerBusy
 from ..overload import refused
 
@@ -34,15 +36,24 @@ _local = threading.local()  # gate: the thread's ConnectionGate; holding: has a 
 
 
 class ConnectionGate:
-    """``size`` slots for the budgeted threads of one server process."""
+    """Slots for the budgeted threads of one server process: this process's share of
+    POPSERVER_DB_CONNECTIONS, read when a slot is wanted (like every setting), or a fixed ``size``."""
 
-    def __init__(self, size: int, wait: float):
-        self.size, self.wait = size, wait
-        self._slots = threading.Semaphore(size)
+    def __init__(self, size: int | None = None, wait: float | None = None):
+        self._size, self._wait = size, wait
         self._guard = threading.Lock()
+        self._freed = threading.Condition(self._guard)
         self._waiting = 0
         self._in_use = 0
         self.peak = 0  # the most slots ever in use at once (tests and the bench read it)
+
+    @property
+    def size(self) -> int:
+        return self._size if self._size is not None else worker_share("DB_CONNECTIONS")
+
+    @property
+    def wait(self) -> float:
+        return self._wait if self._wait is not None else get_setting("DB_CONNECTION_WAIT")
 
     @contextmanager
     def budgeted(self) -> Iterator[None]:
@@ -65,29 +76,33 @@ class ConnectionGate:
         return self._in_use
 
     def _acquire(self) -> None:
-        if not self._slots.acquire(blocking=False):
-            with self._guard:
-                self._waiting += 1
-            try:
-                acquired = self._slots.acquire(timeout=self.wait)
-            finally:
-                with self._guard:
-                    self._waiting -= 1
-            if not acquired:
-                refused(
-                    "db-budget",
-                    f"no database connection came free within {self.wait:g} s "
-                    f"({self.size} per process, POPSERVER_DB_CONNECTIONS): answered [SYS/TEMP]",
-                )
-                raise ServerBusy()
+        size, wait = self.size, self.wait
         with self._guard:
+            if self._in_use >= size:
+                deadline = time.monotonic() + wait
+                self._waiting += 1
+                try:
+                    while self._in_use >= size:
+                        remaining = deadline - time.monotonic()
+                        if remaining <= 0:
+                            break
+                        self._freed.wait(remaining)
+                finally:
+                    self._waiting -= 1
+                if self._in_use >= size:
+                    refused(
+                        "db-budget",
+                        f"no database connection came free within {wait:g} s "
+                        f"({size} per process, POPSERVER_DB_CONNECTIONS): answered [SYS/TEMP]",
+                    )
+                    raise ServerBusy()
             self._in_use += 1
             self.peak = max(self.peak, self._in_use)
 
     def _give_back(self) -> None:
         with self._guard:
             self._in_use -= 1
-        self._slots.release()
+            self._freed.notify()
 
 
 @contextmanager
