@@ -48,16 +48,18 @@ def login(sock: socket.socket, user: str, password: str = "secret") -> bytes:
     return first_line(sock)
 
 
-def greeted_connection(server, attempts: int = 200) -> socket.socket:
+def greeted_connection(server, timeout: float = 30.0) -> socket.socket:
     """A connection some worker greeted (the other refused it as full): with one slot per worker, the
-    worker that has room."""
-    for _ in range(attempts):
+    worker that has room (a slot is free a moment after its session ends: try again until then)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
         sock = server.socket()
         greeting = first_line(sock)
         if greeting.startswith(b"+OK"):
             return sock
         assert greeting == TOO_MANY
         sock.close()
+        threading.Event().wait(0.02)
     raise AssertionError("no worker had room")
 
 
