@@ -22,10 +22,17 @@ import pytest
 from popserver.conformance import checks as registry
 from popserver.conformance.cli import main, parse_url, run
 from popserver.conformance.client import unstuff
-from popserver.conformance.corpus import CORPUS_DIR, expected_top, load, presented
+from popserver.conformance.corpus import (
+    BOUNDARY_NAME,
+    CORPUS_DIR,
+    boundary_message,
+    boundary_targets,
+    expected_top,
+    load,
+    presented,
+)
 from popserver.conformance.delivery import CommandDeliverer, Deliverer, DeliveryError
 from popserver.conformance.runner import FAIL, PASS, SKIP, Config
-from popserver.models import Message
 from tests.conftest import CORPUS_SIZES, REPO, corpus_files, manage_py_command, subprocess_env
 from tests.toy_pop3 import FAULTS, ToyServer
 
@@ -126,6 +133,7 @@ FAULT_CASES = {
     "raw_lf": (["corpus.bare-lf", "corpus.lone-cr"], "corpus", {}),
     "no_stuffing": (["corpus.dot-stuffing", "corpus.top-stuffing"], "corpus", {}),
     "top_no_stuffing": (["corpus.top-stuffing"], "corpus.top-*", {}),
+    "chunked_stuffing": (["corpus.buffer-boundaries"], "corpus.buffer-boundaries", {}),
     "no_final_crlf": (["corpus.unterminated-last-line"], "corpus", {"timeout": 1.0}),
     "strip_8bit": (["corpus.8bit"], "corpus.8bit", {}),
     "nul_truncate": (["corpus.nul"], "corpus.nul", {}),
@@ -173,6 +181,13 @@ FAULT_CASES = {
 }
 # Checks proved able to fail by a test of their own below.
 FAILED_ELSEWHERE = {"rfc1939.login": "test_wrong_credentials_stop_the_run"}
+
+
+def test_every_check_is_made_by_a_probe_or_the_setup():
+    from popserver.conformance.probes import PROBES, SETUP_IDS
+
+    made = {check_id for probe in PROBES for check_id in probe.ids} | set(SETUP_IDS)
+    assert made == {c.id for c in registry.CHECKS}
 
 
 def test_every_fault_has_a_case_and_every_check_can_fail():
@@ -306,15 +321,14 @@ def test_smtp_delivery_and_a_json_report_on_stdout(toy, capsys):
     assert "C: PASS ***" in out.err and "toy-secret" not in out.err  # the trace masks the password
 
 
-def test_command_delivery_reports_the_mdas_failure(toy, tmp_path):
+def test_command_delivery_feeds_each_message_on_stdin_and_reports_failures(tmp_path):
     command = CommandDeliverer(f"{sys.executable} -c 'import sys; sys.exit(75)' {{user}}", "toy", "toy")
     assert command.argv[-1] == "toy"
     with pytest.raises(DeliveryError, match="exited 75"):
         command.deliver(b"Subject: x\r\n\r\n")
     with pytest.raises(DeliveryError, match="not found"):
         CommandDeliverer("/nonexistent/mda {user}", "toy", "toy").deliver(b"x")
-    # An MDA that writes each message into a folder; the toy is then fed from it.
-    server = toy(tls=False)
+    # An MDA that writes each message it is given into a folder: the bytes arrive as they are.
     script = tmp_path / "mda.py"
     script.write_text(
         "import sys, pathlib\n"
@@ -323,12 +337,13 @@ def test_command_delivery_reports_the_mdas_failure(toy, tmp_path):
     )
     folder = tmp_path / "out"
     folder.mkdir()
-    mda = CommandDeliverer(f"{sys.executable} {script} {folder} {{user}}", server.user, server.user)
-    for message in load():
+    mda = CommandDeliverer(f"{sys.executable} {script} {folder} {{user}}", "alice", "alice@example.com")
+    corpus = load()
+    for message in corpus:
         mda.deliver(message.raw)
     written = sorted(folder.iterdir())
-    assert [p.read_bytes() for p in written] == [m.raw for m in load()]
-    assert all(p.name.endswith("-toy") for p in written)
+    assert [p.read_bytes() for p in written] == [m.raw for m in corpus]
+    assert all(p.name.endswith("-alice") for p in written)
 
 
 def test_parse_url_and_the_password_from_the_environment(toy, monkeypatch, capsys):
@@ -405,12 +420,30 @@ def test_the_kits_corpus_is_the_shared_corpus_and_package_data():
     }
     pyproject = (REPO / "pyproject.toml").read_text()
     assert '"conformance/corpus/*"' in pyproject
-    for message in load():
+    files, generated = load()[:-1], load()[-1]
+    assert generated.name == BOUNDARY_NAME
+    for message in files:
         on_disk, list_size = CORPUS_SIZES[message.name]
         assert len(message.raw) == on_disk
         # What RETR sends, less the CRLF added to an unterminated last line, is the README's LIST size.
         expected = message.expected()
         assert len(expected) - (2 if message.unterminated else 0) == list_size
+
+
+def test_the_generated_message_puts_the_hard_cases_on_buffer_boundaries():
+    message = boundary_message()
+    assert message.endswith(b"\r\nend\r\n") and b"\n" not in message.replace(b"\r\n", b"")
+    targets = boundary_targets()
+    assert len(targets) == 25 and len({t for t, _ in targets}) == 25
+    for size in (1024, 4096, 8192, 65536):  # these buffer sizes meet all three variants
+        assert {v for t, v in targets if t % size == 0 and (t // size) % 2 == 1} == {0, 1, 2}
+    for target, variant in targets:
+        if variant == 0:  # a lone '.' line starts at the boundary
+            assert message[target - 2 : target + 3] == b"\r\n.\r\n"
+        elif variant == 1:  # CR before it, LF after it, then a '.' line
+            assert message[target - 1 : target + 2] == b"\r\n."
+        else:  # a '..' line starts just before it
+            assert message[target - 3 : target + 1] == b"\r\n.."
 
 
 def test_unstuff_and_expected_top():
@@ -429,6 +462,8 @@ def test_unstuff_and_expected_top():
 def test_popserver_passes_every_must_and_should(runpop3, make_mailbox, tmp_path, ca, cafile):
     """``runpop3`` with STLS and implicit TLS; the kit as a subprocess delivering through ``manage.py
     deliver``. Every MUST and SHOULD passes (the Dovecot-practice checks too)."""
+    from popserver.models import Message
+
     cert = ca.issue_cert("localhost", "127.0.0.1")
     pem = tmp_path / "server.pem"
     cert.private_key_and_cert_chain_pem.write_to_path(str(pem))

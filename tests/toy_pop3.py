@@ -45,6 +45,7 @@ FAULTS = {
     "raw_lf": "RETR sends bare LFs as they are",
     "no_stuffing": "no dot-stuffing",
     "top_no_stuffing": "no dot-stuffing in TOP",
+    "chunked_stuffing": "dot-stuffing 4096 octets at a time, forgetting what came before",
     "no_final_crlf": "no CRLF after an unterminated last line",
     "strip_8bit": "the eighth bit is cleared",
     "nul_truncate": "a message ends at its first NUL",
@@ -217,6 +218,7 @@ class Session:
         self.deleted: set[int] = set()
         self.broken = False  # lock_breaks_holder
         self.quit_done = False
+        self._presented: dict[tuple[int, bool], bytes] = {}
         toy.sessions += 1
         self.session_no = toy.sessions
 
@@ -305,6 +307,12 @@ class Session:
         return True
 
     def presented(self, message: Message) -> bytes:
+        key = (message.serial, self.utf8)
+        if key not in self._presented:
+            self._presented[key] = self._present(message)
+        return self._presented[key]
+
+    def _present(self, message: Message) -> bytes:
         data = message.data
         if self.toy.has("nul_truncate") and b"\0" in data:
             data = data[: data.index(b"\0")]
@@ -313,7 +321,7 @@ class Session:
         if self.toy.has("lone_cr_to_crlf"):
             data = LONE_CR.sub(b"\r\n", data)
         if self.toy.has("strip_8bit") or (self.utf8 and self.toy.has("utf8_mangles")):
-            data = bytes(b if b < 0x80 else 0x3F for b in data)
+            data = data.translate(bytes(range(128)) + b"?" * 128)
         if self.toy.has("wrap_long_lines"):
             data = re.sub(rb"([^\r\n]{998})(?=[^\r\n])", rb"\1\r\n", data)
         if self.toy.has("add_blank_line") and b"\r\n\r\n" not in data:
@@ -353,7 +361,13 @@ class Session:
         return f"toy{message.serial}"
 
     def multiline(self, status: str, body: bytes, stuff: bool = True) -> None:
-        if stuff:
+        if stuff and self.toy.has("chunked_stuffing"):
+            pieces = [body[i : i + 4096] for i in range(0, len(body), 4096)]
+            body = b"".join(
+                (b"." + piece if i == 0 and piece.startswith(b".") else piece).replace(b"\r\n.", b"\r\n..")
+                for i, piece in enumerate(pieces)
+            )
+        elif stuff:
             body = (b"." + body if body.startswith(b".") else body).replace(b"\r\n.", b"\r\n..")
         if not body.endswith(b"\r\n") and body and not self.toy.has("no_final_crlf"):
             body += b"\r\n"
@@ -668,13 +682,13 @@ class SmtpHandler(socketserver.StreamRequestHandler):
                 self.wfile.write(b"250 OK\r\n" if ok else b"550 No such user\r\n")
             elif verb == b"DATA":
                 self.wfile.write(b"354 Go ahead\r\n")
-                data = b""
+                lines = []
                 while True:
                     chunk = self.rfile.readline()
                     if chunk in (b".\r\n", b""):
                         break
-                    data += chunk[1:] if chunk.startswith(b".") else chunk
-                toy.store.deliver(data)
+                    lines.append(chunk[1:] if chunk.startswith(b".") else chunk)
+                toy.store.deliver(b"".join(lines))
                 self.wfile.write(b"250 Delivered\r\n" * (recipients if lmtp else 1))
             elif verb == b"QUIT":
                 self.wfile.write(b"221 Bye\r\n")

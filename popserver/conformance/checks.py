@@ -177,6 +177,12 @@ CHECKS = _checks(
         "A lone CR stays data while LF and CRLF both go out as CRLF (10)",
     ),
     ("corpus.nul", MUST, "RFC 1939 s.5", "A NUL octet does not truncate the message (13)"),
+    (
+        "corpus.buffer-boundaries",
+        MUST,
+        "RFC 1939 s.3",
+        "Dot-stuffing and CRLFs survive buffer boundaries from 1 KiB to 1 MiB (15, generated, 1 MB)",
+    ),
     ("corpus.top-headers", MUST, "RFC 1939 s.7", "TOP n 0 sends the headers and the blank line (01, 08, 14)"),
     (
         "corpus.top-lines",

@@ -80,10 +80,56 @@ def smtp_form(raw: bytes) -> bytes:
     return presented(raw)
 
 
+BOUNDARY_NAME = "15-buffer-boundaries (generated)"
+
+
+def boundary_targets() -> list[tuple[int, int]]:
+    """(offset, variant) pairs. ``k << p`` for odd k is a boundary of 2^p-octet buffers and of no larger
+    power of two, so each buffer size from 1 KiB to 64 KiB meets all three variants; 128 KiB to 1 MiB
+    (popserver's body chunks) meet one each at their first boundary."""
+    targets = [(k << p, variant) for p in range(10, 17) for variant, k in enumerate((1, 3, 5))]
+    targets += [(1 << 17, 0), (1 << 18, 2), (1 << 19, 1), (1 << 20, 0)]
+    return sorted(targets)
+
+
+def boundary_message() -> bytes:
+    """A CRLF message (about 1 MB) built so that buffer boundaries fall on the hard places: at each target
+    offset a lone '.' line starts exactly there (variant 0), a CRLF is split across it (1: CR before, LF
+    after, then a '.' line), or a '..' line starts one octet before it (2). Servers that stuff or convert
+    line endings buffer by buffer get these wrong (Mailpit #299, GreenMail #984)."""
+    out = bytearray(
+        b"From: Alice <alice@example.org>\r\nTo: bob@example.org\r\nSubject: buffer boundaries\r\n"
+        b"Date: Thu, 26 Nov 2026 10:00:00 +0000\r\nMessage-ID: <buffer-boundaries@example.org>\r\n"
+        b"MIME-Version: 1.0\r\nContent-Type: text/plain; charset=us-ascii\r\n\r\n"
+    )
+    special = {0: b".\r\n", 1: b".after a split CRLF\r\n", 2: b"..two dots across a boundary\r\n"}
+    for target, variant in boundary_targets():
+        start = target + {0: 0, 1: 1, 2: -1}[variant]  # where the special line begins
+        _fill(out, start)
+        out += special[variant]
+    out += b"end\r\n"
+    return bytes(out)
+
+
+def _fill(out: bytearray, upto: int) -> None:
+    """Append filler lines (at most 78 octets each) so that ``out`` is exactly ``upto`` octets long."""
+    while len(out) < upto:
+        left = upto - len(out)
+        length = left if left <= 80 else min(80, left - 3)  # never leave a gap too short for a line
+        out += b"f" * (length - 2) + b"\r\n"
+    assert len(out) == upto, (len(out), upto)
+
+
 def load() -> list[CorpusMessage]:
+    """The corpus files, then the generated buffer-boundaries message."""
     messages = []
     for name, (check_id, what) in CATALOGUE.items():
         messages.append(CorpusMessage(name, (CORPUS_DIR / name).read_bytes(), check_id, what))
+    messages.append(
+        CorpusMessage(
+            BOUNDARY_NAME, boundary_message(), "corpus.buffer-boundaries", "'.' lines and CRLFs at boundaries"
+        )
+    )
     return messages
 
 

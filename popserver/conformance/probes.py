@@ -147,7 +147,12 @@ def first_contact(ctx: Context) -> None:
     conn.drop()
     if config.stls:
         conn = ctx.open()
-        ctx.start_tls(conn)
+        try:
+            ctx.start_tls(conn)
+        except ProtocolError as exc:
+            conn.drop()
+            ctx.fail("tls.stls", str(exc))
+            raise SetupError(f"--stls: {exc}") from None
         reply, lines = conn.lines("CAPA")
         if reply.ok and lines is not None:
             ctx.capa_tls = [line.decode("utf-8", "replace") for line in lines]
@@ -240,6 +245,7 @@ def deliver_corpus(ctx: Context) -> None:
     "corpus.long-line",
     "corpus.lone-cr",
     "corpus.nul",
+    "corpus.buffer-boundaries",
     "corpus.top-headers",
     "corpus.top-lines",
     "corpus.top-stuffing",
@@ -1231,6 +1237,19 @@ def global_checks(ctx: Context) -> None:
     else:
         ctx.skip("rfc2449.resp-codes", "RESP-CODES is not announced")
 
+
+# Checks made by the first contact, the first login and over every status line: they always run.
+SETUP_IDS = (
+    "rfc1939.greeting",
+    "rfc1939.login",
+    "rfc1939.quit-authorization",
+    "rfc1939.status-indicators",
+    "rfc2449.capa",
+    "rfc2449.capa-syntax",
+    "rfc2449.response-length",
+    "rfc2449.resp-codes",
+    "tls.implicit",
+)
 
 # The order matters: reading probes first, then those that add mail (snapshot) and delete it.
 PROBES = [
