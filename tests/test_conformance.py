@@ -30,6 +30,7 @@ from popserver.conformance.corpus import (
     expected_top,
     load,
     presented,
+    smtp_form,
 )
 from popserver.conformance.delivery import CommandDeliverer, Deliverer, DeliveryError
 from popserver.conformance.runner import FAIL, PASS, SKIP, Config
@@ -244,6 +245,25 @@ def test_an_autologout_wait_that_the_server_survives_passes(toy, cafile):
     assert "less than the 10 minutes" in report.result("rfc1939.autologout").notes[0]
 
 
+def test_a_probe_that_cannot_follow_the_server_fails_its_checks_and_the_run_goes_on(toy, cafile, monkeypatch):
+    from popserver.conformance import probes
+
+    lock_probe = next(p for p in probes.PROBES if p.name == "probe_lock")
+    held = []
+
+    def confused(ctx):
+        held.append(ctx.session())  # holds the lock when it gives up
+        raise KeyError("no such field")
+
+    monkeypatch.setattr(lock_probe, "function", confused)
+    report = kit(toy(), cafile, only=["rfc1939.lock-*", "robustness.server-alive"])
+    reason = report.result("rfc1939.lock-exclusive").reason
+    assert report.result("rfc1939.lock-exclusive").status == FAIL and "KeyError" in reason, reason
+    assert held[0].closed  # dropped by the kit, so the next probe could log in
+    assert report.result("robustness.server-alive").status == PASS
+    assert report.result("rfc1939.lock-released-drop").status == PASS
+
+
 def test_without_a_delivery_method_only_mail_free_checks_run(toy, cafile):
     server = toy()
     server.store.deliver(b"Subject: keep me\r\n\r\nbody\r\n")
@@ -453,6 +473,11 @@ def test_unstuff_and_expected_top():
     assert expected_top(content, 2) == b"A: 1\r\nB: 2\r\n\r\nl1\r\nl2\r\n"
     assert expected_top(content, 9) == content
     assert expected_top(b"A: 1\r\nB: 2\r\n", 0) == b"A: 1\r\nB: 2\r\n"  # headers only
+    # Over SMTP and LMTP the envelope is MAIL FROM: the mbox From line is not sent; every line ends in CRLF.
+    from_line = next(m for m in load() if m.short == "12")
+    assert smtp_form(from_line.raw) == from_line.expected() and not smtp_form(from_line.raw).startswith(
+        b"From "
+    )
 
 
 # Against popserver ------------------------------------------------------------------------------------------

@@ -41,9 +41,11 @@ def run(config: Config, deliverer: Deliverer | None, say: Callable[[str], None] 
             try:
                 p.function(ctx)
             except (ProtocolError, DeliveryError, OSError) as exc:
-                for check_id in p.ids:
-                    if ctx.status(check_id) == NOT_RUN:
-                        ctx.fail(check_id, f"not reached: {p.name} stopped: {exc}")
+                stopped(ctx, p.ids, f"{p.name} stopped: {exc}")
+            except Exception as exc:  # a reply so far off that the probe could not follow it
+                stopped(ctx, p.ids, f"{p.name} stopped on a reply it could not follow ({exc!r})")
+            finally:
+                ctx.drop_connections()  # a probe cut short must not leave a session holding the lock
         global_checks(ctx)
     except SetupError as exc:
         error = str(exc)
@@ -52,6 +54,7 @@ def run(config: Config, deliverer: Deliverer | None, say: Callable[[str], None] 
     except (ProtocolError, OSError) as exc:
         error = str(exc)
     finally:
+        ctx.drop_connections()
         if ctx.mail_delivered and not config.keep_mail:
             try:
                 ctx.empty_mailbox("Cleaning up")
@@ -72,6 +75,12 @@ def run(config: Config, deliverer: Deliverer | None, say: Callable[[str], None] 
         duration=time.monotonic() - clock,
         error=error,
     )
+
+
+def stopped(ctx: Context, ids: tuple[str, ...], why: str) -> None:
+    for check_id in ids:
+        if ctx.status(check_id) == NOT_RUN:
+            ctx.fail(check_id, f"not reached: {why}")
 
 
 def parse_url(url: str) -> tuple[str, int, str, str | None, bool]:

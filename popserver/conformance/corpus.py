@@ -76,8 +76,9 @@ def presented(data: bytes) -> bytes:
 
 
 def smtp_form(raw: bytes) -> bytes:
-    """What an SMTP or LMTP client can send (RFC 5321 s.2.3.8): CRLF line endings and a final CRLF."""
-    return presented(raw)
+    """What an SMTP or LMTP client sends: no mbox envelope line (MAIL FROM is the envelope), CRLF line
+    endings and a final CRLF (RFC 5321 s.2.3.8, s.4.1.1.4)."""
+    return presented(strip_envelope(raw))
 
 
 BOUNDARY_NAME = "15-buffer-boundaries (generated)"

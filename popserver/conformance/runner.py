@@ -130,6 +130,7 @@ class Context:
         self.results = {c.id: Result(c) for c in registry.select(config.only, config.skip)}
         self.run_id = uuid.uuid4().hex[:12]
         self.connections = 0
+        self.open_connections: list[Connection] = []
         self.greeting: Reply | None = None
         self.capa_before: list[str] | None = None  # CAPA on a fresh plaintext or implicit-TLS connection
         self.capa_tls: list[str] | None = None  # CAPA after STLS
@@ -237,6 +238,7 @@ class Context:
             raise ProtocolError(f"TLS handshake failed: {tls_hint(exc)}") from None
         except OSError as exc:
             raise ProtocolError(f"cannot connect to {config.host}:{config.port}: {exc}") from None
+        self.open_connections.append(conn)
         greeting = conn.read_status("greeting")
         if self.greeting is None:
             self.greeting = greeting
@@ -244,6 +246,12 @@ class Context:
             conn.drop()
             raise ProtocolError(f"the greeting is not +OK: {greeting.show()}")
         return conn
+
+    def drop_connections(self) -> None:
+        """Close every connection the kit still has open (without QUIT: nothing is deleted)."""
+        for conn in self.open_connections:
+            conn.drop()
+        self.open_connections = []
 
     def start_tls(self, conn: Connection) -> None:
         reply = conn.command("STLS")
