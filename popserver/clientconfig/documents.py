@@ -44,7 +44,7 @@ def _sub(parent: ET.Element, tag: str, text: str | int | None = None, **attrs: s
 
 def _serialize(root: ET.Element) -> bytes:
     ET.indent(root)
-    return ET.tostring(root, encoding="utf-8", xml_declaration=True) + b"\n"
+    return b'<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(root, encoding="utf-8") + b"\n"
 
 
 # Thunderbird ---------------------------------------------------------------------------------------------
