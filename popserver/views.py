@@ -2,6 +2,7 @@
 passwords, and sees how to set up a mail client (with an Apple profile to download). Include
 ``popserver.urls`` in a site's URLconf; override the templates under ``popserver/app_passwords/`` and
 ``popserver/clientconfig/``."""
+
 from django import forms
 from django.contrib.auth.decorators import login_required
 from django.http import Http404, HttpResponse
@@ -10,11 +11,11 @@ from django.urls import reverse
 from django.utils.http import content_disposition_header, urlencode
 from django.views.decorators.http import require_http_methods, require_POST, require_safe
 
-from .apppasswords import create_app_password, revoke_app_password
 from .clientconfig import documents
 from .clientconfig.checks import views_installed
 from .clientconfig.logins import account_of
 from .clientconfig.published import domain_config, domain_of
+from .logins.app_passwords import create_app_password, revoke_app_password
 from .models import Mailbox
 
 
@@ -41,8 +42,13 @@ def app_password_list(request):
     response = render(
         request,
         "popserver/app_passwords/list.html",
-        {"mailbox": mailbox, "app_passwords": mailbox.app_passwords.all(), "form": form, "created": created,
-         "secret": secret},
+        {
+            "mailbox": mailbox,
+            "app_passwords": mailbox.app_passwords.all(),
+            "form": form,
+            "created": created,
+            "secret": secret,
+        },
     )
     response["Cache-Control"] = "no-store"  # the secret is on this page once
     return response
@@ -75,8 +81,13 @@ def mail_client_setup(request):
     response = render(
         request,
         "popserver/clientconfig/setup.html",
-        {"mailbox": mailbox, "account": account, "config": config, "autoconfig_url": autoconfig_url,
-         "mobileconfig_available": config is not None and config.outgoing is not None},
+        {
+            "mailbox": mailbox,
+            "account": account,
+            "config": config,
+            "autoconfig_url": autoconfig_url,
+            "mobileconfig_available": config is not None and config.outgoing is not None,
+        },
     )
     response["Cache-Control"] = "private"
     return response
@@ -92,8 +103,13 @@ def mobileconfig(request):
         raise Http404("No Apple profile: this site publishes no outgoing mail server.")
     user = mailbox.user
     full_name = user.get_full_name() if hasattr(user, "get_full_name") else ""
-    body = documents.mobileconfig(config, account_key=f"mailbox{mailbox.pk}", username=account.username,
-                                  address=account.address, full_name=full_name)
+    body = documents.mobileconfig(
+        config,
+        account_key=f"mailbox{mailbox.pk}",
+        username=account.username,
+        address=account.address,
+        full_name=full_name,
+    )
     response = HttpResponse(body, content_type=documents.MOBILECONFIG_TYPE)
     filename = f"{config.domain or 'mail'}-pop3.mobileconfig"
     response["Content-Disposition"] = content_disposition_header(as_attachment=True, filename=filename)

@@ -10,6 +10,11 @@ PG_URL="${POPSERVER_TEST_POSTGRES_URL:-postgres://postgres@127.0.0.1:5432/popser
 MARIADB_URL="${POPSERVER_TEST_MARIADB_URL:-mysql://root@127.0.0.1:3306/popserver}"
 status=0
 
+echo "== lint: ruff check, ruff format --check, lint-imports (the package layering)"
+.venv/bin/ruff check --quiet . || status=1
+.venv/bin/ruff format --check --quiet . || status=1
+.venv/bin/lint-imports --no-cache >/dev/null 2>&1 || { .venv/bin/lint-imports --no-cache; status=1; }
+
 echo "== tests on SQLite"
 DATABASE_URL="sqlite:///$PWD/data/test-default.sqlite3" .venv/bin/pytest "$@" || status=1
 

@@ -1,4 +1,5 @@
 """Authentication backends used by the tests (configured with override_settings)."""
+
 from django.contrib.auth.backends import ModelBackend
 
 calls: list[str] = []

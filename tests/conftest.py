@@ -1,4 +1,5 @@
 """Shared fixtures. Test modules keep their own specialised fixtures beside their tests."""
+
 import os
 import sys
 from pathlib import Path
@@ -77,12 +78,14 @@ class LiveServer:
         ``implicit_tls``); ``is_trusted(ip)``: play a non-local peer while bound to 127.0.0.1."""
         import threading
 
-        from popserver.auth import is_trusted_peer
+        from popserver.logins.authenticator import is_trusted_peer
         from popserver.server.listener import start_servers
 
         self.stop_event = threading.Event()
         servers = start_servers(
-            [("127.0.0.1", 0)], self.stop_event, tls=tls,
+            [("127.0.0.1", 0)],
+            self.stop_event,
+            tls=tls,
             implicit_tls_addresses=[("127.0.0.1", 0)] if implicit_tls else [],
             is_trusted=is_trusted or is_trusted_peer,
         )

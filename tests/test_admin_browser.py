@@ -4,6 +4,7 @@ passwords and downloads the Apple profile from the mail-client set-up page.
 
 Uses Debian's ``chromium`` and ``chromium-driver`` (``.ci/run`` installs them); skipped where they are absent.
 """
+
 import plistlib
 import shutil
 import time
@@ -14,8 +15,10 @@ import pytest
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
-    pytest.skip(f"needs {CHROMIUM} and {CHROMEDRIVER} (Debian: apt-get install chromium chromium-driver)",
-                allow_module_level=True)
+    pytest.skip(
+        f"needs {CHROMIUM} and {CHROMEDRIVER} (Debian: apt-get install chromium chromium-driver)",
+        allow_module_level=True,
+    )
 webdriver = pytest.importorskip("selenium.webdriver", reason="needs selenium (requirements.txt)")
 
 from selenium.webdriver.common.by import By
@@ -24,9 +27,16 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 # As root on a closed network (see PITFALLS): no sandbox, no GPU, nothing that phones home.
 CHROMIUM_FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic",
-    "--disable-dev-shm-usage", "--window-size=1280,1024",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+    "--disable-dev-shm-usage",
+    "--window-size=1280,1024",
 ]
 WAIT = 20  # seconds for any one page to show what the test waits for
 
@@ -132,7 +142,9 @@ def test_upload_list_and_read_a_hostile_message(browser, live_server, make_mailb
     heading = wait_for(browser, EC.visibility_of_element_located((By.ID, "message-subject")))
     assert heading.text == subject
     body_text = browser.find_element(By.CSS_SELECTOR, "pre.message-text").text
-    assert "<script>document.body.insertAdjacentHTML('beforeend','<p id=pwned>pwned</p>')</script>" in body_text
+    assert (
+        "<script>document.body.insertAdjacentHTML('beforeend','<p id=pwned>pwned</p>')</script>" in body_text
+    )
     assert "Bytes that are not UTF-8: \ufffd\ufffd." in body_text
     assert browser.title.startswith("Invoice <script>")  # the page's own <title>, escaped; not "pwned"
     assert browser.find_elements(By.ID, "pwned") == []
@@ -143,7 +155,7 @@ def test_upload_list_and_read_a_hostile_message(browser, live_server, make_mailb
 
 
 def test_user_creates_and_revokes_an_app_password(browser, live_server, make_mailbox):
-    from popserver.apppasswords import check_app_password
+    from popserver.logins.app_passwords import check_app_password
 
     mailbox = make_mailbox("carol", "carol-password")  # not staff: an ordinary user of the site
     browser.get(f"{live_server.url}/mail/app-passwords/")
@@ -170,13 +182,19 @@ def downloaded_file(directory: Path, name: str, timeout: float = WAIT) -> Path:
         if path.exists() and not list(directory.glob("*.crdownload")):
             return path
         time.sleep(0.1)  # sync-ok: bounded poll for a file another process writes
-    pytest.fail(f"no {name} in {directory} after {timeout} s; found {sorted(p.name for p in directory.iterdir())}")
+    pytest.fail(
+        f"no {name} in {directory} after {timeout} s; found {sorted(p.name for p in directory.iterdir())}"
+    )
 
 
-def test_user_sets_up_a_mail_client_and_downloads_the_apple_profile(browser, live_server, make_mailbox, settings,
-                                                                    tmp_path):
+def test_user_sets_up_a_mail_client_and_downloads_the_apple_profile(
+    browser, live_server, make_mailbox, settings, tmp_path
+):
     settings.POPSERVER_PUBLIC_HOSTNAME = "mail.example.org"
-    settings.POPSERVER_PUBLIC_ENDPOINTS = [{"port": 995, "security": "tls"}, {"port": 110, "security": "starttls"}]
+    settings.POPSERVER_PUBLIC_ENDPOINTS = [
+        {"port": 995, "security": "tls"},
+        {"port": 110, "security": "starttls"},
+    ]
     settings.POPSERVER_OUTGOING_SERVER = {"host": "smtp.example.org", "port": 587, "security": "starttls"}
     make_mailbox("dave", "dave-password", email="dave@example.org")  # not staff: an ordinary user of the site
 
@@ -185,14 +203,20 @@ def test_user_sets_up_a_mail_client_and_downloads_the_apple_profile(browser, liv
     browser.find_element(By.NAME, "password").send_keys("dave-password")
     browser.find_element(By.CSS_SELECTOR, "input[type=submit]").click()
     servers = wait_for(browser, EC.visibility_of_element_located((By.ID, "servers")))
-    rows = [[cell.text for cell in row.find_elements(By.TAG_NAME, "td")]
-            for row in servers.find_elements(By.CSS_SELECTOR, "tbody tr")]
-    assert rows == [["mail.example.org", "995", "SSL/TLS", "dave@example.org", "normal password"],
-                    ["mail.example.org", "110", "STARTTLS", "dave@example.org", "normal password"]]
+    rows = [
+        [cell.text for cell in row.find_elements(By.TAG_NAME, "td")]
+        for row in servers.find_elements(By.CSS_SELECTOR, "tbody tr")
+    ]
+    assert rows == [
+        ["mail.example.org", "995", "SSL/TLS", "dave@example.org", "normal password"],
+        ["mail.example.org", "110", "STARTTLS", "dave@example.org", "normal password"],
+    ]
     assert "smtp.example.org" in browser.find_element(By.ID, "outgoing").text
 
     browser.find_element(By.ID, "mobileconfig").click()
-    profile = plistlib.loads(downloaded_file(tmp_path / "downloads", "example.org-pop3.mobileconfig").read_bytes())
+    profile = plistlib.loads(
+        downloaded_file(tmp_path / "downloads", "example.org-pop3.mobileconfig").read_bytes()
+    )
     (mail,) = profile["PayloadContent"]
     assert mail["PayloadType"] == "com.apple.mail.managed" and mail["EmailAccountType"] == "EmailTypePOP"
     assert mail["IncomingMailServerHostName"] == "mail.example.org"

@@ -15,9 +15,9 @@ from django.core.checks import run_checks
 from django.core.management import CommandError, call_command
 from django.test import override_settings
 
-from popserver.auth import DjangoAuthenticator
 from popserver.clientconfig import documents
 from popserver.exceptions import AuthenticationFailed
+from popserver.logins.authenticator import DjangoAuthenticator
 from popserver.models import Address
 
 ENDPOINTS = [{"port": 995, "security": "tls"}, {"port": 110, "security": "starttls"}]
@@ -126,7 +126,9 @@ def expected_servers(username, host="mail.example.com", endpoints=ENDPOINTS, lea
 def test_autoconfig_for_an_address_login_publishes_the_address_and_it_logs_in(client, site, alice):
     response, root = get_autoconfig(client, emailaddress="alice@example.com")
     assert response.status_code == 200 and response["Content-Type"].startswith("application/xml")
-    assert response.content.startswith(b'<?xml version="1.0" encoding="UTF-8"?>\n<clientConfig version="1.1">')
+    assert response.content.startswith(
+        b'<?xml version="1.0" encoding="UTF-8"?>\n<clientConfig version="1.1">'
+    )
     assert root.tag == "clientConfig" and root.get("version") == "1.1"
     provider = root.find("emailProvider")
     assert provider.get("id") == "example.com"

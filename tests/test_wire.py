@@ -1,4 +1,5 @@
 """Wire formatting on bytes: status lines, multi-line responses, line endings, dot-stuffing, TOP."""
+
 from __future__ import annotations
 
 import re
@@ -90,7 +91,10 @@ def test_status_line_text_is_utf8():
 
 def test_multiline():
     assert wire.multiline(wire.ok(), []) == b"+OK\r\n.\r\n"
-    assert wire.multiline(wire.ok("2 messages:"), ["1 10", b"2 20"]) == b"+OK 2 messages:\r\n1 10\r\n2 20\r\n.\r\n"
+    assert (
+        wire.multiline(wire.ok("2 messages:"), ["1 10", b"2 20"])
+        == b"+OK 2 messages:\r\n1 10\r\n2 20\r\n.\r\n"
+    )
     assert wire.multiline(wire.ok(), [".x", "."]) == b"+OK\r\n..x\r\n..\r\n.\r\n"
 
 
@@ -233,7 +237,11 @@ def test_top_cut(k, expected):
         (b"\r\nbody", 0, b"\r\n"),
         (b"A: 1\r\n\r\n", 3, b"A: 1\r\n\r\n"),  # empty body
         (b"A: 1\r\n\r\n\r\n\r\n", 1, b"A: 1\r\n\r\n\r\n"),
-        (b"A: 1\r\n\r\r\n\r\nx\r\n", 0, b"A: 1\r\n\r\r\n\r\n"),  # a header line holding a lone CR is not blank
+        (
+            b"A: 1\r\n\r\r\n\r\nx\r\n",
+            0,
+            b"A: 1\r\n\r\r\n\r\n",
+        ),  # a header line holding a lone CR is not blank
         (b"", 3, b""),
     ],
 )

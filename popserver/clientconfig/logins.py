@@ -1,7 +1,7 @@
 """The login name a mail client should send for an address: the one POP3 logins really accept.
 
-POP3 logins (``popserver.auth``) take a login name (passed to ``authenticate()`` as given) or any address of
-a mailbox (any case; it resolves to its owner). So a mailbox address is published as itself, which also
+POP3 logins (``popserver.logins.authenticator``) take a login name (passed to ``authenticate()`` as given) or
+any address of a mailbox (any case; it resolves to its owner). So a mailbox address is published as itself, which also
 makes the answer for an unknown address the same as for most known ones. A login name that is an address
 but is not among the mailbox's addresses is published as stored (its case matters to ``authenticate()``);
 ``user+detail@domain`` delivers to ``user@domain`` but only the latter logs in, so the latter is published.
@@ -11,12 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from django.contrib.auth import get_user_model
-from django.db.models import CharField, Value
-from django.db.models.functions import Lower
-
 from ..conf import get_setting
-from ..models import Address, Mailbox
+from ..mailin.mailboxes import login_name_of_address, user_of_login
+from ..models import Mailbox
 
 MAX_ADDRESS_LENGTH = 254  # RFC 5321 s.4.5.3.1.3, as a path minus its angle brackets
 
@@ -42,21 +39,13 @@ def login_for_address(address: str) -> str:
 
 
 def _working_login(address: str) -> str | None:
-    folded = Lower(Value(address, output_field=CharField()))
-    is_address = Address.objects.alias(folded=Lower("address")).filter(folded=folded).exists()
-    User = get_user_model()
-    logins = list(
-        Mailbox.objects.alias(folded=Lower(f"user__{User.USERNAME_FIELD}"))
-        .filter(folded=folded)
-        .values_list(f"user__{User.USERNAME_FIELD}", flat=True)[:10]
-    )
+    """``address`` itself if it is a mailbox address; else the stored login name it matches; else None.
+    Both look-ups run either way (``popserver.mailin.mailboxes``, the one look-up logins also use)."""
+    is_address = login_name_of_address(address) is not None
+    user = user_of_login(address)
     if is_address:
-        return address  # resolved by the login, in any case
-    if len(logins) == 1:
-        return str(logins[0])
-    if address in logins:  # login names that differ only in case: only the exact one is sure to work
-        return address
-    return None
+        return address  # resolved to its owner by the login, in any case
+    return user.get_username() if user is not None else None
 
 
 @dataclass(frozen=True)

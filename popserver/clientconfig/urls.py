@@ -20,5 +20,7 @@ urlpatterns = [
     path("mail/config-v1.1.xml", views.autoconfig, name="autoconfig"),
     path(".well-known/autoconfig/mail/config-v1.1.xml", views.autoconfig, name="autoconfig-well-known"),
     # Outlook asks /Autodiscover/Autodiscover.xml and /autodiscover/autodiscover.xml.
-    re_path(f"^{case_insensitive('autodiscover/autodiscover.xml')}$", views.autodiscover, name="autodiscover"),
+    re_path(
+        f"^{case_insensitive('autodiscover/autodiscover.xml')}$", views.autodiscover, name="autodiscover"
+    ),
 ]

@@ -1,9 +1,10 @@
 """``manage.py poplockouts [--clear KEY | --clear-all]``: list or lift POP3 login lock-outs."""
+
 from django.core.management.base import BaseCommand, CommandError
 from django.utils import timezone
 
+from popserver.logins.throttle import DatabaseThrottle, get_throttle
 from popserver.models import LoginThrottle
-from popserver.throttle import DatabaseThrottle, get_throttle
 
 
 class Command(BaseCommand):
