@@ -541,8 +541,12 @@ def test_plaintext_endpoints_warn_unless_loopback():
     assert "popserver.W181" in check_ids(
         POPSERVER_PUBLIC_HOSTNAME="mail.example.com", POPSERVER_PUBLIC_ENDPOINTS=plain
     )
-    assert "popserver.W181" not in check_ids(
-        POPSERVER_PUBLIC_HOSTNAME="localhost", POPSERVER_PUBLIC_ENDPOINTS=plain
+    for loopback in ("localhost", "pop.localhost", "127.0.0.2", "::1", "[::1]"):
+        assert "popserver.W181" not in check_ids(
+            POPSERVER_PUBLIC_HOSTNAME=loopback, POPSERVER_PUBLIC_ENDPOINTS=plain
+        ), loopback
+    assert "popserver.W181" in check_ids(
+        POPSERVER_PUBLIC_HOSTNAME="192.0.2.1", POPSERVER_PUBLIC_ENDPOINTS=plain
     )
     assert "popserver.W181" not in check_ids(
         POPSERVER_PUBLIC_HOSTNAME="mail.example.com", POPSERVER_PUBLIC_ENDPOINTS=ENDPOINTS

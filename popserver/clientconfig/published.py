@@ -6,6 +6,7 @@ Nothing here looks at a request: the host names, ports and security come from ``
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +17,6 @@ from ..models import Address, Mailbox
 
 SECURITIES = ("tls", "starttls", "none")
 SECURITY_LABELS = {"tls": "SSL/TLS", "starttls": "STARTTLS", "none": "none (no encryption)"}
-LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1", "[::1]")
 DOMAIN_OVERRIDES = ("hostname", "endpoints", "outgoing_server", "provider_name")
 
 
@@ -40,7 +40,12 @@ class Endpoint:
 
     @property
     def is_loopback(self) -> bool:
-        return self.host.lower() in LOOPBACK_NAMES or self.host.lower().endswith(".localhost")
+        """A name or address that never leaves the machine (RFC 6761 s.6.3 for ``localhost``)."""
+        host = self.host.lower().strip("[]")
+        try:
+            return ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return host == "localhost" or host.endswith(".localhost")
 
 
 @dataclass(frozen=True)
