@@ -57,6 +57,12 @@ DEFAULTS: dict[str, Any] = {
     # Mailbox lock
     "LOCK_HEARTBEAT": 30,  # seconds between a live session's lock heartbeats
     "LOCK_STALE_AFTER": 120,  # a lock whose heartbeat is older than this is free (a crashed server's)
+    # What becomes of deleted and retrieved mail (a mailbox's own fields override these; popexpire applies them)
+    "KEEP_DELETED_DAYS": 0,  # 0: DELE+QUIT deletes; N: hidden at once, restorable in the admin, purged after N days
+    "EXPIRE_RETRIEVED_DAYS": None,  # None: never; N: delete messages N days after their first RETR (CAPA EXPIRE)
+    # Dovecot's pop3_client_workarounds: "outlook-no-nuls" (NUL sent as 0x80), "oe-ns-eoh" (a blank line
+    # added to a message whose header has none; LIST sizes include it)
+    "CLIENT_WORKAROUNDS": [],
     # Protocol
     "GREETING": "popserver ready.",
     "IMPLEMENTATION": "popserver",

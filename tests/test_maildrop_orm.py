@@ -211,7 +211,11 @@ def test_heartbeat_and_release_all(mailbox):
 def test_select_for_update_needs_no_outer_transaction(mailbox):
     # PostgreSQL raises if select_for_update runs outside atomic(); open_maildrop must bring its own.
     maildrop = open_maildrop(mailbox.pk)
+    assert reload(mailbox).lock_token == maildrop.token
+    maildrop.mark_deleted(2)
     maildrop.commit()
+    assert not reload(mailbox).lock_token
+    assert sorted(Message.objects.filter(mailbox=mailbox).values_list("uid", flat=True)) == ["UID1", "UID3"]
 
 
 def test_unique_ids_compare_as_bytes_on_every_database(make_mailbox):
