@@ -79,8 +79,9 @@ DEFAULTS: dict[str, Any] = {
     # {"host": "smtp.example.com", "port": 587, "security": "starttls", "authentication": "password"}.
     "OUTGOING_SERVER": None,
     "PROVIDER_NAME": "",  # the name clients show for the account's provider; empty: the mail domain
-    "LEAVE_MESSAGES_ON_SERVER": False,  # advice to clients (Thunderbird's pop3 block)
-    "DAYS_TO_LEAVE_MESSAGES_ON_SERVER": 0,  # with a retention policy: clients delete after this; 0: unsaid
+    # Tell clients to leave messages on the server (Thunderbird's pop3 block)? None: as the retention policy
+    # says (yes, for EXPIRE_RETRIEVED_DAYS days, when retrieved mail expires after N > 0 days; else no).
+    "LEAVE_MESSAGES_ON_SERVER": None,
 }
 
 

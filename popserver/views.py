@@ -3,6 +3,8 @@ passwords, and sees how to set up a mail client (with an Apple profile to downlo
 ``popserver.urls`` in a site's URLconf; override the templates under ``popserver/app_passwords/`` and
 ``popserver/clientconfig/``."""
 
+from dataclasses import replace
+
 from django import forms
 from django.contrib.auth.decorators import login_required
 from django.http import Http404, HttpResponse
@@ -17,6 +19,7 @@ from .clientconfig.logins import account_of
 from .clientconfig.published import domain_config, domain_of
 from .logins.app_passwords import create_app_password, revoke_app_password
 from .models import Mailbox
+from .storage.retention import policy_for
 
 
 class AppPasswordForm(forms.Form):
@@ -63,10 +66,13 @@ def app_password_revoke(request, pk: int):
 
 
 def _client_setup(mailbox: Mailbox):
-    """The signed-in user's account and what is published for its primary address's domain (or the site's)."""
+    """The signed-in user's account and what is published for its primary address's domain (or the site's),
+    with this mailbox's own retention policy (what CAPA EXPIRE says after login)."""
     account = account_of(mailbox)
-    config = domain_config(domain_of(account.address)) if account.address else None
-    return account, config or domain_config(None)
+    config = (domain_config(domain_of(account.address)) if account.address else None) or domain_config(None)
+    if config is not None:
+        config = replace(config, expire_days=policy_for(mailbox.pk).expire_days)
+    return account, config
 
 
 @login_required

@@ -210,12 +210,28 @@ def test_unknown_domain_is_404_and_a_malformed_address_400(client, site, alice):
     assert get_autoconfig(client, emailaddress="alice@example.com")[0].status_code == 404
 
 
-def test_retention_policy_and_outgoing_server(client, site, alice):
-    site.POPSERVER_LEAVE_MESSAGES_ON_SERVER = True
-    site.POPSERVER_DAYS_TO_LEAVE_MESSAGES_ON_SERVER = 14
+@pytest.mark.parametrize(
+    "leave,expire,told",
+    [
+        (None, None, ("false", None)),  # no retention policy: POP3's classic download-and-delete
+        (None, 14, ("true", 14)),  # retrieved mail expires after 14 days: leave it, Thunderbird deletes too
+        (None, 0, ("false", None)),  # the server deletes what is retrieved at QUIT
+        (True, None, ("true", None)),
+        (True, 0, ("false", None)),  # cannot leave what the server deletes
+        (False, 14, ("false", None)),
+    ],
+)
+def test_leave_on_server_follows_the_retention_policy(client, site, alice, leave, expire, told):
+    site.POPSERVER_LEAVE_MESSAGES_ON_SERVER = leave
+    site.POPSERVER_EXPIRE_RETRIEVED_DAYS = expire
+    _, root = get_autoconfig(client, emailaddress="alice@example.com")
+    assert incoming_servers(root) == expected_servers("alice@example.com", leave=told[0], days=told[1])
+
+
+def test_outgoing_server(client, site, alice):
     site.POPSERVER_OUTGOING_SERVER = OUTGOING
     _, root = get_autoconfig(client, emailaddress="alice@example.com")
-    assert incoming_servers(root) == expected_servers("alice@example.com", leave="true", days=14)
+    assert incoming_servers(root) == expected_servers("alice@example.com")
     outgoing = root.find(".//outgoingServer")
     assert outgoing.get("type") == "smtp"
     assert {child.tag: child.text for child in outgoing} == {
@@ -410,6 +426,18 @@ def test_setup_page_names_app_passwords_when_the_account_needs_one(client, site,
     assert 'id="app-password-needed"' in client.get("/mail/setup/").content.decode()
 
 
+def test_setup_page_tells_the_mailboxs_own_retention_policy(client, site, alice):
+    site.POPSERVER_EXPIRE_RETRIEVED_DAYS = 14
+    client.force_login(alice.user)
+    assert "deletes them 14 days after" in client.get("/mail/setup/").content.decode()
+    alice.expire_policy, alice.expire_days = "days", 0
+    alice.save()
+    assert "deletes messages once your mail program" in client.get("/mail/setup/").content.decode()
+    alice.expire_policy = "never"
+    alice.save()
+    assert 'id="retention"' not in client.get("/mail/setup/").content.decode()
+
+
 def test_mobileconfig_is_404_without_an_outgoing_server(client, site, alice):
     client.force_login(alice.user)
     assert client.get("/mail/setup/pop3.mobileconfig").status_code == 404
@@ -567,7 +595,7 @@ def test_plaintext_endpoints_warn_unless_loopback():
         {"POPSERVER_DOMAINS": "example.com"},
         {"POPSERVER_DOMAINS": {"example.com": {"hostnme": "x"}}},
         {"POPSERVER_OUTGOING_SERVER": {"port": 587, "security": "starttls"}},
-        {"POPSERVER_DAYS_TO_LEAVE_MESSAGES_ON_SERVER": -1},
+        {"POPSERVER_LEAVE_MESSAGES_ON_SERVER": "yes"},
     ],
 )
 def test_malformed_settings_are_an_error(settings):

@@ -57,8 +57,23 @@ class DomainConfig:
     provider_name: str
     endpoints: tuple[Endpoint, ...]
     outgoing: Endpoint | None
-    leave_messages_on_server: bool
-    days_to_leave_messages: int
+    leave_setting: bool | None  # POPSERVER_LEAVE_MESSAGES_ON_SERVER
+    expire_days: int | None  # the retention policy: retrieved messages are deleted after this (None: never)
+
+    @property
+    def leave_messages_on_server(self) -> bool:
+        """What clients are told: never when the server deletes what is retrieved (EXPIRE 0); by default
+        (the setting None) exactly when retrieved mail expires after some days."""
+        if self.expire_days == 0:
+            return False
+        if self.leave_setting is None:
+            return bool(self.expire_days)
+        return self.leave_setting
+
+    @property
+    def days_to_leave_messages(self) -> int | None:
+        """Thunderbird's ``daysToLeaveMessagesOnServer``: the retention policy's days, when messages stay."""
+        return self.expire_days if self.leave_messages_on_server and self.expire_days else None
 
     @property
     def preferred(self) -> Endpoint | None:
@@ -140,19 +155,20 @@ def build_config(domain: str | None, overrides: dict | None = None) -> DomainCon
         outgoing = _endpoint(raw_outgoing, "", "POPSERVER_OUTGOING_SERVER", outgoing=True)
         if not outgoing.host:
             raise SettingsError("POPSERVER_OUTGOING_SERVER needs a 'host'")
-    days = get_setting("DAYS_TO_LEAVE_MESSAGES_ON_SERVER")
-    if isinstance(days, bool) or not isinstance(days, int) or days < 0:
-        raise SettingsError(
-            f"POPSERVER_DAYS_TO_LEAVE_MESSAGES_ON_SERVER must be a whole number >= 0, not {days!r}"
-        )
+    leave = get_setting("LEAVE_MESSAGES_ON_SERVER")
+    if leave not in (None, True, False):
+        raise SettingsError(f"POPSERVER_LEAVE_MESSAGES_ON_SERVER must be None, True or False, not {leave!r}")
+    expire = get_setting("EXPIRE_RETRIEVED_DAYS")  # validated by its own check (E010)
     provider = overrides.get("provider_name") or get_setting("PROVIDER_NAME") or domain or hostname
     return DomainConfig(
         domain=domain,
         provider_name=str(provider),
         endpoints=endpoints,
         outgoing=outgoing,
-        leave_messages_on_server=bool(get_setting("LEAVE_MESSAGES_ON_SERVER")),
-        days_to_leave_messages=days,
+        leave_setting=leave,
+        expire_days=expire
+        if isinstance(expire, int) and not isinstance(expire, bool) and expire >= 0
+        else None,
     )
 
 
