@@ -226,7 +226,7 @@ def main() -> None:
             picked.append(pick(values))
             spread = f" ({fmt.format(min(values))}-{fmt.format(max(values))})" if len(values) > 1 else ""
             cells.append(fmt.format(picked[-1]) + spread)
-        ratio = f"{picked[0] / picked[1]:.2f}" if picked[1] else ""
+        ratio = f"{picked[0] / picked[1]:.2f}" if picked[1] and "memory" not in label else ""
         print(f"| {label} | {cells[0]} | {cells[1]} | {ratio} |")
     seq_client = {n: max(r.client_cpu / r.seconds for r, _, _ in rounds[n]["seq"]) for n in targets}
     print(
