@@ -98,7 +98,8 @@ class Server:
                 break
         else:
             self.proc.wait(timeout=30)
-            raise RuntimeError(f"runpop3 did not start (exit status {self.proc.returncode})")
+            said = Path(stderr.name).read_text()[-2000:].strip() if hasattr(stderr, "name") else ""
+            raise RuntimeError(f"runpop3 did not start (exit status {self.proc.returncode}) {said}")
 
     def rss_kib(self) -> int:
         return _status_kib(self.proc.pid, "VmRSS")
