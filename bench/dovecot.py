@@ -76,15 +76,23 @@ def version() -> str:
 
 def stop_system_instance() -> None:
     """Stop the dovecot service of /etc/dovecot if it runs (a package install on a systemd host starts it)."""
-    pid_file = Path("/run/dovecot/master.pid")
-    if not (pid_file.exists() and _alive(int(pid_file.read_text().split()[0] or 0))):
+    if not _system_running():
         return
     for command in (["systemctl", "stop", "dovecot"], ["service", "dovecot", "stop"], [BINARY, "stop"]):
         if shutil.which(command[0]):
             subprocess.run(command, capture_output=True, check=False)
-        if not (pid_file.exists() and _alive(int(pid_file.read_text().split()[0] or 0))):
+        if not _system_running():
             return
     raise RuntimeError("the system's dovecot service is running and could not be stopped")
+
+
+def _system_running() -> bool:
+    """Whether the master of the system's instance (base_dir /run/dovecot) is alive."""
+    try:
+        words = Path("/run/dovecot/master.pid").read_text().split()
+    except OSError:
+        return False
+    return bool(words) and words[0].isdigit() and _alive(int(words[0]))
 
 
 def _alive(pid: int) -> bool:
