@@ -1,4 +1,5 @@
 """Mailboxes and messages. Models know nothing of sockets or of the POP3 protocol."""
+
 import secrets
 
 from django.conf import settings
@@ -23,15 +24,43 @@ class Mailbox(models.Model):
     uid_validity = models.PositiveBigIntegerField(default=new_uid_validity, editable=False)
     next_uid = models.PositiveBigIntegerField(default=1, editable=False)
 
-    # Quotas (see popserver.quota): empty = the site's default (POPSERVER_QUOTA_BYTES, POPSERVER_QUOTA_MESSAGES),
+    # Quotas (see popserver.mailin.quota): empty = the site's default (POPSERVER_QUOTA_BYTES, POPSERVER_QUOTA_MESSAGES),
     # 0 = unlimited for this mailbox whatever the default, N = at most N.
     quota_bytes = models.PositiveBigIntegerField(
-        "size quota", null=True, blank=True,
+        "size quota",
+        null=True,
+        blank=True,
         help_text="Octets all messages may take together. Empty: the site default; 0: unlimited.",
     )
     quota_messages = models.PositiveIntegerField(
-        "message quota", null=True, blank=True,
+        "message quota",
+        null=True,
+        blank=True,
         help_text="Messages the mailbox may hold. Empty: the site default; 0: unlimited.",
+    )
+
+    # What becomes of deleted and of retrieved mail (popserver.storage.retention): empty = the site's default.
+    keep_deleted_days = models.PositiveIntegerField(
+        "keep deleted messages (days)",
+        null=True,
+        blank=True,
+        help_text="Messages deleted through POP3 disappear at once but are kept, restorable, for this many days. "
+        "Empty: the site default; 0: deleted at once.",
+    )
+    expire_policy = models.CharField(
+        "expire retrieved messages",
+        max_length=8,
+        blank=True,
+        default="",
+        choices=[("", "site default"), ("never", "never"), ("days", "after the days below")],
+        help_text="Delete messages some days after their first retrieval (RETR), as announced by CAPA's EXPIRE.",
+    )
+    expire_days = models.PositiveIntegerField(
+        "expire after (days)",
+        default=0,
+        blank=True,
+        help_text="With 'after the days below': days after the first retrieval; 0 deletes retrieved messages "
+        "when the session ends with QUIT.",
     )
 
     # The exclusive lock: empty token = free. Heartbeats let other hosts expire a crashed server's lock.
@@ -50,10 +79,6 @@ class Mailbox(models.Model):
     def __str__(self) -> str:
         return str(self.user)
 
-    @property
-    def is_locked(self) -> bool:
-        return bool(self.lock_token)
-
 
 class Address(models.Model):
     """An address that delivers into a mailbox; unique, compared case-insensitively."""
@@ -69,11 +94,20 @@ class Address(models.Model):
         return self.address
 
 
+class MessageQuerySet(models.QuerySet):
+    def visible(self):
+        """Messages POP3 shows: not deleted into the keep-deleted retention (``deleted_at`` empty)."""
+        return self.filter(deleted_at__isnull=True)
+
+    def recently_deleted(self):
+        return self.filter(deleted_at__isnull=False)
+
+
 class Message(models.Model):
     """A message in the form the server presents it (bare LF as CRLF; every other byte unchanged).
 
     Numbered in arrival order (the primary key). Its bytes live behind the body store
-    (``popserver.bodystore``), never on this row, so listing a mailbox reads no bodies.
+    (``popserver.storage.bodies``), never on this row, so listing a mailbox reads no bodies.
     """
 
     mailbox = models.ForeignKey(Mailbox, on_delete=models.CASCADE, related_name="messages")
@@ -83,16 +117,27 @@ class Message(models.Model):
     subject = models.TextField(blank=True, default="")
     sender = models.TextField(blank=True, default="")
     date = models.DateTimeField(null=True, blank=True)
+    # False for a message whose header has no blank line after it (Dovecot's oe-ns-eoh workaround adds one).
+    has_header_end = models.BooleanField(default=True, editable=False)
+    first_retrieved_at = models.DateTimeField(null=True, blank=True, editable=False)
+    # Set by a QUIT under a keep-deleted policy: hidden from POP3, restorable until purged.
+    deleted_at = models.DateTimeField(null=True, blank=True, editable=False)
+
+    objects = MessageQuerySet.as_manager()
 
     class Meta:
         ordering = ["id"]
         # view_message shows a message's fields; reading its bytes (text view, download) needs this one too.
         permissions = [("view_message_content", "Can read the contents of messages")]
-        constraints = [models.UniqueConstraint(fields=["mailbox", "uid"], name="popserver_message_uid_unique")]
+        constraints = [
+            models.UniqueConstraint(fields=["mailbox", "uid"], name="popserver_message_uid_unique")
+        ]
         indexes = [
             models.Index(fields=["mailbox", "id"], name="popserver_message_mbox_idx"),
             # A mailbox's total size (quota checks, the admin's list) from the index alone.
             models.Index(fields=["mailbox", "size"], name="popserver_message_size_idx"),
+            models.Index(fields=["first_retrieved_at"], name="popserver_message_retr_idx"),
+            models.Index(fields=["deleted_at"], name="popserver_message_deleted_idx"),
         ]
 
     def __str__(self) -> str:
@@ -158,10 +203,21 @@ class LoginEvent(models.Model):
     """One POP3 login attempt (audit). Never holds a password."""
 
     SUCCESS, FAILED, LOCKED_OUT, IN_USE, LOGIN_DELAY, ERROR = (
-        "success", "failed", "locked_out", "in_use", "login_delay", "error",
+        "success",
+        "failed",
+        "locked_out",
+        "in_use",
+        "login_delay",
+        "error",
     )
-    OUTCOMES = [(SUCCESS, "success"), (FAILED, "failed"), (LOCKED_OUT, "locked out"), (IN_USE, "in use"),
-                (LOGIN_DELAY, "login delay"), (ERROR, "error")]
+    OUTCOMES = [
+        (SUCCESS, "success"),
+        (FAILED, "failed"),
+        (LOCKED_OUT, "locked out"),
+        (IN_USE, "in use"),
+        (LOGIN_DELAY, "login delay"),
+        (ERROR, "error"),
+    ]
 
     time = models.DateTimeField(auto_now_add=True, db_index=True)
     peer_ip = models.GenericIPAddressField(unpack_ipv4=True, null=True)

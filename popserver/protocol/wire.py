@@ -7,10 +7,25 @@ over a million lines.
 The presented form of a message (RFC 1939 s.5, s.11; Dovecot's virtual size): every bare LF becomes CRLF, a
 lone CR stays data, every other octet is unchanged. Sizes count that form before dot-stuffing.
 """
+
 from collections.abc import Iterable
 
 CRLF = b"\r\n"
 TERMINATOR = b".\r\n"  # RFC 1939 s.3: a multi-line response ends with a line holding a single "."
+
+
+class Flush(bytes):
+    """The session's flush mark, yielded between replies: what came before must reach the client now (a
+    password check or a TLS handshake follows). It is empty bytes, so output joined with ``b"".join`` is
+    unchanged; the connection handler recognises it by identity (``piece is FLUSH``)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "FLUSH"
+
+
+FLUSH = Flush()
 
 MAX_RESPONSE_LINE = 512  # RFC 2449 s.4: the first line of a response, CRLF included
 _OK = b"+OK"
@@ -72,6 +87,11 @@ def normalize_line_endings(data: bytes) -> bytes:
     return data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
 
 
+def has_header_end(data: bytes) -> bool:
+    """True if the header of CRLF ``data`` is followed by a blank line (RFC 5322 s.2.1), or it starts with one."""
+    return data.startswith(CRLF) or b"\r\n\r\n" in data
+
+
 class DotStuffer:
     """Byte-stuffs a stream of chunks for a multi-line response (RFC 1939 s.3) and ends it.
 
@@ -96,6 +116,11 @@ class DotStuffer:
         self._at_line_start = chunk[-1:] == b"\n"
         self._tail = (self._tail + chunk[-2:])[-2:]
         return stuffed
+
+    @property
+    def ends_line(self) -> bool:
+        """True when the data so far is empty or ends with CRLF."""
+        return not self._tail or self._tail == CRLF
 
     def finish(self) -> bytes:
         """CRLF if the data's last line had none, then ``.CRLF``. Empty data has no lines: just ``.CRLF``."""

@@ -3,6 +3,7 @@
 ``serve_forever()`` runs in one thread; ``stop()`` is called from another (stdlib: ``shutdown()`` deadlocks if
 called from the serving thread, so signal handlers only set an event: see ``runpop3``).
 """
+
 from __future__ import annotations
 
 import logging
@@ -16,8 +17,8 @@ from collections.abc import Callable
 from django.db import connections
 
 from ..conf import get_setting
-from ..maildrop import refresh_heartbeats, release_all_live_locks, release_dead_locks
-from ..peers import is_trusted_peer, peer_group
+from ..logins.peers import is_trusted_peer, peer_group
+from ..storage.lock import refresh_heartbeats, release_all_live_locks, release_dead_locks
 from .handler import Pop3Handler
 from .tls import TlsContextHolder
 
@@ -145,7 +146,7 @@ class SessionRegistry:
                 self._logging_in.pop(sock, None)
                 self._slot_free.add(sock)
 
-    def remove(self, sock: socket.socket, peer_ip: str = "") -> None:
+    def remove(self, sock: socket.socket) -> None:
         """The connection's thread has ended."""
         with self._guard:
             self._sockets.pop(sock, None)
@@ -235,12 +236,14 @@ class Pop3Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
             return
         try:
             threading.Thread(
-                target=self.process_request_thread, args=(request, client_address), daemon=True,
+                target=self.process_request_thread,
+                args=(request, client_address),
+                daemon=True,
                 name=f"pop3 {peer_ip}:{client_address[1]}",
             ).start()
         except RuntimeError:  # no thread could be started: give the slot back
             logger.exception("could not start a session thread for %s", peer_ip)
-            self.registry.remove(request, peer_ip)
+            self.registry.remove(request)
             self.shutdown_request(request)
 
     def process_request_thread(self, request, client_address) -> None:
@@ -249,7 +252,7 @@ class Pop3Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
         except Exception:  # noqa: BLE001 - the connection's last resort: logged, never kills the server
             self.handle_error(request, client_address)
         finally:
-            self.registry.remove(request, client_address[0])
+            self.registry.remove(request)
             self.shutdown_request(request)
             connections.close_all()
 
@@ -312,8 +315,12 @@ def start_servers(
     servers = [Pop3Server(a, **options) for a in addresses]
     servers += [Pop3Server(a, implicit_tls=True, **options) for a in implicit_tls_addresses]
     for server in servers:
-        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.5}, daemon=True,
-                         name=f"pop3 listener {server.display_address}").start()
+        threading.Thread(
+            target=server.serve_forever,
+            kwargs={"poll_interval": 0.5},
+            daemon=True,
+            name=f"pop3 listener {server.display_address}",
+        ).start()
         kind = "POP3S (implicit TLS)" if server.implicit_tls else "POP3" + (" with STLS" if tls else "")
         logger.info("%s server listening on %s", kind, server.display_address)
     LockHeartbeat(stop_event).start()
