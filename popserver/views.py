@@ -19,7 +19,7 @@ from .clientconfig.logins import account_of
 from .clientconfig.published import domain_config, domain_of
 from .logins.app_passwords import create_app_password, revoke_app_password
 from .models import Mailbox
-from .storage.retention import policy_for
+from .storage.retention import policy_of_mailbox
 
 
 class AppPasswordForm(forms.Form):
@@ -71,7 +71,7 @@ def _client_setup(mailbox: Mailbox):
     account = account_of(mailbox)
     config = (domain_config(domain_of(account.address)) if account.address else None) or domain_config(None)
     if config is not None:
-        config = replace(config, expire_days=policy_for(mailbox.pk).expire_days)
+        config = replace(config, expire_days=policy_of_mailbox(mailbox).expire_days)
     return account, config
 
 
