@@ -57,7 +57,7 @@ class Mailbox(models.Model):
     )
     expire_days = models.PositiveIntegerField(
         "expire after (days)",
-        default=0,
+        null=True,
         blank=True,
         help_text="With 'after the days below': days after the first retrieval; 0 deletes retrieved messages "
         "when the session ends with QUIT.",
@@ -78,6 +78,14 @@ class Mailbox(models.Model):
 
     def __str__(self) -> str:
         return str(self.user)
+
+    def clean(self):
+        from django.core.exceptions import ValidationError
+
+        if self.expire_policy == "days" and self.expire_days is None:
+            raise ValidationError(
+                {"expire_days": "Give the number of days (0 deletes retrieved messages at QUIT)."}
+            )
 
 
 class Address(models.Model):

@@ -81,7 +81,7 @@ class MemoryMaildrop(Maildrop):
         self.commit_calls += 1
         if self.commit_error is not None:
             raise self.commit_error
-        self.committed = tuple(sorted(self.deleted))
+        self.committed = tuple(sorted(self.numbers_to_remove()))
 
     def release(self) -> None:
         self.release_calls += 1

@@ -141,8 +141,11 @@ def test_popexpire_skips_a_locked_mailbox(alice, make_mailbox, settings):
     list(maildrop.read(1))
     maildrop.mark_retrieved(1)
     maildrop.release()
+    # Under EXPIRE 0, what a dropped session retrieved goes after a day's grace (the client may not have it all).
+    assert apply_policies().expired == 0
+    Message.objects.filter(mailbox=bob).update(first_retrieved_at=timezone.now() - timedelta(days=2))
     maildrop = open_maildrop(alice.pk)  # alice's own session is reading: popexpire must not touch her
-    Message.objects.filter(mailbox=alice).update(first_retrieved_at=timezone.now() - timedelta(days=1))
+    Message.objects.filter(mailbox=alice).update(first_retrieved_at=timezone.now() - timedelta(days=2))
     out, err = io.StringIO(), io.StringIO()
     try:
         call_command("popexpire", stdout=out, stderr=err)
@@ -325,3 +328,62 @@ def test_checks_for_the_new_settings(settings):
         POPSERVER_EXPIRE_RETRIEVED_DAYS=30,
         POPSERVER_KEEP_DELETED_DAYS=7,
     )
+
+
+def test_popexpire_locks_only_mailboxes_with_something_due(alice, settings):
+    settings.POPSERVER_EXPIRE_RETRIEVED_DAYS = 30
+    quit_after(alice, retrieve=[1])
+    maildrop = open_maildrop(alice.pk)  # a session holds the mailbox, but nothing is due in it
+    try:
+        report = apply_policies()
+    finally:
+        maildrop.release()
+    assert (report.mailboxes, report.skipped_locked, report.expired) == (1, [], 0)
+
+
+def test_quit_under_expire_zero_counts_what_it_deleted(make_mailbox):
+    from popserver.protocol.session import Pop3Session
+
+    maildrop = MemoryMaildrop([msg("m1"), msg("m2"), msg("m3")])
+    maildrop.expire_days = 0
+    session = Pop3Session(MemoryAuthenticator({"alice": ("secret", maildrop)}), expire="0")
+    out = b"".join(session.receive(b"USER alice\r\nPASS secret\r\nCAPA\r\nRETR 1\r\nDELE 3\r\nQUIT\r\n"))
+    assert b"\r\nEXPIRE 0\r\n" in out and out.endswith(b"+OK Logging out, messages deleted.\r\n")
+    assert maildrop.committed == (1, 3) and session.stats.deleted_count == 2
+
+
+def test_a_failed_quit_is_not_logged_as_a_logout():
+    from popserver.protocol.session import Pop3Session, State
+
+    maildrop = MemoryMaildrop([msg("m1")], commit_error=RuntimeError("disk full"))
+    session = Pop3Session(MemoryAuthenticator({"alice": ("secret", maildrop)}))
+    out = b"".join(session.receive(b"USER alice\r\nPASS secret\r\nDELE 1\r\nQUIT\r\n"))
+    assert out.endswith(b"-ERR [SYS/TEMP] Deleting the marked messages failed; none were deleted.\r\n")
+    assert session.state is State.TRANSACTION and session.closed and session.quit_received
+
+
+def test_the_admin_saves_only_what_its_form_changed(alice, admin_client):
+    from django.urls import reverse
+
+    url = reverse("admin:popserver_mailbox_change", args=[alice.pk])
+    page = admin_client.get(url)
+    assert page.status_code == 200
+    deliver("alice", msg("arrived while the page was open"))  # moves next_uid on
+    next_uid = Mailbox.objects.get(pk=alice.pk).next_uid
+    data = {
+        "user": alice.user.pk,
+        "pop3_enabled": "on",
+        "expire_policy": "days",
+        "expire_days": "",
+        "addresses-TOTAL_FORMS": "0",
+        "addresses-INITIAL_FORMS": "0",
+        "addresses-MIN_NUM_FORMS": "0",
+        "addresses-MAX_NUM_FORMS": "1000",
+        "_save": "Save",
+    }
+    refused = admin_client.post(url, data)
+    assert refused.status_code == 200 and "Give the number of days" in refused.content.decode()
+    data["expire_days"] = "14"
+    assert admin_client.post(url, data).status_code == 302
+    mailbox = Mailbox.objects.get(pk=alice.pk)
+    assert (mailbox.expire_policy, mailbox.expire_days, mailbox.next_uid) == ("days", 14, next_uid)

@@ -48,7 +48,7 @@ def test_capa_when_plaintext_is_disallowed():
     c = Client(plaintext_allowed=False, tls_available=True)
     assert c.send(b"CAPA\r\n") == (
         b"+OK\r\nCAPA\r\nTOP\r\nUIDL\r\nRESP-CODES\r\nPIPELINING\r\nAUTH-RESP-CODE\r\nSTLS\r\n"
-        b"UTF8 USER\r\nIMPLEMENTATION popserver\r\n.\r\n"
+        b"UTF8\r\nIMPLEMENTATION popserver\r\n.\r\n"
     )
 
 

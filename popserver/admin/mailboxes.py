@@ -198,6 +198,15 @@ class MailboxAdmin(admin_views.MailboxUploadView, admin.ModelAdmin):
             *super().get_urls(),
         ]
 
+    def save_model(self, request, obj, form, change):
+        """Save only what the form changed: the counters and the lock fields belong to deliveries and
+        sessions, which may have moved them since the page was loaded (a stale next_uid would make every
+        later delivery collide)."""
+        if change:
+            obj.save(update_fields=[name for name in form.changed_data if name in form.fields])
+        else:
+            obj.save()
+
     def change_view(self, request, object_id, form_url="", extra_context=None):
         extra_context = dict(extra_context or {})
         if request.user.has_perm(admin_views.UPLOAD_PERMISSION):

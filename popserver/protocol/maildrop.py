@@ -74,6 +74,13 @@ class Maildrop:
         """RETR sent the whole message: its first retrieval is recorded at the end of the session."""
         self.retrieved.add(number)
 
+    def numbers_to_remove(self) -> set[int]:
+        """What UPDATE removes: the marked messages, and under EXPIRE 0 (RFC 2449 s.6.7: the server keeps no
+        retrieved message) the retrieved ones too."""
+        if self.expire_days == 0:
+            return self.deleted | self.retrieved
+        return set(self.deleted)
+
     def reset(self) -> None:
         self.deleted.clear()
         self.deleted_size = 0
@@ -88,7 +95,8 @@ class Maildrop:
         raise NotImplementedError
 
     def commit(self) -> None:
-        """UPDATE: delete the marked messages and release the lock, all or nothing.
+        """UPDATE: remove ``numbers_to_remove()`` (deleted, or hidden under a keep-deleted policy) and release
+        the lock, all or nothing.
 
         Raises ``CommitFailed`` (or any error) if nothing was deleted.
         """

@@ -9,7 +9,7 @@ RFC 3206 ``[AUTH]``/``[SYS/TEMP]``. Where the RFCs leave a choice we do what Dov
 
 Verbs, by state:
     both:           CAPA, QUIT
-    AUTHORIZATION:  STLS, USER, PASS, AUTH
+    AUTHORIZATION:  STLS, USER, PASS, AUTH, UTF8
     TRANSACTION:    STAT, LIST, RETR, TOP, DELE, RSET, NOOP, UIDL
 """
 
@@ -197,6 +197,7 @@ class Pop3Session:
         self._user = None
         self._continuation = None
         self._bad_commands = 0
+        self.utf8 = False  # RFC 2595 s.4: the client starts afresh
 
     def abandon(self) -> None:
         """The connection ended without QUIT (drop, timeout, shutdown): release, never commit (RFC 1939 s.6).
@@ -221,8 +222,7 @@ class Pop3Session:
         if self.expire_before_login is None:  # the server states no policy (an engine without one)
             return None
         if self._maildrop is not None:
-            days = self._maildrop.expire_days
-            return "NEVER" if days is None else str(days)
+            return wire.expire_value(self._maildrop.expire_days)
         value = self.expire_before_login
         return value() if callable(value) else value
 
@@ -557,7 +557,7 @@ class Pop3Session:
             return wire.multiline(wire.ok(), self.sasl_mechanisms)
         name = mechanism.upper().decode("ascii", "replace")
         if name not in self.sasl_mechanisms:
-            raise CommandError("[AUTH] Unsupported authentication mechanism.")  # RFC 3206 s.4, as Dovecot
+            raise CommandError("[AUTH] Unsupported authentication mechanism.")  # RFC 3206 s.5, as Dovecot
         if name == "PLAIN":
             if initial_response is None:
                 self._continuation = self._auth_plain_response
@@ -578,7 +578,7 @@ class Pop3Session:
         try:
             return base64.b64decode(padded, validate=True)
         except (binascii.Error, ValueError):
-            # Dovecot's words, with [AUTH] (RFC 3206 s.4)
+            # Dovecot's words, with [AUTH] (RFC 3206 s.5)
             where = "initial" if initial else "continued"
             raise CommandError(f"[AUTH] Invalid base64 data in {where} response") from None
 
@@ -604,10 +604,13 @@ class Pop3Session:
         username, self._sasl_username = self._sasl_username, b""
         return self._login(username, password, "LOGIN")
 
-    @command("UTF8", states=AUTHORIZATION_ONLY, capability="UTF8 USER")
+    @command(
+        "UTF8", states=AUTHORIZATION_ONLY, capability=lambda s: "UTF8 USER" if s.plaintext_allowed else "UTF8"
+    )
     def pop_UTF8(self) -> Reply:
         """RFC 6856 s.2: UTF-8 mode. User names and passwords are taken as UTF-8 whether or not it is sent
-        (the USER tag says so); messages are served as stored (s.3: this server does not downgrade)."""
+        (the USER argument says so where USER/PASS may be used); messages are served as stored: this server
+        does not downgrade (s.4 leaves that to the server)."""
         self.utf8 = True
         return wire.ok("UTF8 enabled")
 
@@ -621,14 +624,14 @@ class Pop3Session:
             self._close()
             return wire.ok("Logging out")
         maildrop = self._opened()
-        self.state = State.UPDATE
-        deleted = sorted(maildrop.deleted)
+        deleted = sorted(maildrop.numbers_to_remove())
         try:
             maildrop.commit()
         except Exception:
             log.exception("%s: QUIT: committing %d deletions failed", self.peer, len(deleted))
-            self._close()  # releases the lock; nothing was deleted
+            self._close()  # releases the lock; nothing was deleted; the state stays TRANSACTION
             return wire.err(COMMIT_FAILED)
+        self.state = State.UPDATE
         self._maildrop = None  # commit() released the lock
         self.stats.deleted_count = len(deleted)
         self.stats.deleted_bytes = sum(maildrop.info(number).size for number in deleted)

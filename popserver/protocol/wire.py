@@ -87,6 +87,11 @@ def normalize_line_endings(data: bytes) -> bytes:
     return data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
 
 
+def expire_value(days: int | None) -> str:
+    """RFC 2449 s.6.7: the EXPIRE capability's policy, days or NEVER."""
+    return "NEVER" if days is None else str(days)
+
+
 def has_header_end(data: bytes) -> bool:
     """True if the header of CRLF ``data`` is followed by a blank line (RFC 5322 s.2.1), or it starts with one."""
     return data.startswith(CRLF) or b"\r\n\r\n" in data

@@ -118,8 +118,10 @@ class Pop3Handler(socketserver.BaseRequestHandler):
                     self.start_tls(session)
             if session.state is State.UPDATE:
                 reason = "Logged out"
-            elif session.quit_received:  # QUIT before login (Dovecot's words)
+            elif session.quit_received and session.username is None:  # QUIT before login (Dovecot's words)
                 reason = "Aborted login by logging out"
+            elif session.quit_received:
+                reason = "Logout failed, nothing deleted"
             else:
                 reason = "Closed by server"
         except SessionEnded as ended:

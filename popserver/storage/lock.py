@@ -26,7 +26,7 @@ from django.utils import timezone
 from ..conf import get_setting
 from ..exceptions import MailboxInUse
 from ..models import Mailbox
-from .deletion import batched
+from .deletion import BATCH_SIZE, batched
 from .writelock import one_writer
 
 logger = logging.getLogger("popserver.storage")
@@ -43,7 +43,6 @@ FREE = {
     "locked_at": None,
     "lock_heartbeat": None,
 }
-HEARTBEAT_BATCH = 500  # tokens per heartbeat UPDATE
 
 
 @dataclass(frozen=True)
@@ -187,7 +186,7 @@ def refresh_heartbeats() -> int:
         tokens = list(_live)
     touched = 0
     now = timezone.now()
-    for batch in batched(tokens, HEARTBEAT_BATCH):
+    for batch in batched(tokens, BATCH_SIZE):
         with one_writer():
             touched += Mailbox.objects.filter(lock_token__in=batch).update(lock_heartbeat=now)
     return touched

@@ -18,7 +18,7 @@ from ..signals import messages_deleted, send_safely
 from .bodies import get_body_store
 from .deletion import delete_messages
 from .lock import MailboxLock
-from .retention import POLICY_FIELDS, RetentionPolicy, hide_messages, policy_of, record_first_retrievals
+from .retention import RetentionPolicy, hide_messages, policy_of_mailbox, record_first_retrievals
 from .writelock import one_writer
 
 logger = logging.getLogger("popserver.storage")
@@ -31,7 +31,7 @@ def open_maildrop(mailbox_id: int, peer: str = "") -> OrmMaildrop:
     """
 
     def snapshot(mailbox: Mailbox) -> tuple[RetentionPolicy, list[tuple[int, int, str, bool]]]:
-        policy = policy_of(*(getattr(mailbox, name) for name in POLICY_FIELDS))
+        policy = policy_of_mailbox(mailbox)
         messages = Message.objects.visible().filter(mailbox_id=mailbox_id).order_by("id")
         return policy, list(messages.values_list("id", "size", "uid", "has_header_end"))
 
@@ -71,9 +71,7 @@ class OrmMaildrop(Maildrop):
 
         Under a keep-deleted policy the marked messages are hidden instead (restorable); under EXPIRE 0 the
         retrieved messages go as if marked."""
-        marked = set(self.deleted)
-        if self.policy.expire_days == 0:
-            marked |= self.retrieved
+        marked = self.numbers_to_remove()
         numbers = sorted(marked)
         ids = [self.message_ids[n - 1] for n in numbers]
         octets = sum(self.info(n).size for n in numbers)

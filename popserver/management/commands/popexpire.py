@@ -1,6 +1,6 @@
 """``manage.py popexpire``: apply the retention policies (run it from cron or a systemd timer)."""
 
-from django.core.management.base import BaseCommand
+from django.core.management.base import BaseCommand, CommandError
 
 from popserver.management.progress import Progress
 from popserver.storage.retention import apply_policies, mailboxes_with_work
@@ -20,3 +20,5 @@ class Command(BaseCommand):
         for name in report.skipped_locked:
             self.stderr.write(f"skipped {name}: locked by a POP3 session (done on the next run)")
         self.stdout.write(report.summary())
+        if report.failed:
+            raise CommandError(f"{report.failed} mailbox(es) failed: see the log", returncode=1)
