@@ -256,7 +256,9 @@ class CacheThrottle(Throttle):
 
     def clear(self, scope: str | None = None, key: str | None = None) -> int:
         if scope and key:
-            return int(bool(self.cache.delete(self._name("lock", scope, key))))
+            cleared = bool(self.cache.delete(self._name("lock", scope, key)))
+            self.cache.delete(self._name("count", scope, key))  # it outlives the lock-out (``reserve``)
+            return int(cleared)
         raise NotImplementedError("the cache throttle clears one scope and key at a time")
 
 
