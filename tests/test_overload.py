@@ -264,8 +264,11 @@ def test_a_handshake_dropped_to_make_room_ends_with_one_info_line(tls_server, al
     wait_for(lambda: len(tls_server.server.registry) == 1)
     newcomer = tls_server.socket()  # the plain listener: the server is full, the handshake makes room
     assert read_line(newcomer).startswith(b"+OK")
-    assert first.recv(100) == b""
     port = first.getsockname()[1]
+    try:
+        assert first.recv(100) == b""
+    except ConnectionResetError:  # closed with its ClientHello unread: a reset, also a clean end
+        pass
     lines = wait_for(lambda: session_end_lines(caplog, port))
     # "TLS handshake failed", or "Dropped to make room" when the cut came while the socket was being wrapped
     assert len(lines) == 1 and lines[0].levelname == "INFO"

@@ -11,16 +11,18 @@ counted as a failure before its password is checked, and a right password gives 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from django.core.cache import caches
-from django.db import IntegrityError, transaction
+from django.db import transaction
 from django.utils import timezone
 from django.utils.module_loading import import_string
 
 from popserver.conf import get_setting
+from popserver.exceptions import TemporaryLoginFailure
 from popserver.storage.writelock import one_writer
 
 Clock = Callable[[], datetime]
@@ -85,6 +87,24 @@ class Reservation:
     last: bool = False  # this admission reached the limit: the lock-out began with it
 
 
+@contextmanager
+def _locked_row(scope: str, key: str, now: datetime) -> Iterator:
+    """The counter row of (scope, key), row-locked in a transaction (SQLite: the writer lock). The row is
+    created first, on its own: ``select_for_update().get_or_create()`` takes gap locks on MariaDB, and
+    parallel first attempts then deadlock."""
+    from popserver.models import LoginThrottle
+
+    for _ in range(3):  # a right password may delete the row between the two steps
+        with one_writer():
+            LoginThrottle.objects.get_or_create(scope=scope, key=key, defaults={"window_started": now})
+        with one_writer(), transaction.atomic():
+            row = LoginThrottle.objects.select_for_update().filter(scope=scope, key=key).first()
+            if row is not None:
+                yield row
+                return
+    raise TemporaryLoginFailure()
+
+
 class DatabaseThrottle(Throttle):
     """Counters in ``LoginThrottle`` rows, updated under a row lock (SQLite: the IMMEDIATE transaction)."""
 
@@ -104,55 +124,33 @@ class DatabaseThrottle(Throttle):
         window = timedelta(seconds=get_setting("THROTTLE_WINDOW"))
         limit = get_setting("THROTTLE_ACCOUNT_FAILURES")
         key = account_key(username, ip)
-        for attempt in range(2):  # a concurrent first attempt may create the row between get and create
-            try:
-                with one_writer(), transaction.atomic():
-                    row, _ = LoginThrottle.objects.select_for_update().get_or_create(
-                        scope=LoginThrottle.ACCOUNT_IP, key=key, defaults={"window_started": now}
-                    )
-                    if row.locked_until and row.locked_until > now:
-                        return Reservation(admitted=False)
-                    if row.window_started < now - window:
-                        row.failures, row.window_started = 0, now
-                    row.failures += 1
-                    last = row.failures >= limit
-                    if last:
-                        row.locked_until = now + timedelta(seconds=get_setting("THROTTLE_LOCKOUT"))
-                        row.failures, row.window_started = 0, now
-                    row.save()
-                    return Reservation(admitted=True, last=last)
-            except IntegrityError:
-                if attempt:
-                    raise
-        raise AssertionError("unreachable")
+        with _locked_row(LoginThrottle.ACCOUNT_IP, key, now) as row:
+            if row.locked_until and row.locked_until > now:
+                return Reservation(admitted=False)
+            if row.window_started < now - window:
+                row.failures, row.window_started = 0, now
+            row.failures += 1
+            last = row.failures >= limit
+            if last:
+                row.locked_until = now + timedelta(seconds=get_setting("THROTTLE_LOCKOUT"))
+                row.failures, row.window_started = 0, now
+            row.save()
+            return Reservation(admitted=True, last=last)
 
     def failed(self, username: str, ip: str, *, trusted: bool, ip_only: bool = False) -> str | None:
-        from popserver.models import LoginThrottle
-
         now = self.clock()
         window = timedelta(seconds=get_setting("THROTTLE_WINDOW"))
         locked = None
         for scope, key, limit in self.scopes(username, ip, trusted, ip_only):
-            for attempt in range(2):  # a concurrent first failure may create the row between get and create
-                try:
-                    with one_writer(), transaction.atomic():
-                        row, _ = LoginThrottle.objects.select_for_update().get_or_create(
-                            scope=scope, key=key, defaults={"window_started": now}
-                        )
-                        if row.window_started < now - window and not (
-                            row.locked_until and row.locked_until > now
-                        ):
-                            row.failures, row.window_started = 0, now
-                        row.failures += 1
-                        if row.failures >= limit and not (row.locked_until and row.locked_until > now):
-                            row.locked_until = now + timedelta(seconds=get_setting("THROTTLE_LOCKOUT"))
-                            row.failures, row.window_started = 0, now
-                            locked = locked or scope
-                        row.save()
-                    break
-                except IntegrityError:
-                    if attempt:
-                        raise
+            with _locked_row(scope, key, now) as row:
+                if row.window_started < now - window and not (row.locked_until and row.locked_until > now):
+                    row.failures, row.window_started = 0, now
+                row.failures += 1
+                if row.failures >= limit and not (row.locked_until and row.locked_until > now):
+                    row.locked_until = now + timedelta(seconds=get_setting("THROTTLE_LOCKOUT"))
+                    row.failures, row.window_started = 0, now
+                    locked = locked or scope
+                row.save()
         return locked
 
     def succeeded(self, username: str, ip: str) -> None:
