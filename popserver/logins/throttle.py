@@ -124,6 +124,13 @@ class DatabaseThrottle(Throttle):
         window = timedelta(seconds=get_setting("THROTTLE_WINDOW"))
         limit = get_setting("THROTTLE_ACCOUNT_FAILURES")
         key = account_key(username, ip)
+        if limit > 1:  # most logins: no failure in the window, no row; the insert is the reservation
+            with one_writer():
+                _, created = LoginThrottle.objects.get_or_create(
+                    scope=LoginThrottle.ACCOUNT_IP, key=key, defaults={"window_started": now, "failures": 1}
+                )
+            if created:
+                return Reservation(admitted=True)
         with _locked_row(LoginThrottle.ACCOUNT_IP, key, now) as row:
             if row.locked_until and row.locked_until > now:
                 return Reservation(admitted=False)
