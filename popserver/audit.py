@@ -10,7 +10,7 @@ from datetime import timedelta
 
 from django.utils import timezone
 
-from .conf import get_setting
+from .conf import get_setting, node_name
 from .models import LoginEvent, SessionRecord
 from .writelock import one_writer
 
@@ -25,12 +25,14 @@ def _ip_or_none(ip: str) -> str | None:
 
 
 def record_login(*, username: str, peer_ip: str, mechanism: str, tls: bool, outcome: str, reason: str = "",
-                 mailbox=None) -> None:
+                 mailbox=None, tls_at_proxy: bool = False) -> None:
+    """``tls``: the client used TLS, to this server or (``tls_at_proxy``) to the load balancer in front."""
     try:
         with one_writer():
             LoginEvent.objects.create(
-                username=username[:255], peer_ip=_ip_or_none(peer_ip), mechanism=mechanism[:16], tls=tls,
-                outcome=outcome, reason=reason[:64], mailbox=mailbox,
+                username=username[:255], peer_ip=_ip_or_none(peer_ip), mechanism=mechanism[:16],
+                tls=tls or tls_at_proxy, tls_at_proxy=tls_at_proxy, node=node_name(), outcome=outcome,
+                reason=reason[:64], mailbox=mailbox,
             )
     except Exception:
         logger.exception("could not record a login event")
@@ -42,7 +44,7 @@ def record_session(*, mailbox, username: str, peer_ip: str, started_at, duration
         with one_writer():
             SessionRecord.objects.create(
                 mailbox=mailbox, username=username[:255], peer_ip=_ip_or_none(peer_ip), started_at=started_at,
-                duration=duration, end_reason=end_reason[:64], retrieved_count=stats.retr_count,
+                duration=duration, end_reason=end_reason[:64], node=node_name(), retrieved_count=stats.retr_count,
                 retrieved_bytes=stats.retr_bytes, deleted_count=stats.deleted_count,
                 deleted_bytes=stats.deleted_bytes,
             )

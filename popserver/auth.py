@@ -91,6 +91,7 @@ class DjangoAuthenticator:
         self.trusted = is_trusted_peer(peer_ip) if trusted is None else trusted
         self.throttle = throttle or get_throttle()
         self.tls = False  # set by the connection handler once TLS is on
+        self.tls_at_proxy = False  # the load balancer in front terminated TLS (PROXY v2 SSL TLV)
         # Called before the failed-login delay: the connection handler makes the connection droppable again
         # (a guesser must not keep its slot for the whole delay).
         self.before_failure_delay: Callable[[], None] = lambda: None
@@ -232,7 +233,7 @@ class DjangoAuthenticator:
 
     def _audit(self, username: str, mechanism: str, outcome: str, reason: str, mailbox=None) -> None:
         audit.record_login(username=username, peer_ip=self.peer_ip, mechanism=mechanism, tls=self.tls,
-                           outcome=outcome, reason=reason, mailbox=mailbox)
+                           tls_at_proxy=self.tls_at_proxy, outcome=outcome, reason=reason, mailbox=mailbox)
 
 
 def printable(text: str, limit: int = 64) -> str:

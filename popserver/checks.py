@@ -27,6 +27,7 @@ POSITIVE_NUMBERS = (
     "THROTTLE_IP_FAILURES",
     "THROTTLE_LOCKOUT",
     "AUDIT_RETENTION_DAYS",
+    "PROXY_HEADER_TIMEOUT",
 )
 
 
@@ -62,6 +63,7 @@ def check_settings(app_configs=None, **kwargs):
             ipaddress.ip_network(network, strict=False)
     except (TypeError, ValueError) as exc:
         messages.append(Error(f"POPSERVER_TRUSTED_NETWORKS is not a list of networks: {exc}", id="popserver.E002"))
+    messages += check_proxy_and_node()
     if not isinstance(get_setting("BODY_CHUNK_SIZE"), int) or get_setting("BODY_CHUNK_SIZE") > 8 * 1024 * 1024:
         messages.append(Warning("POPSERVER_BODY_CHUNK_SIZE over 8 MiB may exceed MariaDB's max_allowed_packet.",
                                 id="popserver.W003"))
@@ -141,3 +143,33 @@ def check_mail_fallback_backend() -> list:
     if path == "popserver.mail.LocalDeliveryBackend":
         return [Error("POPSERVER_MAIL_FALLBACK_BACKEND cannot be LocalDeliveryBackend itself.", id="popserver.E006")]
     return []
+
+
+def check_proxy_and_node() -> list:
+    """POPSERVER_PROXY_TRUSTED_NETWORKS must be CIDRs (a typo would refuse every proxied client, or trust a
+    network nobody meant); POPSERVER_NODE_NAME one printable word (it goes into log lines and lock rows)."""
+    messages = []
+    networks = get_setting("PROXY_TRUSTED_NETWORKS")
+    try:
+        if isinstance(networks, str):
+            raise TypeError("a string, not a list")
+        for network in networks:
+            ipaddress.ip_network(network, strict=False)
+    except (TypeError, ValueError) as exc:
+        messages.append(
+            Error(
+                f"POPSERVER_PROXY_TRUSTED_NETWORKS is not a list of networks: {exc}",
+                hint='For example ["10.0.0.5/32", "2001:db8::/64"]: the addresses of your load balancers.',
+                id="popserver.E007",
+            )
+        )
+    name = get_setting("NODE_NAME")
+    if not isinstance(name, str) or len(name) > 64 or any(not ch.isprintable() or ch.isspace() for ch in name):
+        messages.append(
+            Error(
+                f"POPSERVER_NODE_NAME must be at most 64 printable characters without spaces, not {name!r}.",
+                hint="Leave it empty to use the host name.",
+                id="popserver.E008",
+            )
+        )
+    return messages

@@ -3,6 +3,7 @@
 Use ``get_setting("MAX_MESSAGE_SIZE")``; never read ``django.conf.settings.POPSERVER_*`` elsewhere, and
 never write defaults into ``settings`` (tests change settings with ``override_settings``).
 """
+import socket
 from typing import Any
 
 from django.conf import settings
@@ -56,6 +57,10 @@ DEFAULTS: dict[str, Any] = {
     # Mailbox lock
     "LOCK_HEARTBEAT": 30,  # seconds between a live session's lock heartbeats
     "LOCK_STALE_AFTER": 120,  # a lock whose heartbeat is older than this is free (a crashed server's)
+    # Several nodes behind a load balancer
+    "NODE_NAME": "",  # names this node in lock holders, logs and audit rows; empty: the host name
+    "PROXY_TRUSTED_NETWORKS": [],  # proxies whose PROXY headers runpop3 --proxy-protocol accepts (CIDR list)
+    "PROXY_HEADER_TIMEOUT": 3,  # seconds a trusted proxy has to send the PROXY header
     # Protocol
     "GREETING": "popserver ready.",
     "IMPLEMENTATION": "popserver",
@@ -67,3 +72,8 @@ def get_setting(name: str) -> Any:
     if name not in DEFAULTS:
         raise KeyError(f"unknown popserver setting {name!r}")
     return getattr(settings, f"POPSERVER_{name}", DEFAULTS[name])
+
+
+def node_name() -> str:
+    """This node's name: POPSERVER_NODE_NAME, or the host name."""
+    return str(get_setting("NODE_NAME") or socket.gethostname())[:64]
