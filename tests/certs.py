@@ -1,4 +1,5 @@
 """A throw-away CA and a certificate for localhost/127.0.0.1 (trustme), as files, for live TLS tests."""
+
 from __future__ import annotations
 
 import ssl

@@ -24,8 +24,14 @@ def dead_pid() -> int:
 
 def other_node(name: str, *, host: str = "elsewhere.example.org", pid: int = 4242, age: float = 0) -> Node:
     now = timezone.now()
-    return Node.objects.create(name=name, host=host, pid=pid, instance="x" * 32, started_at=now,
-                               heartbeat=now - timedelta(seconds=age))
+    return Node.objects.create(
+        name=name,
+        host=host,
+        pid=pid,
+        instance="x" * 32,
+        started_at=now,
+        heartbeat=now - timedelta(seconds=age),
+    )
 
 
 def test_node_name_defaults_to_the_host_name(settings):
@@ -39,7 +45,11 @@ def test_locks_are_held_in_the_nodes_name(db, settings, make_mailbox):
     mailbox = make_mailbox("alice")
     maildrop = open_maildrop(mailbox.pk, "192.0.2.10:50000")
     locked = Mailbox.objects.get(pk=mailbox.pk)
-    assert (locked.lock_host, locked.lock_pid, locked.lock_peer) == ("pop-eu-1", os.getpid(), "192.0.2.10:50000")
+    assert (locked.lock_host, locked.lock_pid, locked.lock_peer) == (
+        "pop-eu-1",
+        os.getpid(),
+        "192.0.2.10:50000",
+    )
     maildrop.release()
 
 
@@ -51,8 +61,14 @@ def test_a_live_lock_of_another_node_on_this_machine_waits_for_its_heartbeat(db,
     settings.POPSERVER_LOCK_STALE_AFTER = 60
     mailbox = make_mailbox("alice")
     now = timezone.now()
-    Mailbox.objects.filter(pk=mailbox.pk).update(lock_token="t" * 32, lock_host="pop-a", lock_pid=dead_pid(),
-                                                 lock_instance="i" * 32, locked_at=now, lock_heartbeat=now)
+    Mailbox.objects.filter(pk=mailbox.pk).update(
+        lock_token="t" * 32,
+        lock_host="pop-a",
+        lock_pid=dead_pid(),
+        lock_instance="i" * 32,
+        locked_at=now,
+        lock_heartbeat=now,
+    )
     with pytest.raises(MailboxInUse):
         open_maildrop(mailbox.pk)
     Mailbox.objects.filter(pk=mailbox.pk).update(lock_heartbeat=now - timedelta(seconds=61))
@@ -62,8 +78,12 @@ def test_a_live_lock_of_another_node_on_this_machine_waits_for_its_heartbeat(db,
 def test_claim_release_and_claim_again(db, settings):
     settings.POPSERVER_NODE_NAME = "pop-a"
     node = claim_node_name()
-    assert (node.name, node.host, node.pid, node.instance) == ("pop-a", socket.gethostname(), os.getpid(),
-                                                               this_process().instance)
+    assert (node.name, node.host, node.pid, node.instance) == (
+        "pop-a",
+        socket.gethostname(),
+        os.getpid(),
+        this_process().instance,
+    )
     assert claim_node_name().pk == node.pk  # the same process may claim again (in-thread test servers)
     assert refresh_node_heartbeat()
     release_node_name()
@@ -74,7 +94,9 @@ def test_a_live_node_elsewhere_keeps_its_name(db, settings):
     settings.POPSERVER_NODE_NAME = "pop-a"
     settings.POPSERVER_LOCK_STALE_AFTER = 120
     other_node("pop-a", age=10)
-    with pytest.raises(NodeNameInUse, match=r"node name 'pop-a' is in use by pid 4242 on elsewhere\.example\.org"):
+    with pytest.raises(
+        NodeNameInUse, match=r"node name 'pop-a' is in use by pid 4242 on elsewhere\.example\.org"
+    ):
         claim_node_name()
     assert Node.objects.get().host == "elsewhere.example.org"
 
@@ -126,8 +148,13 @@ def test_a_killed_runpop3s_name_is_free_for_its_restart(runpop3):
 
 
 def test_proxy_protocol_without_trusted_proxies_refuses_to_start(transactional_db):
-    result = subprocess.run(manage_py_command("runpop3", "127.0.0.1:0", "--proxy-protocol"),
-                            env=subprocess_env(), capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        manage_py_command("runpop3", "127.0.0.1:0", "--proxy-protocol"),
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 1 and "POPSERVER_PROXY_TRUSTED_NETWORKS is empty" in result.stderr
 
 

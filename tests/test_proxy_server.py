@@ -71,7 +71,10 @@ def test_the_client_in_a_v2_header_is_the_peer_everywhere(proxied, alice, settin
     sock.close()
     assert backends.addresses == ["192.0.2.10", "192.0.2.10"]  # the request given to authenticate()
     events = list(LoginEvent.objects.order_by("time").values_list("peer_ip", "node", "outcome", "tls"))
-    assert events == [("192.0.2.10", "pop-test-1", "failed", False), ("192.0.2.10", "pop-test-1", "success", False)]
+    assert events == [
+        ("192.0.2.10", "pop-test-1", "failed", False),
+        ("192.0.2.10", "pop-test-1", "success", False),
+    ]
     record = wait_for(lambda: SessionRecord.objects.first())
     assert (record.peer_ip, record.node) == ("192.0.2.10", "pop-test-1")
     line = wait_for(lambda: logs(caplog, "Disconnected: Logged out"))[0]
@@ -140,8 +143,12 @@ def test_tls_at_the_proxy_counts_as_tls_for_the_plaintext_policy(proxied, alice,
         capa += sock.recv(1000)
     assert b"\r\nUSER\r\n" in capa and b"STLS" not in capa
     sock.sendall(b"STLS\r\nUSER alice\r\nPASS secret\r\nQUIT\r\n")
-    assert read_lines(sock, 4) == [b"-ERR TLS is already active.", b"+OK", b"+OK Logged in.",
-                                   b"+OK Logging out."]
+    assert read_lines(sock, 4) == [
+        b"-ERR TLS is already active.",
+        b"+OK",
+        b"+OK Logged in.",
+        b"+OK Logging out.",
+    ]
     success = LoginEvent.objects.get(outcome="success")
     assert success.tls and success.tls_at_proxy and success.peer_ip == "192.0.2.10"
     assert not LoginEvent.objects.filter(tls_at_proxy=True).exclude(pk=success.pk).exists()
@@ -195,8 +202,9 @@ def test_implicit_tls_reads_the_header_before_the_handshake(settings, pop3_serve
     settings.POPSERVER_PROXY_TRUSTED_NETWORKS = ["127.0.0.1/32"]
     certs = make_cert_files(tmp_path)
     client_context = certs.client_context
-    server = pop3_server_factory(tls=TlsContextHolder(certs.certfile, certs.keyfile), implicit_tls=True,
-                                 proxy_protocol=True)
+    server = pop3_server_factory(
+        tls=TlsContextHolder(certs.certfile, certs.keyfile), implicit_tls=True, proxy_protocol=True
+    )
     raw = connect(server, v2(CLIENT), port=server.tls_port)
     with client_context.wrap_socket(raw, server_hostname="localhost") as sock:
         assert read_lines(sock, 1)[0].startswith(b"+OK")

@@ -72,12 +72,18 @@ def _claim() -> Node:
                 "Give every node its own POPSERVER_NODE_NAME; if that node is gone, its name is free "
                 f"{max(0, get_setting('LOCK_STALE_AFTER') - age):.0f} s from now."
             )
-        fields = {"host": socket.gethostname()[:255], "pid": me.pid, "instance": me.instance, "heartbeat": now}
+        fields = {
+            "host": socket.gethostname()[:255],
+            "pid": me.pid,
+            "instance": me.instance,
+            "heartbeat": now,
+        }
         if node is None:
             return Node.objects.create(name=me.host, started_at=now, **fields)
         if node.instance != me.instance:
-            logger.info("node %s: taking over the name from pid %s on %s, which is gone", me.host, node.pid,
-                        node.host)
+            logger.info(
+                "node %s: taking over the name from pid %s on %s, which is gone", me.host, node.pid, node.host
+            )
             fields["started_at"] = now
         Node.objects.filter(pk=node.pk).update(**fields)
         return Node.objects.get(pk=node.pk)
@@ -89,8 +95,11 @@ def refresh_node_heartbeat() -> bool:
     with one_writer():
         touched = Node.objects.filter(name=me.host, instance=me.instance).update(heartbeat=timezone.now())
     if not touched:
-        logger.error("node %s: the name is no longer ours (another node claimed it after our heartbeat "
-                     "lapsed); give every node its own POPSERVER_NODE_NAME", me.host)
+        logger.error(
+            "node %s: the name is no longer ours (another node claimed it after our heartbeat "
+            "lapsed); give every node its own POPSERVER_NODE_NAME",
+            me.host,
+        )
     return bool(touched)
 
 
