@@ -1,4 +1,5 @@
 """Authentication backends used by the tests (configured with override_settings)."""
+
 from django.contrib.auth.backends import ModelBackend
 
 calls: list[str] = []
@@ -21,12 +22,12 @@ class RequestRequiredBackend(ModelBackend):
         return super().authenticate(request, username=username, password=password, **kwargs)
 
 
-addresses: list[str] = []
+seen_addresses: list[str] = []
 
 
 class AddressRecordingBackend(ModelBackend):
-    """ModelBackend that records the REMOTE_ADDR of every request it is given."""
+    """ModelBackend that records the client address each request carried (REMOTE_ADDR)."""
 
     def authenticate(self, request, username=None, password=None, **kwargs):
-        addresses.append(request.META.get("REMOTE_ADDR") if request is not None else None)
+        seen_addresses.append(request.META.get("REMOTE_ADDR") if request is not None else None)
         return super().authenticate(request, username=username, password=password, **kwargs)

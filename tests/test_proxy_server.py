@@ -56,7 +56,7 @@ def logs(caplog, text: str) -> list[str]:
 def test_the_client_in_a_v2_header_is_the_peer_everywhere(proxied, alice, settings, caplog):
     settings.POPSERVER_PLAINTEXT_AUTH = "always"
     settings.AUTHENTICATION_BACKENDS = ["tests.backends.AddressRecordingBackend"]
-    backends.addresses.clear()
+    backends.seen_addresses.clear()
     sock = connect(proxied, v2(CLIENT))
     assert read_lines(sock, 1)[0].startswith(b"+OK")
     sock.sendall(b"USER alice\r\nPASS wrong\r\n")
@@ -69,7 +69,7 @@ def test_the_client_in_a_v2_header_is_the_peer_everywhere(proxied, alice, settin
     sock.sendall(b"QUIT\r\n")
     assert read_lines(sock, 1)[0].startswith(b"+OK")
     sock.close()
-    assert backends.addresses == ["192.0.2.10", "192.0.2.10"]  # the request given to authenticate()
+    assert backends.seen_addresses == ["192.0.2.10", "192.0.2.10"]  # the request given to authenticate()
     events = list(LoginEvent.objects.order_by("time").values_list("peer_ip", "node", "outcome", "tls"))
     assert events == [
         ("192.0.2.10", "pop-test-1", "failed", False),

@@ -1,7 +1,10 @@
-"""One POP3 connection: socket I/O, deadlines, database-connection hygiene and the session-end log line.
+"""One POP3 connection: socket I/O, deadlines, output batching, database-connection hygiene and the
+session-end log line.
 
-The protocol itself lives in ``popserver.protocol.session``; this module only moves bytes.
+The protocol lives in ``popserver.protocol.session``; logins, their policy and the audit in
+``popserver.logins``. This module moves bytes between them and the socket.
 """
+
 from __future__ import annotations
 
 import logging
@@ -15,12 +18,13 @@ from collections.abc import Iterable
 from django.db import connections
 from django.utils import timezone
 
-from ..audit import record_session
-from ..auth import DjangoAuthenticator, printable
 from ..conf import get_setting, node_name
 from ..exceptions import TemporaryLoginFailure
+from ..logins.audit import session_ended
+from ..logins.authenticator import DjangoAuthenticator, printable
+from ..logins.peers import plaintext_allowed
 from ..protocol.session import Pop3Session, State
-from ..signals import send_safely, session_closed
+from ..protocol.wire import FLUSH
 from .proxy_protocol import ProxyHeader, ProxyHeaderError, read_header
 from .tls import HANDSHAKE_TIMEOUT
 
@@ -29,6 +33,7 @@ logger = logging.getLogger("popserver.server")
 RECV_SIZE = 64 * 1024
 # Replies are coalesced up to this many octets per write (few writes: see PITFALLS on Nagle).
 WRITE_COALESCE = 256 * 1024
+MAX_IOVEC = 512  # buffers per sendmsg (Linux allows 1024)
 # A session idle this long gives its database connection back (PostgreSQL allows ~100 in all).
 DB_IDLE_CLOSE = 1.0
 
@@ -40,13 +45,29 @@ KEEPALIVE = {"TCP_KEEPIDLE": 60, "TCP_KEEPINTVL": 10, "TCP_KEEPCNT": 3}
 
 def set_socket_options(sock: socket.socket) -> None:
     options = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1), (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)]
-    options += [(socket.IPPROTO_TCP, getattr(socket, name), value) for name, value in KEEPALIVE.items()
-                if hasattr(socket, name)]
+    options += [
+        (socket.IPPROTO_TCP, getattr(socket, name), value)
+        for name, value in KEEPALIVE.items()
+        if hasattr(socket, name)
+    ]
     for level, option, value in options:
         try:
             sock.setsockopt(level, option, value)
         except OSError:
             pass
+
+
+def send_buffers(sock: socket.socket, buffers: list[bytes]) -> None:
+    """``sendall`` for a list of buffers, with ``sendmsg`` (partial writes resumed where they stopped)."""
+    views = [memoryview(buffer) for buffer in buffers]
+    while views:
+        sent = sock.sendmsg(views[:MAX_IOVEC])
+        while sent and views:
+            if sent >= len(views[0]):
+                sent -= len(views.pop(0))
+            else:
+                views[0] = views[0][sent:]
+                sent = 0
 
 
 class SessionEnded(Exception):
@@ -82,7 +103,9 @@ class Pop3Handler(socketserver.BaseRequestHandler):
         authenticator.tls = self.server.implicit_tls or self.tls_at_proxy
         authenticator.tls_at_proxy = self.tls_at_proxy
         # A failed login waits its delay as an idle connection: droppable again, like any other.
-        authenticator.before_failure_delay = lambda: self.server.registry.end_login(self.request, logged_in=False)
+        authenticator.before_failure_delay = lambda: self.server.registry.end_login(
+            self.request, logged_in=False
+        )
         self.session = session = self.make_session(authenticator)
         reason = "Connection closed"
         try:
@@ -144,14 +167,23 @@ class Pop3Handler(socketserver.BaseRequestHandler):
         if header.source is not None:
             self.peer_ip, self.peer_port = header.source
             self.peer = f"{self.peer_ip}:{self.peer_port}"
-            if not self.server.registry.readdress(self.request, self.peer_ip,
-                                                  trusted=self.server.is_trusted(self.peer_ip)):
-                logger.warning("refusing %s (through %s): too many unauthenticated connections", self.peer, proxy)
+            if not self.server.registry.readdress(
+                self.request, self.peer_ip, trusted=self.server.is_trusted(self.peer_ip)
+            ):
+                logger.warning(
+                    "refusing %s (through %s): too many unauthenticated connections", self.peer, proxy
+                )
                 if not self.server.implicit_tls:
                     self.send_quietly(b"-ERR [SYS/TEMP] Too many connections, try again later.\r\n")
                 return False
-        logger.debug("%s: PROXY v%d header from %s%s%s", self.peer, header.version, proxy,
-                     " (health check)" if header.local else "", " (TLS at proxy)" if header.tls_at_proxy else "")
+        logger.debug(
+            "%s: PROXY v%d header from %s%s%s",
+            self.peer,
+            header.version,
+            proxy,
+            " (health check)" if header.local else "",
+            " (TLS at proxy)" if header.tls_at_proxy else "",
+        )
         return True
 
     def make_session(self, authenticator: DjangoAuthenticator) -> Pop3Session:
@@ -185,12 +217,7 @@ class Pop3Handler(socketserver.BaseRequestHandler):
         )
 
     def plaintext_allowed(self, tls_active: bool) -> bool:
-        """Dovecot's ``disable_plaintext_auth``: passwords in the clear only over TLS or from a trusted
-        network, unless POPSERVER_PLAINTEXT_AUTH says "always" (or "never": TLS even from trusted ones)."""
-        policy = get_setting("PLAINTEXT_AUTH")
-        if tls_active or policy == "always":
-            return True
-        return policy == "trusted" and self.authenticator.trusted
+        return plaintext_allowed(tls_active=tls_active, trusted=self.authenticator.trusted)
 
     # TLS ------------------------------------------------------------------------------------------------
     def handshake(self) -> None:
@@ -259,22 +286,39 @@ class Pop3Handler(socketserver.BaseRequestHandler):
 
     # Output ---------------------------------------------------------------------------------------------
     def send(self, chunks: Iterable[bytes]) -> int:
-        """Write everything ``chunks`` yields, coalesced into few large writes; returns octets sent."""
+        """Write everything ``chunks`` yields in few large writes (Nagle: see PITFALLS); returns octets sent.
+
+        Output is gathered up to WRITE_COALESCE octets, and written early at the session's ``FLUSH`` mark."""
         self.sock.settimeout(get_setting("AUTOLOGOUT"))  # a client that stops reading is dropped in time
         pending: list[bytes] = []
         pending_size = total = 0
         for chunk in chunks:
-            pending.append(chunk)
-            pending_size += len(chunk)
-            # An empty chunk is the session's flush mark: what came before must not wait (a login follows).
-            if pending_size >= WRITE_COALESCE or (not chunk and pending_size):
-                self.sock.sendall(b"".join(pending))
-                total += pending_size
-                pending, pending_size = [], 0
+            if chunk is FLUSH:
+                if pending:
+                    self.write(pending)
+                    total += pending_size
+                    pending, pending_size = [], 0
+                continue
+            if chunk:
+                pending.append(chunk)
+                pending_size += len(chunk)
+                if pending_size >= WRITE_COALESCE:
+                    self.write(pending)
+                    total += pending_size
+                    pending, pending_size = [], 0
         if pending:
-            self.sock.sendall(b"".join(pending))
+            self.write(pending)
             total += pending_size
         return total
+
+    def write(self, buffers: list[bytes]) -> None:
+        """Send ``buffers`` whole: one ``sendmsg`` gather-write where the socket has it (no join), else joined."""
+        if len(buffers) == 1:
+            self.sock.sendall(buffers[0])
+        elif isinstance(self.sock, ssl.SSLSocket):
+            self.sock.sendall(b"".join(buffers))
+        else:
+            send_buffers(self.sock, buffers)
 
     def send_quietly(self, data: bytes) -> None:
         try:
@@ -292,14 +336,25 @@ class Pop3Handler(socketserver.BaseRequestHandler):
             attempts = authenticator.attempts
             if not attempts:
                 # A load balancer's health check every few seconds would drown the log at INFO.
-                logger.log(logging.DEBUG if self.health_check else logging.INFO,
-                           "Disconnected: %s (no auth attempts) peer=%s duration=%.1fs node=%s", reason, self.peer,
-                           duration, node)
+                logger.log(
+                    logging.DEBUG if self.health_check else logging.INFO,
+                    "Disconnected: %s (no auth attempts) peer=%s duration=%.1fs node=%s",
+                    reason,
+                    self.peer,
+                    duration,
+                    node,
+                )
                 return
             logger.info(
                 "Disconnected: %s (%s, %d attempts) user=<%s> method=%s peer=%s duration=%.1fs node=%s",
-                reason, authenticator.refusal, attempts, printable(authenticator.last_username),
-                authenticator.last_mechanism, self.peer, duration, node,
+                reason,
+                authenticator.refusal,
+                attempts,
+                printable(authenticator.last_username),
+                authenticator.last_mechanism,
+                self.peer,
+                duration,
+                node,
             )
             return
         stats = session.stats
@@ -318,29 +373,13 @@ class Pop3Handler(socketserver.BaseRequestHandler):
             stats.mailbox_size,
             node,
         )
-        record_session(
+        session_ended(
             mailbox=authenticator.mailbox,
             username=session.username,
+            peer=self.peer,
             peer_ip=self.peer_ip,
             started_at=self.started_at,
             duration=duration,
             end_reason=reason,
             stats=stats,
-        )
-        send_safely(
-            session_closed,
-            mailbox=authenticator.mailbox,
-            peer=self.peer,
-            stats={
-                "reason": reason,
-                "duration": duration,
-                "top_count": stats.top_count,
-                "top_bytes": stats.top_bytes,
-                "retr_count": stats.retr_count,
-                "retr_bytes": stats.retr_bytes,
-                "deleted_count": stats.deleted_count,
-                "deleted_bytes": stats.deleted_bytes,
-                "messages": stats.messages,
-                "mailbox_size": stats.mailbox_size,
-            },
         )

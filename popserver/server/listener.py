@@ -3,6 +3,7 @@
 ``serve_forever()`` runs in one thread; ``stop()`` is called from another (stdlib: ``shutdown()`` deadlocks if
 called from the serving thread, so signal handlers only set an event: see ``runpop3``).
 """
+
 from __future__ import annotations
 
 import logging
@@ -16,8 +17,8 @@ from collections.abc import Callable
 from django.db import connections
 
 from ..conf import get_setting, node_name
-from ..maildrop import refresh_heartbeats, release_all_live_locks, release_dead_locks
-from ..peers import is_trusted_peer, is_trusted_proxy, peer_group
+from ..logins.peers import is_trusted_peer, is_trusted_proxy, peer_group
+from ..storage.lock import refresh_heartbeats, release_all_live_locks, release_dead_locks
 from .handler import Pop3Handler
 from .tls import TlsContextHolder
 
@@ -177,7 +178,7 @@ class SessionRegistry:
                 self._logging_in.pop(sock, None)
                 self._slot_free.add(sock)
 
-    def remove(self, sock: socket.socket, peer_ip: str = "") -> None:
+    def remove(self, sock: socket.socket) -> None:
         """The connection's thread has ended."""
         with self._guard:
             self._sockets.pop(sock, None)
@@ -261,7 +262,9 @@ class Pop3Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
         peer_ip = client_address[0]
         if self.proxy_protocol:
             if not self.is_trusted_proxy(peer_ip):
-                logger.info("refusing %s: not in POPSERVER_PROXY_TRUSTED_NETWORKS (PROXY protocol listener)", peer_ip)
+                logger.info(
+                    "refusing %s: not in POPSERVER_PROXY_TRUSTED_NETWORKS (PROXY protocol listener)", peer_ip
+                )
                 self.shutdown_request(request)
                 return
             # Not capped per IP until its header names the client (SessionRegistry.readdress).
@@ -280,12 +283,14 @@ class Pop3Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
             return
         try:
             threading.Thread(
-                target=self.process_request_thread, args=(request, client_address), daemon=True,
+                target=self.process_request_thread,
+                args=(request, client_address),
+                daemon=True,
                 name=f"pop3 {peer_ip}:{client_address[1]}",
             ).start()
         except RuntimeError:  # no thread could be started: give the slot back
             logger.exception("could not start a session thread for %s", peer_ip)
-            self.registry.remove(request, peer_ip)
+            self.registry.remove(request)
             self.shutdown_request(request)
 
     def process_request_thread(self, request, client_address) -> None:
@@ -294,7 +299,7 @@ class Pop3Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
         except Exception:  # noqa: BLE001 - the connection's last resort: logged, never kills the server
             self.handle_error(request, client_address)
         finally:
-            self.registry.remove(request, client_address[0])
+            self.registry.remove(request)
             self.shutdown_request(request)
             connections.close_all()
 
@@ -355,13 +360,22 @@ def start_servers(
     release_dead_locks()
     connections.close_all()
     registry = SessionRegistry()
-    options = {"stop_event": stop_event, "tls": tls, "is_trusted": is_trusted, "registry": registry,
-               "proxy_protocol": proxy_protocol}
+    options = {
+        "stop_event": stop_event,
+        "tls": tls,
+        "is_trusted": is_trusted,
+        "registry": registry,
+        "proxy_protocol": proxy_protocol,
+    }
     servers = [Pop3Server(a, **options) for a in addresses]
     servers += [Pop3Server(a, implicit_tls=True, **options) for a in implicit_tls_addresses]
     for server in servers:
-        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.5}, daemon=True,
-                         name=f"pop3 listener {server.display_address}").start()
+        threading.Thread(
+            target=server.serve_forever,
+            kwargs={"poll_interval": 0.5},
+            daemon=True,
+            name=f"pop3 listener {server.display_address}",
+        ).start()
         kind = "POP3S (implicit TLS)" if server.implicit_tls else "POP3" + (" with STLS" if tls else "")
         kind += " behind a proxy (PROXY protocol)" if proxy_protocol else ""
         logger.info("%s server listening on %s (node %s)", kind, server.display_address, node_name())

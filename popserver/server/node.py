@@ -11,7 +11,6 @@ restart after kill -9 needs no wait). A clean stop gives the name back.
 from __future__ import annotations
 
 import logging
-import os
 import socket
 import threading
 from datetime import timedelta
@@ -20,9 +19,9 @@ from django.db import IntegrityError, connections, transaction
 from django.utils import timezone
 
 from ..conf import get_setting, node_name
-from ..maildrop import this_process
+from ..storage.lock import pid_is_alive, this_process
 from ..models import Node
-from ..writelock import one_writer
+from ..storage.writelock import one_writer
 
 logger = logging.getLogger("popserver.server")
 
@@ -31,25 +30,13 @@ class NodeNameInUse(Exception):
     """Another live node has this name: the message says which and what to do."""
 
 
-def _pid_is_alive(pid: int) -> bool:
-    if pid <= 0:  # os.kill(0, ...) would signal our own process group
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _holder_is_gone(node: Node, now) -> bool:
     if node.heartbeat < now - timedelta(seconds=get_setting("LOCK_STALE_AFTER")):
         return True
     me = this_process()
     if node.host == socket.gethostname():
         # A pid reused by this very process (a container's pid 1) is a dead predecessor too.
-        return node.pid == me.pid or not _pid_is_alive(node.pid)
+        return node.pid == me.pid or not pid_is_alive(node.pid)
     return False
 
 

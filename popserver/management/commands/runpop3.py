@@ -1,4 +1,5 @@
 """``manage.py runpop3 [ADDR:PORT]``: run the POP3 server in the foreground until SIGINT or SIGTERM."""
+
 import errno
 import signal
 import threading
@@ -74,8 +75,13 @@ class Command(BaseCommand):
         # SIGHUP (logrotate, systemctl reload) reloads the certificate; without TLS it is ignored, never fatal.
         signal.signal(signal.SIGHUP, lambda *_: reload_requested.set())
         try:
-            servers = start_servers([address], stop, tls=tls, implicit_tls_addresses=tls_addresses,
-                                    proxy_protocol=options["proxy_protocol"])
+            servers = start_servers(
+                [address],
+                stop,
+                tls=tls,
+                implicit_tls_addresses=tls_addresses,
+                proxy_protocol=options["proxy_protocol"],
+            )
         except OSError as exc:
             release_node_name()
             raise CommandError(f"Error: {ERRORS.get(exc.errno, exc.strerror or exc)}") from None
