@@ -1,4 +1,5 @@
-"""Two runpop3 nodes behind a real HAProxy (Debian's), on one database: the deployment of the README.
+"""Two runpop3 nodes behind a real HAProxy (Debian's), on one database: the deployment of the README, whose
+haproxy.cfg block this test runs (``haproxy_config``).
 
 HAProxy (TCP mode, ``send-proxy-v2-ssl``, health checks by the greeting with ``check-send-proxy``) listens on
 sockets this test binds on free ports and hands over as ``fd@N``. Clients bind 127.0.0.2 or 127.0.0.3 before
@@ -41,37 +42,18 @@ NODE_ENV = {
     "POPSERVER_LOCK_HEARTBEAT": "1",
 }
 
-# The configuration the README shows, with test ports, paths and short check intervals.
-HAPROXY_CFG = """\
-global
-    stats socket {run}/admin.sock mode 600 level admin
-
-defaults
-    mode tcp
-    timeout connect 5s
-    timeout client 11m
-    timeout server 11m
-    timeout check 2s
-
-frontend pop3s
-    bind fd@{fd_tls} ssl crt {crt}
-    default_backend pop3_nodes
-
-frontend pop3
-    bind fd@{fd_plain}
-    default_backend pop3_nodes
-
-backend pop3_nodes
-    balance roundrobin
-    option tcp-check
-    tcp-check expect string +OK
-    tcp-check send QUIT\\r\\n
-    tcp-check expect string +OK
-    default-server send-proxy-v2-ssl check-send-proxy check inter 300ms fall 2 rise 1
-    server a 127.0.0.1:{port_a}
-    server b 127.0.0.1:{port_b}
-
-# One node each, for the tests that need to choose.
+README = Path(__file__).resolve().parent.parent / "README.md"
+# The README's haproxy.cfg, made local: (what the README says, what the test runs), each found exactly once.
+LOCAL = [
+    ("stats socket /run/haproxy/admin.sock", "stats socket {run}/admin.sock"),
+    ("bind :995 ssl crt /etc/haproxy/mail.pem", "bind fd@{fd_tls} ssl crt {crt}"),
+    ("bind :110\n", "bind fd@{fd_plain}\n"),
+    ("check inter 2s fall 2", "check inter 300ms fall 2"),
+    ("server pop1 10.0.0.11:8110", "server a 127.0.0.1:{port_a}"),
+    ("server pop2 10.0.0.12:8110", "server b 127.0.0.1:{port_b}"),
+]
+# One node each, for the tests that must choose.
+PER_NODE = """
 frontend pop3s_a
     bind fd@{fd_a} ssl crt {crt}
     default_backend pop3_a
@@ -92,6 +74,17 @@ backend pop3_b
     default-server send-proxy-v2-ssl check-send-proxy check inter 300ms fall 2 rise 1
     server b 127.0.0.1:{port_b}
 """
+
+
+def haproxy_config(**values) -> str:
+    """The README's deployment haproxy.cfg with this test's sockets, certificate and nodes, plus PER_NODE."""
+    text = README.read_text()
+    start = text.index("```\n", text.index("The `haproxy.cfg` that `tests/test_haproxy.py` runs")) + 4
+    config = text[start : text.index("```", start)]
+    for published, local in LOCAL:
+        assert config.count(published) == 1, f"the README's haproxy.cfg no longer says {published!r}"
+        config = config.replace(published, local.format(**values))
+    return config + PER_NODE.format(**values)
 
 
 class Client:
@@ -144,7 +137,7 @@ class Cluster:
             self.listeners[name] = listener
         config = folder / "haproxy.cfg"
         config.write_text(
-            HAPROXY_CFG.format(
+            haproxy_config(
                 run=folder,
                 crt=self.certs.combined,
                 port_a=self.nodes["a"].port,
