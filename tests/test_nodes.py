@@ -168,17 +168,17 @@ def check_ids(settings, **overrides) -> list[str]:
 
 @pytest.mark.parametrize("value", [["10.0.0.0/33"], ["not a network"], "10.0.0.0/8", [None]])
 def test_bad_proxy_networks_are_an_error(settings, value):
-    assert "popserver.E010" in check_ids(settings, PROXY_TRUSTED_NETWORKS=value)
+    assert "popserver.E012" in check_ids(settings, PROXY_TRUSTED_NETWORKS=value)
 
 
 def test_good_proxy_networks_pass(settings):
     ids = check_ids(settings, PROXY_TRUSTED_NETWORKS=["10.0.0.5/32", "2001:db8::/64"], NODE_NAME="pop-eu-1")
-    assert "popserver.E010" not in ids and "popserver.E011" not in ids
+    assert "popserver.E012" not in ids and "popserver.E013" not in ids
 
 
 @pytest.mark.parametrize("value", ["two words", "x" * 65, "tab\there", 7])
 def test_bad_node_names_are_an_error(settings, value):
-    assert "popserver.E011" in check_ids(settings, NODE_NAME=value)
+    assert "popserver.E013" in check_ids(settings, NODE_NAME=value)
 
 
 def test_proxy_header_timeout_must_be_positive(settings):

@@ -96,3 +96,21 @@ def check_throttle_cache(app_configs=None, **kwargs):
             )
         ]
     return []
+
+
+@register()
+def check_client_workarounds(app_configs=None, **kwargs):
+    from popserver.protocol.session import CLIENT_WORKAROUNDS
+
+    value = get_setting("CLIENT_WORKAROUNDS")
+    if isinstance(value, str) or not all(isinstance(item, str) for item in value or ()):
+        return [Error("POPSERVER_CLIENT_WORKAROUNDS must be a list of names.", id="popserver.E011")]
+    if unknown := sorted(set(value) - set(CLIENT_WORKAROUNDS)):
+        return [
+            Error(
+                f"POPSERVER_CLIENT_WORKAROUNDS has unknown workarounds: {', '.join(unknown)}.",
+                hint=f"Known: {', '.join(CLIENT_WORKAROUNDS)}.",
+                id="popserver.E011",
+            )
+        ]
+    return []

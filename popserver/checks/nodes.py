@@ -21,7 +21,7 @@ def check_proxy_trusted_networks(app_configs=None, **kwargs):
             Error(
                 f"POPSERVER_PROXY_TRUSTED_NETWORKS is not a list of networks: {exc}",
                 hint='For example ["10.0.0.5/32", "2001:db8::/64"]: the addresses of your load balancers.',
-                id="popserver.E010",
+                id="popserver.E012",
             )
         ]
     return []
@@ -40,7 +40,7 @@ def check_node_name(app_configs=None, **kwargs):
             Error(
                 f"POPSERVER_NODE_NAME must be at most 64 printable characters without spaces, not {name!r}.",
                 hint="Leave it empty to use the host name.",
-                id="popserver.E011",
+                id="popserver.E013",
             )
         ]
     return []

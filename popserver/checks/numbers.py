@@ -89,3 +89,24 @@ def check_chunk_size(app_configs=None, **kwargs):
             )
         ]
     return []
+
+
+@register()
+def check_retention(app_configs=None, **kwargs):
+    messages = []
+    keep = get_setting("KEEP_DELETED_DAYS")
+    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 0:
+        messages.append(
+            Error(
+                f"POPSERVER_KEEP_DELETED_DAYS must be a whole number >= 0, not {keep!r}.", id="popserver.E010"
+            )
+        )
+    expire = get_setting("EXPIRE_RETRIEVED_DAYS")
+    if expire is not None and (isinstance(expire, bool) or not isinstance(expire, int) or expire < 0):
+        messages.append(
+            Error(
+                f"POPSERVER_EXPIRE_RETRIEVED_DAYS must be None (never) or a whole number >= 0, not {expire!r}.",
+                id="popserver.E010",
+            )
+        )
+    return messages

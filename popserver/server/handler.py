@@ -25,6 +25,7 @@ from ..logins.authenticator import DjangoAuthenticator, printable
 from ..logins.peers import plaintext_allowed
 from ..protocol.session import Pop3Session, State
 from ..protocol.wire import FLUSH
+from ..storage.retention import expire_before_login
 from .proxy_protocol import ProxyHeader, ProxyHeaderError, read_header
 from .tls import HANDSHAKE_TIMEOUT
 
@@ -214,6 +215,8 @@ class Pop3Handler(socketserver.BaseRequestHandler):
             tls_available=self.server.tls is not None and not tls_active,
             tls_active=tls_active,
             login_delay=int(get_setting("LOGIN_DELAY")),
+            expire=expire_before_login,
+            client_workarounds=frozenset(get_setting("CLIENT_WORKAROUNDS")),
         )
 
     def plaintext_allowed(self, tls_active: bool) -> bool:

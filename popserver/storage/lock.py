@@ -106,10 +106,14 @@ class MailboxLock:
         self.released = False
 
     @classmethod
-    def take(cls, mailbox_id: int, peer: str, then: Callable[[], T]) -> tuple[MailboxLock, T]:
-        """Take the lock and run ``then()`` in the same transaction (the snapshot sees what the lock saw).
+    def take(
+        cls, mailbox_id: int, peer: str, then: Callable[[Mailbox], T], *, stamp_login: bool = True
+    ) -> tuple[MailboxLock, T]:
+        """Take the lock and run ``then(mailbox)`` in the same transaction, with the mailbox row as the lock
+        read it (the snapshot sees what the lock saw).
 
-        Stamps ``last_login``. Raises ``MailboxInUse`` if a live session holds the lock.
+        Stamps ``last_login`` (unless ``stamp_login`` is false: maintenance, not a login). Raises
+        ``MailboxInUse`` if a live session holds the lock.
         """
         me = this_process()
         lock = cls(mailbox_id, secrets.token_hex(16))
@@ -118,7 +122,7 @@ class MailboxLock:
         with _live_guard:
             _live[lock.token] = None
         try:
-            result = lock._take(peer, me, then)
+            result = lock._take(peer, me, then, stamp_login)
         except BaseException:
             with _live_guard:
                 _live.pop(lock.token, None)
@@ -127,7 +131,7 @@ class MailboxLock:
             _live[lock.token] = lock
         return lock, result
 
-    def _take(self, peer: str, me: ProcessIdentity, then: Callable[[], T]) -> T:
+    def _take(self, peer: str, me: ProcessIdentity, then: Callable[[Mailbox], T], stamp_login: bool) -> T:
         now = timezone.now()
         with one_writer(), transaction.atomic():
             mailbox = Mailbox.objects.select_for_update().get(pk=self.mailbox_id)
@@ -141,7 +145,7 @@ class MailboxLock:
                 lock_peer=peer[:64],
                 locked_at=now,
                 lock_heartbeat=now,
-                last_login=now,
+                **({"last_login": now} if stamp_login else {}),
             )
             if taken != 1:
                 raise MailboxInUse()
@@ -152,7 +156,7 @@ class MailboxLock:
                     mailbox.lock_host,
                     mailbox.lock_pid,
                 )
-            return then()
+            return then(mailbox)
 
     def is_held(self) -> bool:
         """Inside a transaction: True if the row still carries our token (and, where possible, row-locked)."""

@@ -6,7 +6,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('popserver', '0005_quotas'),
+        ('popserver', '0006_retention'),
     ]
 
     operations = [
