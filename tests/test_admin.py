@@ -149,7 +149,9 @@ def test_mailbox_list_shows_counts_sizes_addresses_and_lock(superuser_client, al
     assert rows["bob"].message_count == 0 and rows["bob"].message_octets == 0
     html = response.content.decode()
     assert "alice@example.org" in html and "bob@example.org" in html
-    assert "mx9.example.org pid 4242 for 192.0.2.7:40000 (live session)" in html
+    # the lock: live, its host in the cell, its details in the title
+    assert re.search(r'title="mx9\.example\.org pid 4242 for 192\.0\.2\.7:40000, since [^"]+">live<br>', html)
+    assert '<span class="quiet">mx9.example.org</span>' in html
 
 
 def changelist_queries(client: Client, query: str = "") -> int:
@@ -298,8 +300,10 @@ def test_release_a_stale_lock_with_an_old_heartbeat(superuser_client, alice):
     lock(alice, host="elsewhere.example.org", pid=123, heartbeat_age=3600)
     response = post_action(superuser_client, "release_stale_locks", alice)
     assert texts(response) == [
-        "alice: released the stale lock of elsewhere.example.org pid 123 for 192.0.2.7:40000."
+        "Mailbox alice: released the stale lock of elsewhere.example.org pid 123 for 192.0.2.7:40000."
     ]
+    # the admin capitalises a message's first letter: the owner's name stays as written
+    assert '<li class="success">Mailbox alice: released' in response.content.decode()
     alice.refresh_from_db()
     assert not alice.lock_token
 
@@ -327,7 +331,7 @@ def test_release_refuses_a_lock_held_by_a_live_session(superuser_client, alice, 
 
 def test_release_on_an_unlocked_mailbox_says_so(superuser_client, alice):
     response = post_action(superuser_client, "release_stale_locks", alice)
-    assert texts(response) == ["alice: was not locked."]
+    assert texts(response) == ["Mailbox alice: was not locked."]
 
 
 def test_empty_mailbox_asks_first_then_deletes_messages_and_bodies(superuser_client, alice, make_mailbox):
@@ -342,7 +346,7 @@ def test_empty_mailbox_asks_first_then_deletes_messages_and_bodies(superuser_cli
         assert Message.objects.filter(mailbox=alice).count() == 3  # nothing deleted before confirming
 
         response = post_action(superuser_client, "empty_mailboxes", alice, post="yes")
-        assert any(text.startswith("alice: deleted 3 messages") for text in texts(response))
+        assert any(text.startswith("Mailbox alice: deleted 3 messages") for text in texts(response))
         assert not Message.objects.filter(mailbox=alice).exists()
         assert not MessageChunk.objects.filter(message_id__in=ids).exists()
         assert Message.objects.filter(pk=kept.pk).exists()
@@ -370,7 +374,7 @@ def test_a_live_pop3_session_keeps_its_lock_and_sees_emptied_messages_expunged(p
 
         response = post_action(admin_client, "release_stale_locks", dora)
         (refusal,) = texts(response)
-        assert refusal.startswith("dora: not released: the lock is held by a live session (")
+        assert refusal.startswith("Mailbox dora: not released: the lock is held by a live session (")
         dora.refresh_from_db()
         assert dora.lock_token
 
@@ -604,7 +608,11 @@ def test_upload_one_message(superuser_client, alice):
         object_id=str(message.pk), change_message="Uploaded from hello.eml."
     ).exists()
     response = superuser_client.get(response["Location"])
-    assert any(text.startswith("hello.eml: delivered as message") for text in texts(response))
+    # Named as a POP3 client knows it: its position now and its unique id, never the database id.
+    assert texts(response)[0] == (
+        f"File hello.eml: delivered as message 1 of 1 in alice (unique id {message.uid}, "
+        f"{message.size} octets), subject “Uploaded one”."
+    )
     assert "Uploaded one" in response.content.decode()
 
 
@@ -618,9 +626,9 @@ def test_upload_several_messages_with_per_file_results(superuser_client, alice):
     assert response.status_code == 200
     results = texts(response)
     assert len(results) == 3
-    assert results[0].startswith("one.eml: delivered as message")
-    assert results[1] == "empty.eml: not delivered: empty message."
-    assert results[2].startswith("two.eml: delivered as message")
+    assert results[0].startswith("File one.eml: delivered as message 1 of 1 in alice (unique id ")
+    assert results[1] == "File empty.eml: not delivered: empty message."
+    assert results[2].startswith("File two.eml: delivered as message 2 of 2 in alice")
     assert Message.objects.filter(mailbox=alice).count() == 2
     assert sorted(Message.objects.values_list("subject", "size")) == [
         ("First", len(simple_message("First"))),
@@ -638,10 +646,13 @@ def test_upload_over_the_size_limit_is_refused(superuser_client, alice):
     files = [eml("small.eml", small), eml("big.eml", big), eml("grows.eml", grows)]
     response = superuser_client.post(upload_url(alice), {"files": files}, follow=True)
     results = texts(response)
-    assert results[0].startswith("small.eml: delivered")
-    assert results[1] == f"big.eml: not delivered: file of {len(big)} octets is over the limit of 300 octets."
+    assert results[0].startswith("File small.eml: delivered")
     assert (
-        results[2].startswith("grows.eml: not delivered: message of")
+        results[1]
+        == f"File big.eml: not delivered: file of {len(big)} octets is over the limit of 300 octets."
+    )
+    assert (
+        results[2].startswith("File grows.eml: not delivered: message of")
         and "over the limit of 300" in results[2]
     )
     assert list(Message.objects.values_list("subject", flat=True)) == ["small"]

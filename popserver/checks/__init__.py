@@ -14,6 +14,7 @@ Errors only where the server truly cannot run; everything else is a warning, so 
 | E007 | a delay that must be a number >= 0 is not |
 | E008 | a quota that must be a whole number >= 0 is not |
 | E009 | a dotted-path setting (BODY_STORE, THROTTLE) cannot be imported or is not the right kind |
+| E010 | POPSERVER_QUOTA_WARNINGS is not a list of percentages in (0, 100] |
 | W001 | Argon2 is not the first password hasher |
 | W002 | POPSERVER_AUTOLOGOUT below RFC 1939's 10 minutes |
 | W003 | POPSERVER_BODY_CHUNK_SIZE over 8 MiB |
