@@ -267,3 +267,51 @@ def test_bad_quota_settings_are_errors(name, value):
 
     with override_settings(**{f"POPSERVER_{name}": value}):
         assert "popserver.E008" in {m.id for m in run_checks()}
+
+
+@pytest.mark.parametrize(
+    "octets,text",
+    [
+        (0, "0 octets"),
+        (1, "1 octet"),
+        (1023, "1023 octets"),
+        (1024, "1 KiB"),
+        (1741, "1.7 KiB"),
+        (64 * 1024**2, "64 MiB"),
+        (500 * 1024**2, "500 MiB"),
+        (1536 * 1024**2, "1.5 GiB"),
+    ],
+)
+def test_sizes_for_people_are_in_binary_units(octets, text):
+    assert quota.format_octets(octets) == text
+
+
+@pytest.mark.parametrize(
+    "used,limits,short,text",
+    [
+        ((7, 1741), (500 * 1024**2, 0), False, "1.7 KiB of 500 MiB, 0 %"),
+        ((7, 1741), (0, 0), False, "unlimited"),
+        ((3, 0), (0, 10), False, "3 of 10 messages, 30 %"),
+        ((9, 1024), (4096, 10), False, "1 KiB of 4 KiB, 25 %; 9 of 10 messages, 90 %"),
+        ((9, 1024), (4096, 10), True, "9 of 10 messages, 90 %"),  # the fuller one
+        ((1, 4096), (4096, 0), False, "4 KiB of 4 KiB, 100 % (full)"),
+    ],
+)
+def test_use_against_the_limit(used, limits, short, text):
+    assert quota.describe_usage(*used, quota.Limits(*limits), short=short) == text
+
+
+@pytest.mark.parametrize("value", [[0], [80, 101], "80", [True], ["80"], None])
+def test_bad_quota_warning_shares_are_errors(value):
+    from django.core.checks import run_checks
+
+    with override_settings(POPSERVER_QUOTA_WARNINGS=value):
+        assert "popserver.E010" in {m.id for m in run_checks()}
+
+
+def test_quota_warning_shares_pass_the_check():
+    from django.core.checks import run_checks
+
+    for value in ([80, 95], [], [99.5, 100]):
+        with override_settings(POPSERVER_QUOTA_WARNINGS=value):
+            assert "popserver.E010" not in {m.id for m in run_checks()}

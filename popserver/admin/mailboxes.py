@@ -5,6 +5,7 @@ the same few queries for 30 mailboxes or 10,000. Messages are read-only here: th
 (or the upload page, which goes through delivery too); their contents need ``view_message_content``.
 """
 
+import ipaddress
 from datetime import timedelta
 
 from django.contrib import admin, messages
@@ -29,6 +30,15 @@ from popserver.storage.lock import LockRelease, lock_is_stale, release_stale_loc
 def _describe_lock(mailbox: Mailbox) -> str:
     peer = f" for {mailbox.lock_peer}" if mailbox.lock_peer else ""
     return f"{mailbox.lock_host} pid {mailbox.lock_pid}{peer}"
+
+
+def _short_host(host: str) -> str:
+    """A node's host name without its domain ("pop1" for pop1.mail.example.org), an address as it is."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return host.split(".", 1)[0] or host
+    return host
 
 
 ADDRESSES_LISTED = 2  # in the list; the rest in the cell's title
@@ -193,7 +203,7 @@ class MailboxAdmin(FitsTheScreen, admin_views.MailboxUploadView, admin.ModelAdmi
             f"{_describe_lock(mailbox)}, since {when(mailbox.locked_at)}, "
             f"last heartbeat {when(mailbox.lock_heartbeat)}",
             state,
-            mailbox.lock_host,
+            _short_host(mailbox.lock_host),
         )
 
     def formfield_for_dbfield(self, db_field, request, **kwargs):

@@ -30,8 +30,9 @@ class Command(BaseCommand):
         if days < 1:
             raise CommandError("--days must be 1 or more")
         mailboxes = list(inactive_mailboxes(days))
+        period = "1 day" if days == 1 else f"{days} days"
         if not mailboxes:
-            self.stdout.write(f"no mailbox without a login for {days} days")
+            self.stdout.write(f"no mailbox without a login for {period}")
             return
         width = max(len("mailbox"), *(len(str(mailbox)) for mailbox in mailboxes))
         self.stdout.write(f"{'mailbox':<{width}}  {'messages':>8}  {'size':>10}  {'last login':<16}  POP3")
@@ -42,7 +43,7 @@ class Command(BaseCommand):
                 f"{'on' if mailbox.pop3_enabled else 'off'}"
             )
         total = len(mailboxes)
-        self.stdout.write(f"{total} mailbox{'es' if total != 1 else ''} without a login for {days} days")
+        self.stdout.write(f"{total} mailbox{'es' if total != 1 else ''} without a login for {period}")
         if disable_pop3:
             turned_off = Mailbox.objects.filter(
                 pk__in=[mailbox.pk for mailbox in mailboxes], pop3_enabled=True
