@@ -3,7 +3,7 @@
 .venv/bin/python bench/dashboard.py [--events 1000000] [--messages 100000] [--days 90]
 
 DATABASE_URL=postgres://postgres@127.0.0.1:5432/popserver_bench (a database of its own: its tables are dropped
-first). Seeds --events login events spread over the last --days days (85 % successful, the rest failed, locked
+first; on MariaDB give it an empty database; without DATABASE_URL a fresh SQLite file). Seeds --events login events spread over the last --days days (85 % successful, the rest failed, locked
 out and so on), a session record per successful login, --messages messages in --mailboxes mailboxes (some
 near their quota), hourly delivery counts, lock-outs and open sessions on three nodes; on PostgreSQL with
 generate_series (seconds), elsewhere with bulk_create (minutes). Then it renders the page for the last 24

@@ -512,8 +512,16 @@ def test_download_is_the_stored_bytes_exactly(superuser_client, alice, path):
     assert response.streaming
     assert b"".join(response.streaming_content) == expected
     assert response["Content-Type"] == "message/rfc822"
-    assert response["Content-Disposition"] == f'attachment; filename="message-{message.pk}.eml"'
+    assert response["Content-Disposition"] == f'attachment; filename="message-{message.uid}.eml"'  # its UIDL
     assert response["X-Content-Type-Options"] == "nosniff"
+
+
+def test_download_of_an_imported_unique_id_gets_a_safe_file_name(superuser_client, alice):
+    from popserver.mailin.delivery import prepare_message, store_prepared
+
+    message = store_prepared(alice, prepare_message(simple_message("old")), uid='a"b/c\\d', send_signal=False)
+    response = superuser_client.get(reverse("admin:popserver_message_download", args=[message.pk]))
+    assert response["Content-Disposition"] == 'attachment; filename="message-a_b_c_d.eml"'
 
 
 @override_settings(POPSERVER_BODY_CHUNK_SIZE=1000)

@@ -138,7 +138,7 @@ def login_chart(hours: list[datetime]) -> list[charts.Series]:
         LoginEvent.objects.filter(time__gte=hours[0])
         .annotate(hour=TruncHour("time", tzinfo=UTC))
         .values("hour", "outcome")
-        .annotate(n=Count("pk"))
+        .annotate(n=Count("*"))  # from the (time, outcome) index alone
         .order_by()
     )
     rows = list(rows)

@@ -8,6 +8,7 @@ text or listed as an attachment, under a Content-Security-Policy that forbids sc
 from __future__ import annotations
 
 import codecs
+import re
 from dataclasses import dataclass, field
 from email import policy
 from email.errors import HeaderParseError
@@ -90,7 +91,9 @@ def message_download(message: Message):
     except (MessageExpunged, StopIteration):
         raise Http404("That message has been removed.") from None
     response = StreamingHttpResponse(chain([first], chunks), content_type="message/rfc822")
-    response["Content-Disposition"] = f'attachment; filename="message-{message.pk}.eml"'
+    # Named by its unique id, as a POP3 client knows it (an imported one may hold any printable character).
+    filename = re.sub(r"[^A-Za-z0-9._-]", "_", message.uid)
+    response["Content-Disposition"] = f'attachment; filename="message-{filename}.eml"'
     return _content_headers(response, DOWNLOAD_CSP)
 
 

@@ -179,7 +179,8 @@ _UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
 
 
 def parse_size(text: str) -> int:
-    """Octets from "104857600", "100M", "100 MB", "1.5G" (binary multiples, as filesizeformat shows them).
+    """Octets from "104857600", "100M", "100 MB", "100 MiB", "1.5G" (binary multiples, as ``format_octets``
+    shows them).
 
     Raises ValueError for anything else.
     """
