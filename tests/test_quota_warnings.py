@@ -256,3 +256,17 @@ def test_many_racing_deliveries_warn_once_per_share_and_never_pass_the_quota(mak
     assert [(w["threshold"], w["used"]) for w in caught] == [(80, 16), (95, 19)]
     assert len(warnings_in(mailbox)) == 2
     assert Message.objects.filter(mailbox=mailbox, server_notice=False).count() == 20
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_broken_warning_template_never_refuses_mail(make_mailbox, settings, tmp_path, caught, caplog):
+    folder = tmp_path / "popserver"
+    folder.mkdir()
+    (folder / "quota_warning.txt").write_text("{% if %}broken\n")
+    settings.TEMPLATES = [{**settings.TEMPLATES[0], "DIRS": [tmp_path, *settings.TEMPLATES[0]["DIRS"]]}]
+    mailbox = make_mailbox("alice", quota_messages=5)
+    for _ in range(4):
+        deliver("alice", message(100))
+    assert Message.objects.filter(mailbox=mailbox).count() == 4 and warnings_in(mailbox) == []
+    assert "could not write the quota warning" in caplog.text
+    assert [(w["threshold"], w["message"]) for w in caught] == [(80, None)]  # the signal still says so

@@ -150,7 +150,12 @@ def store_prepared(
                 crossing = quota.crossing(before, prepared.size, applying)
             if crossing is not None and get_setting("QUOTA_WARNING_MESSAGE"):
                 after = quota.Usage(before.messages + 1, before.octets + prepared.size)
-                warning = quota_warning_message(mailbox, crossing, applying, after)
+                try:
+                    warning = quota_warning_message(mailbox, crossing, applying, after)
+                except DatabaseError:
+                    raise
+                except Exception:  # noqa: BLE001  (a site's broken template must never refuse mail)
+                    logger.exception("could not write the quota warning of mailbox %s", mailbox.pk)
         next_uid, uid_validity = state["next_uid"], state["uid_validity"]
         if uid is None:
             # The counter only grows: never reused, even after a QUIT deleted the newest message.
