@@ -283,3 +283,9 @@ def test_a_fixed_number_of_queries_whatever_the_data(superuser_client, make_mail
 
 def test_counted_hours_are_utc_hours():
     assert overview.hour_starts(timezone.now(), 3)[-1].tzinfo == UTC
+
+
+def test_lockouts_of_the_cache_throttle_are_not_listed_but_explained(superuser_client, settings):
+    settings.POPSERVER_THROTTLE = "popserver.logins.throttle.CacheThrottle"
+    html = superuser_client.get(OVERVIEW).content.decode()
+    assert "POPSERVER_THROTTLE is not the database throttle" in html

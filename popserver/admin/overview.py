@@ -16,15 +16,15 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from django.contrib import admin
+from django.core.exceptions import PermissionDenied
 from django.db.models import Count, Q, Sum
 from django.db.models.functions import TruncHour
 from django.template.response import TemplateResponse
-from django.urls import reverse
+from django.urls import path, reverse
 from django.utils import timezone
 from django.utils.http import urlencode
 
 from popserver.admin import charts
-from popserver.admin.mixins import USERNAME_LOOKUP
 from popserver.conf import get_setting
 from popserver.logins.throttle import DatabaseThrottle, get_throttle
 from popserver.mailin import quota
@@ -255,8 +255,7 @@ def most_failed(now: datetime, column: str, parameter: str) -> list[Failing]:
 
 
 def gather(now: datetime, days: str) -> Data:
-    title, count = RANGES[days]
-    hours = hour_starts(now, count)
+    hours = hour_starts(now, RANGES[days][1])
     data = Data(now=now, days=days, hours=hours)
     data.nodes = open_sessions(now)
 
@@ -312,8 +311,11 @@ def gather(now: datetime, days: str) -> Data:
         ),
     ]
     data.largest, data.fullest = mailbox_use()
-    data.lockouts_listed = isinstance(get_throttle(), DatabaseThrottle)
-    data.lockouts, data.lockouts_more = active_lockouts(now)
+    data.lockouts_listed = isinstance(
+        get_throttle(), DatabaseThrottle
+    )  # the cache throttle's are not listable
+    if data.lockouts_listed:
+        data.lockouts, data.lockouts_more = active_lockouts(now)
     data.failing_ips = most_failed(now, "peer_ip", "peer_ip")
     data.failing_accounts = most_failed(now, "username", "username")
     return data
@@ -346,15 +348,11 @@ class OverviewAdmin(admin.ModelAdmin):
         return False
 
     def get_urls(self):
-        from django.urls import path
-
         return [
             path("", self.admin_site.admin_view(self.changelist_view), name="popserver_overview_changelist")
         ]
 
     def changelist_view(self, request, extra_context=None):
-        from django.core.exceptions import PermissionDenied
-
         if not self.has_view_permission(request):
             raise PermissionDenied
         days = request.GET.get("days", "1")
@@ -368,11 +366,9 @@ class OverviewAdmin(admin.ModelAdmin):
             "opts": self.opts,
             "data": data,
             "ranges": [(key, label, key == days) for key, (label, _) in RANGES.items()],
-            "range_label": RANGES[days][0],
             "mailbox_change": "admin:popserver_mailbox_change",
             "lockouts_url": reverse("admin:popserver_loginthrottle_changelist") + "?locked=yes",
             "sessions_url": reverse("admin:popserver_mailbox_changelist") + "?locked=yes",
-            "username_lookup": USERNAME_LOOKUP,
             **(extra_context or {}),
         }
         return TemplateResponse(request, "admin/popserver/overview.html", context)
