@@ -9,6 +9,11 @@ near their quota), hourly delivery counts, lock-outs and open sessions on three 
 generate_series (seconds), elsewhere with bulk_create (minutes). Then it renders the page for the last 24
 hours and the last 7 days and prints the median and the best of --runs renders (the best is the figure on a
 busy machine) and the number of queries.
+
+Measured on the 2-core development machine (PostgreSQL 15, other jobs running), 12 queries a page: 1,000,000
+events over 90 days (the default retention): last 24 hours 61 ms median, 7 days 118 ms. All of them within
+7 days (--days 7, 850,000 sessions too): 24 hours 268 ms, 7 days 0.5-0.9 s, which aggregates 1.85 million
+rows per render; hourly roll-up tables would be the next step if a site needs that.
 """
 
 import argparse
