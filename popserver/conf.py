@@ -21,6 +21,10 @@ DEFAULTS: dict[str, Any] = {
     "QUOTA_BYTES": 0,  # octets of all a mailbox's messages (sizes as LIST shows them)
     "QUOTA_MESSAGES": 0,  # messages in a mailbox
     "QUOTA_EXCEEDED_PERMANENT": False,  # over quota, deliver exits 69 (the MTA bounces) instead of 75 (retries)
+    # Shares of a limit (percent) whose upward crossing by a delivery warns: a message into the mailbox
+    # (templates popserver/quota_warning*.txt) and the quota_warning signal. []: no warnings.
+    "QUOTA_WARNINGS": [80, 95],
+    "QUOTA_WARNING_MESSAGE": True,  # False: the signal only (a site that notifies its users otherwise)
     # The email backend popserver.mailin.email_backend.LocalDeliveryBackend: a dotted path of the backend for recipients
     # without a local mailbox (e.g. "django.core.mail.backends.smtp.EmailBackend"); None: they are refused.
     "MAIL_FALLBACK_BACKEND": None,

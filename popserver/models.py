@@ -130,6 +130,8 @@ class Message(models.Model):
     first_retrieved_at = models.DateTimeField(null=True, blank=True, editable=False)
     # Set by a QUIT under a keep-deleted policy: hidden from POP3, restorable until purged.
     deleted_at = models.DateTimeField(null=True, blank=True, editable=False)
+    # A message the server wrote itself (a quota warning): it never counts against the quota.
+    server_notice = models.BooleanField(default=False, editable=False)
 
     objects = MessageQuerySet.as_manager()
 
@@ -142,14 +144,16 @@ class Message(models.Model):
         ]
         indexes = [
             models.Index(fields=["mailbox", "id"], name="popserver_message_mbox_idx"),
-            # A mailbox's total size (quota checks, the admin's list) from the index alone.
-            models.Index(fields=["mailbox", "size"], name="popserver_message_size_idx"),
+            # A mailbox's total size, all of it (the admin's list) or what counts against the quota (delivery's
+            # check), from the index alone.
+            models.Index(fields=["mailbox", "server_notice", "size"], name="popserver_message_quota_idx"),
             models.Index(fields=["first_retrieved_at"], name="popserver_message_retr_idx"),
             models.Index(fields=["deleted_at"], name="popserver_message_deleted_idx"),
         ]
 
     def __str__(self) -> str:
-        return self.subject or f"message {self.pk}"
+        # Never the database id: a POP3 client knows a message by its unique id (UIDL) and its position.
+        return self.subject or f"message {self.uid}"
 
 
 class MessageChunk(models.Model):
@@ -227,7 +231,7 @@ class LoginEvent(models.Model):
         (ERROR, "error"),
     ]
 
-    time = models.DateTimeField(auto_now_add=True, db_index=True)
+    time = models.DateTimeField(auto_now_add=True)  # indexed with the outcome, below
     peer_ip = models.GenericIPAddressField(unpack_ipv4=True, null=True)
     username = models.CharField(max_length=255)
     mailbox = models.ForeignKey(Mailbox, on_delete=models.SET_NULL, null=True, blank=True)
@@ -246,6 +250,8 @@ class LoginEvent(models.Model):
 
     class Meta:
         ordering = ["-time"]
+        # The admin's list (newest first) and the overview's counts per hour and outcome, from the index alone.
+        indexes = [models.Index(fields=["time", "outcome"], name="popserver_loginevent_time_idx")]
 
     def __str__(self) -> str:
         return f"{self.time:%Y-%m-%d %H:%M:%S} {self.username} {self.outcome}"
@@ -292,3 +298,27 @@ class Node(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+
+class DeliveryCount(models.Model):
+    """Messages delivered in one hour (UTC), for the admin's overview: messages are deleted at QUIT, so
+    counting the stored ones would miss most deliveries. Written after each delivery commits."""
+
+    hour = models.DateTimeField(unique=True)
+    messages = models.PositiveIntegerField(default=0)
+    octets = models.PositiveBigIntegerField(default=0)
+
+    class Meta:
+        ordering = ["-hour"]
+
+    def __str__(self) -> str:
+        return f"{self.hour:%Y-%m-%d %H:00} {self.messages}"
+
+
+class Overview(Mailbox):
+    """No data of its own: the admin's "POP3 overview" page is listed on the admin index through it."""
+
+    class Meta:
+        proxy = True
+        verbose_name = verbose_name_plural = "POP3 overview"
+        default_permissions = ()  # the page needs the view permissions of what it shows instead

@@ -20,6 +20,7 @@ Errors only where the server truly cannot run; everything else is a warning, so 
 | E013 | POPSERVER_GREETING or POPSERVER_IMPLEMENTATION is not one line of text |
 | E014 | POPSERVER_PROXY_TRUSTED_NETWORKS is not a list of networks |
 | E015 | POPSERVER_NODE_NAME is not one printable word of at most 64 characters |
+| E016 | POPSERVER_QUOTA_WARNINGS is not a list of percentages in (0, 100] |
 | W001 | Argon2 is not the first password hasher |
 | W002 | POPSERVER_AUTOLOGOUT below RFC 1939's 10 minutes |
 | W003 | POPSERVER_BODY_CHUNK_SIZE over 8 MiB |

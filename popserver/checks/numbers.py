@@ -83,6 +83,20 @@ def check_quotas(app_configs=None, **kwargs):
 
 
 @register()
+def check_quota_warnings(app_configs=None, **kwargs):
+    shares = get_setting("QUOTA_WARNINGS")
+    if isinstance(shares, list | tuple) and all(_is_number(share) and 0 < share <= 100 for share in shares):
+        return []
+    return [
+        Error(
+            f"POPSERVER_QUOTA_WARNINGS must be a list of percentages over 0 and up to 100, not {shares!r}.",
+            hint="e.g. [80, 95]; [] for no warnings.",
+            id="popserver.E016",
+        )
+    ]
+
+
+@register()
 def check_autologout(app_configs=None, **kwargs):
     autologout = get_setting("AUTOLOGOUT")
     if _is_number(autologout) and 0 < autologout < 600:

@@ -39,6 +39,13 @@ def open_maildrop(mailbox_id: int, peer: str = "") -> OrmMaildrop:
     return OrmMaildrop(lock, rows, policy)
 
 
+def position_in_listing(message: Message) -> tuple[int, int]:
+    """(number, of how many): how a POP3 client logging in now would number ``message`` (RFC 1939 s.4: from
+    1, in the snapshot's order above). Two counts over the (mailbox, id) index; for people, not sessions."""
+    in_mailbox = Message.objects.visible().filter(mailbox_id=message.mailbox_id)
+    return in_mailbox.filter(id__lte=message.pk).count(), in_mailbox.count()
+
+
 class OrmMaildrop(Maildrop):
     """A locked mailbox's snapshot; bodies streamed from the body store chunk by chunk."""
 
