@@ -16,10 +16,15 @@ def _address(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
 
 def is_trusted_peer(ip: str) -> bool:
     """True if ``ip`` is in POPSERVER_TRUSTED_NETWORKS (loopback by default)."""
+    return in_networks(ip, get_setting("TRUSTED_NETWORKS"))
+
+
+def in_networks(ip: str, networks) -> bool:
+    """True if ``ip`` (an IPv4-mapped IPv6 address counts as IPv4) is in one of ``networks`` (CIDR strings)."""
     address = _address(ip)
     if address is None:
         return False
-    return any(address in ipaddress.ip_network(net, strict=False) for net in get_setting("TRUSTED_NETWORKS"))
+    return any(address in ipaddress.ip_network(net, strict=False) for net in networks)
 
 
 def peer_group(ip: str) -> str:
