@@ -462,6 +462,13 @@ def test_overlong_command_line_is_500_5_5_0_and_the_session_goes_on():
     assert talk(session, b" still the same line\r\nNOOP\r\n") == b"250 2.0.0 OK\r\n"
 
 
+def test_overlong_line_in_large_pieces_then_a_command():
+    session, _ = ready()
+    assert talk(session, b"NOOP " + b"x" * 10_000) == b"500 5.5.0 Line too long.\r\n"
+    assert talk(session, b"x" * 10_000) == b""
+    assert talk(session, b"x" * 10_000 + b"\r\nNOOP\r\n") == b"250 2.0.0 OK\r\n"
+
+
 def test_overlong_line_in_one_piece():
     session, _ = ready()
     assert talk(session, b"RCPT TO:<" + b"a" * 5000 + b">\r\nNOOP\r\n") == (

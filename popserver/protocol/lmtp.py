@@ -383,14 +383,15 @@ class LmtpSession:
         buffer = self._buffer
         while True:
             limit = self.command_line_limit
-            end = buffer.find(b"\n", 0, limit + 1)
             if self._skipping_line:
+                end = buffer.find(b"\n")
                 if end < 0:
                     buffer.clear()
                     return None
                 del buffer[: end + 1]
                 self._skipping_line = False
                 continue
+            end = buffer.find(b"\n", 0, limit + 1)
             if end < 0:
                 if len(buffer) <= limit:
                     return None
