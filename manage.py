@@ -1,5 +1,6 @@
 #!/usr/bin/env python
 """Django's command-line utility for the default popserver deployment."""
+
 import os
 import sys
 

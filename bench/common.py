@@ -3,6 +3,7 @@
 Each script prints its figures; nothing here asserts timings. The database is DATABASE_URL if set
 (e.g. postgres://postgres@127.0.0.1:5432/popserver_bench), else a fresh SQLite file under data/.
 """
+
 import os
 import re
 import subprocess
@@ -19,7 +20,7 @@ def setup_django(fast_hasher: bool = False) -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("DATABASE_URL", f"sqlite:///{REPO / 'data' / 'bench.sqlite3'}")
     if env["DATABASE_URL"].startswith("sqlite:///"):
-        path = Path(env["DATABASE_URL"][len("sqlite:///"):])
+        path = Path(env["DATABASE_URL"][len("sqlite:///") :])
         for suffix in ("", "-wal", "-shm"):
             Path(str(path) + suffix).unlink(missing_ok=True)
     env["DJANGO_SETTINGS_MODULE"] = "project.settings"
@@ -66,8 +67,12 @@ def bulk_messages(mailbox, count: int, body: bytes) -> None:
         with transaction.atomic():
             n = min(batch, count - start)
             messages = Message.objects.bulk_create(
-                [Message(mailbox=mailbox, uid=f"{start + i + 1:08X}{mailbox.uid_validity:08X}", size=len(body))
-                 for i in range(n)]
+                [
+                    Message(
+                        mailbox=mailbox, uid=f"{start + i + 1:08X}{mailbox.uid_validity:08X}", size=len(body)
+                    )
+                    for i in range(n)
+                ]
             )
             MessageChunk.objects.bulk_create([MessageChunk(message=m, seq=0, data=body) for m in messages])
     from popserver.models import Mailbox
@@ -88,8 +93,9 @@ class Server:
             " ['django.contrib.auth.hashers.MD5PasswordHasher']);"
             "from django.core.management import execute_from_command_line; execute_from_command_line(sys.argv)"
         )
-        self.proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                     text=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", code], cwd=REPO, env=env, stdout=subprocess.PIPE, text=True
+        )
         for line in self.proc.stdout:
             if match := re.search(r"POP3 on 127\.0\.0\.1:(\d+)", line):
                 self.port = int(match.group(1))

@@ -1,7 +1,8 @@
 """Bench: PASS -> +OK, STAT and UIDL on a 100,000-message mailbox; QUIT after 1,000 DELE.
 
-    .venv/bin/python bench/large_mailbox.py [--messages 100000]
+.venv/bin/python bench/large_mailbox.py [--messages 100000]
 """
+
 import argparse
 import poplib
 

@@ -1,7 +1,8 @@
 """Bench: server memory growth and throughput while one client RETRs a 50 MB message.
 
-    .venv/bin/python bench/retr_memory.py [--megabytes 50]
+.venv/bin/python bench/retr_memory.py [--megabytes 50]
 """
+
 import argparse
 import socket
 import time
@@ -16,7 +17,7 @@ def main() -> None:
     env = setup_django(fast_hasher=True)
     from django.db import connection
 
-    from popserver.delivery import deliver
+    from popserver.mailin.delivery import deliver
 
     make_user("big", "pw")
     line = b"." + b"x" * 76 + b"\r\n"  # every line needs dot-stuffing: the worst case
@@ -50,8 +51,10 @@ def main() -> None:
         server.stop()
     print(f"database: {connection.vendor}; message: {args.megabytes} MB, every line dot-stuffed")
     print(f"RETR: {received / 1e6:.1f} MB in {elapsed:.2f} s = {received / 1e6 / elapsed:.0f} MB/s")
-    print(f"server RSS: {baseline / 1024:.1f} MiB before, peak {peak / 1024:.1f} MiB during "
-          f"(growth {(peak - baseline) / 1024:.1f} MiB)")
+    print(
+        f"server RSS: {baseline / 1024:.1f} MiB before, peak {peak / 1024:.1f} MiB during "
+        f"(growth {(peak - baseline) / 1024:.1f} MiB)"
+    )
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ By default passwords are Argon2id with Django's parameters (what a real site pay
 measures the server without the password hash. Each client has a mailbox of its own; the clients are threads
 of this process, so at high counts its own GIL adds to the latencies shown (p50/p99 of whole sessions).
 """
+
 import argparse
 import poplib
 import threading
@@ -57,13 +58,21 @@ def main() -> None:
         bulk_messages(make_user(f"user{i}", "bench-password"), 20, b"Subject: s\r\n\r\nbody\r\n")
     server = Server(env)
     try:
-        print(f"database: {connection.vendor}; hasher: {'MD5 (fast)' if args.fast_hasher else 'Argon2id'}; "
-              "mailboxes of 20 messages")
+        print(
+            f"database: {connection.vendor}; hasher: {'MD5 (fast)' if args.fast_hasher else 'Argon2id'}; "
+            "mailboxes of 20 messages"
+        )
         for clients in counts:
             done, errors, latencies = run(server.port, clients, args.seconds)
-            p50, p99 = (latencies[int(q * (len(latencies) - 1))] * 1000 for q in (0.5, 0.99)) if latencies else (0, 0)
-            print(f"{clients} client(s): {done / args.seconds:.1f} sessions/s ({done} in {args.seconds:.0f} s, "
-                  f"{errors} errors); per session p50 {p50:.0f} ms, p99 {p99:.0f} ms")
+            p50, p99 = (
+                (latencies[int(q * (len(latencies) - 1))] * 1000 for q in (0.5, 0.99))
+                if latencies
+                else (0, 0)
+            )
+            print(
+                f"{clients} client(s): {done / args.seconds:.1f} sessions/s ({done} in {args.seconds:.0f} s, "
+                f"{errors} errors); per session p50 {p50:.0f} ms, p99 {p99:.0f} ms"
+            )
     finally:
         server.stop()
 

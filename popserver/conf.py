@@ -3,6 +3,7 @@
 Use ``get_setting("MAX_MESSAGE_SIZE")``; never read ``django.conf.settings.POPSERVER_*`` elsewhere, and
 never write defaults into ``settings`` (tests change settings with ``override_settings``).
 """
+
 from typing import Any
 
 from django.conf import settings
@@ -13,13 +14,13 @@ DEFAULTS: dict[str, Any] = {
     # Delivery
     "MAX_MESSAGE_SIZE": 64 * MiB,  # octets; larger messages are refused (deliver exits 69)
     "AUTO_CREATE_MAILBOX": False,  # create a user's mailbox on first delivery or first POP3 login
-    "BODY_STORE": "popserver.bodystore.DatabaseBodyStore",
+    "BODY_STORE": "popserver.storage.bodies.DatabaseBodyStore",
     "BODY_CHUNK_SIZE": 1 * MiB,  # rows of message bytes; MariaDB's default packet limit is 16 MiB
     # Quotas, for every mailbox whose own limit is empty (a mailbox's 0 means unlimited). 0: unlimited.
     "QUOTA_BYTES": 0,  # octets of all a mailbox's messages (sizes as LIST shows them)
     "QUOTA_MESSAGES": 0,  # messages in a mailbox
     "QUOTA_EXCEEDED_PERMANENT": False,  # over quota, deliver exits 69 (the MTA bounces) instead of 75 (retries)
-    # The email backend popserver.mail.LocalDeliveryBackend: a dotted path of the backend for recipients
+    # The email backend popserver.mailin.email_backend.LocalDeliveryBackend: a dotted path of the backend for recipients
     # without a local mailbox (e.g. "django.core.mail.backends.smtp.EmailBackend"); None: they are refused.
     "MAIL_FALLBACK_BACKEND": None,
     # Listener
@@ -43,7 +44,7 @@ DEFAULTS: dict[str, Any] = {
     "TLS_KEYFILE": "",
     "TLS_LISTEN": "",  # e.g. "0.0.0.0:995": an implicit-TLS listener (RFC 8314)
     # Throttling of failed logins (shared by every server process)
-    "THROTTLE": "popserver.throttle.DatabaseThrottle",  # or "popserver.throttle.CacheThrottle"
+    "THROTTLE": "popserver.logins.throttle.DatabaseThrottle",  # or "popserver.logins.throttle.CacheThrottle"
     "THROTTLE_CACHE": "default",  # the cache alias CacheThrottle uses; must be shared (Redis, Memcached)
     "THROTTLE_WINDOW": 900,  # seconds in which failures are counted
     "THROTTLE_ACCOUNT_FAILURES": 10,  # failures per (login name, IP) before a lock-out

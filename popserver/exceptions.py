@@ -1,4 +1,5 @@
 """One rooted exception tree. Nothing here imports Django, so the protocol package can use it."""
+
 import smtplib
 
 
@@ -46,7 +47,7 @@ class InvalidUniqueId(DeliveryError):
 
 
 class RecipientsRefused(DeliveryError, smtplib.SMTPRecipientsRefused):
-    """``popserver.mail.LocalDeliveryBackend`` delivered the message to none of its recipients.
+    """``popserver.mailin.email_backend.LocalDeliveryBackend`` delivered the message to none of its recipients.
 
     Each recipient either has no local mailbox while POPSERVER_MAIL_FALLBACK_BACKEND is unset, or its mailbox
     refused the message (full, or the message is too large); nothing was stored for any recipient. An
@@ -58,8 +59,10 @@ class RecipientsRefused(DeliveryError, smtplib.SMTPRecipientsRefused):
         smtplib.SMTPRecipientsRefused.__init__(self, recipients)
 
     def __str__(self) -> str:
-        refused = ", ".join(f"{address} ({reason.decode(errors='replace')})"
-                            for address, (_, reason) in self.recipients.items())
+        refused = ", ".join(
+            f"{address} ({reason.decode(errors='replace')})"
+            for address, (_, reason) in self.recipients.items()
+        )
         return f"recipients refused: {refused}"
 
 

@@ -1,4 +1,5 @@
 """Mailboxes and messages. Models know nothing of sockets or of the POP3 protocol."""
+
 import secrets
 
 from django.conf import settings
@@ -23,14 +24,18 @@ class Mailbox(models.Model):
     uid_validity = models.PositiveBigIntegerField(default=new_uid_validity, editable=False)
     next_uid = models.PositiveBigIntegerField(default=1, editable=False)
 
-    # Quotas (see popserver.quota): empty = the site's default (POPSERVER_QUOTA_BYTES, POPSERVER_QUOTA_MESSAGES),
+    # Quotas (see popserver.mailin.quota): empty = the site's default (POPSERVER_QUOTA_BYTES, POPSERVER_QUOTA_MESSAGES),
     # 0 = unlimited for this mailbox whatever the default, N = at most N.
     quota_bytes = models.PositiveBigIntegerField(
-        "size quota", null=True, blank=True,
+        "size quota",
+        null=True,
+        blank=True,
         help_text="Octets all messages may take together. Empty: the site default; 0: unlimited.",
     )
     quota_messages = models.PositiveIntegerField(
-        "message quota", null=True, blank=True,
+        "message quota",
+        null=True,
+        blank=True,
         help_text="Messages the mailbox may hold. Empty: the site default; 0: unlimited.",
     )
 
@@ -49,10 +54,6 @@ class Mailbox(models.Model):
 
     def __str__(self) -> str:
         return str(self.user)
-
-    @property
-    def is_locked(self) -> bool:
-        return bool(self.lock_token)
 
 
 class Address(models.Model):
@@ -73,7 +74,7 @@ class Message(models.Model):
     """A message in the form the server presents it (bare LF as CRLF; every other byte unchanged).
 
     Numbered in arrival order (the primary key). Its bytes live behind the body store
-    (``popserver.bodystore``), never on this row, so listing a mailbox reads no bodies.
+    (``popserver.storage.bodies``), never on this row, so listing a mailbox reads no bodies.
     """
 
     mailbox = models.ForeignKey(Mailbox, on_delete=models.CASCADE, related_name="messages")
@@ -88,7 +89,9 @@ class Message(models.Model):
         ordering = ["id"]
         # view_message shows a message's fields; reading its bytes (text view, download) needs this one too.
         permissions = [("view_message_content", "Can read the contents of messages")]
-        constraints = [models.UniqueConstraint(fields=["mailbox", "uid"], name="popserver_message_uid_unique")]
+        constraints = [
+            models.UniqueConstraint(fields=["mailbox", "uid"], name="popserver_message_uid_unique")
+        ]
         indexes = [
             models.Index(fields=["mailbox", "id"], name="popserver_message_mbox_idx"),
             # A mailbox's total size (quota checks, the admin's list) from the index alone.
@@ -158,10 +161,21 @@ class LoginEvent(models.Model):
     """One POP3 login attempt (audit). Never holds a password."""
 
     SUCCESS, FAILED, LOCKED_OUT, IN_USE, LOGIN_DELAY, ERROR = (
-        "success", "failed", "locked_out", "in_use", "login_delay", "error",
+        "success",
+        "failed",
+        "locked_out",
+        "in_use",
+        "login_delay",
+        "error",
     )
-    OUTCOMES = [(SUCCESS, "success"), (FAILED, "failed"), (LOCKED_OUT, "locked out"), (IN_USE, "in use"),
-                (LOGIN_DELAY, "login delay"), (ERROR, "error")]
+    OUTCOMES = [
+        (SUCCESS, "success"),
+        (FAILED, "failed"),
+        (LOCKED_OUT, "locked out"),
+        (IN_USE, "in use"),
+        (LOGIN_DELAY, "login delay"),
+        (ERROR, "error"),
+    ]
 
     time = models.DateTimeField(auto_now_add=True, db_index=True)
     peer_ip = models.GenericIPAddressField(unpack_ipv4=True, null=True)

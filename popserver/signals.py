@@ -11,6 +11,7 @@ login_failed(username, peer, mechanism, reason)
 login_locked_out(username, peer, scope)
     sent when a login is refused because ``scope`` ("account" or "ip") is locked out.
 """
+
 import logging
 
 from django.dispatch import Signal

@@ -10,6 +10,7 @@ dict. Neither needs Django or a database::
     session = Pop3Session(MemoryAuthenticator({"alice": ("secret", maildrop)}))
     b"".join(session.receive(b"USER alice\\r\\nPASS secret\\r\\nRETR 1\\r\\nQUIT\\r\\n"))
 """
+
 from __future__ import annotations
 
 import hmac

@@ -1,13 +1,14 @@
 """Self-service views: a signed-in user lists, creates (the secret shown once) and revokes their POP3 app
 passwords. Include ``popserver.urls`` in a site's URLconf; override the templates under
 ``popserver/app_passwords/``."""
+
 from django import forms
 from django.contrib.auth.decorators import login_required
 from django.http import Http404
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_http_methods, require_POST
 
-from .apppasswords import create_app_password, revoke_app_password
+from .logins.app_passwords import create_app_password, revoke_app_password
 from .models import Mailbox
 
 
@@ -34,8 +35,13 @@ def app_password_list(request):
     response = render(
         request,
         "popserver/app_passwords/list.html",
-        {"mailbox": mailbox, "app_passwords": mailbox.app_passwords.all(), "form": form, "created": created,
-         "secret": secret},
+        {
+            "mailbox": mailbox,
+            "app_passwords": mailbox.app_passwords.all(),
+            "form": form,
+            "created": created,
+            "secret": secret,
+        },
     )
     response["Cache-Control"] = "no-store"  # the secret is on this page once
     return response

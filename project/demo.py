@@ -1,6 +1,7 @@
 """The demo mailbox that scripts/serve.sh sets up: user ``demo``, password ``demo-password``."""
-from popserver.delivery import deliver
-from popserver.mailboxes import create_mailbox
+
+from popserver.mailin.delivery import deliver
+from popserver.mailin.mailboxes import create_mailbox
 from popserver.models import Message
 
 DEMO_USER = "demo"

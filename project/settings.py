@@ -4,6 +4,7 @@ Everything comes from the environment (or an optional ``.env`` beside ``manage.p
 Every default path is anchored to BASE_DIR, so ``manage.py deliver`` run by an MTA from another working
 directory uses the same database.
 """
+
 import contextlib
 import os
 import secrets
@@ -135,7 +136,9 @@ STATIC_URL = "static/"
 # straight from the installed apps, so the admin is styled with DEBUG off even before collectstatic has run.
 STATIC_ROOT = BASE_DIR / "staticfiles"
 WHITENOISE_USE_FINDERS = True
-with contextlib.suppress(OSError):  # WhiteNoise warns about a missing STATIC_ROOT; read-only checkouts skip this
+with contextlib.suppress(
+    OSError
+):  # WhiteNoise warns about a missing STATIC_ROOT; read-only checkouts skip this
     STATIC_ROOT.mkdir(exist_ok=True)
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 

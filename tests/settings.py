@@ -3,6 +3,7 @@
 Subprocesses started by tests (``deliver``, ``runpop3``) use these settings too, with POPSERVER_TEST_DB_NAME
 naming the test database the test created (see ``tests.conftest.subprocess_env``).
 """
+
 import os
 
 from project.settings import *

@@ -4,6 +4,7 @@ Used by a separate pytest run (``tests/emailusers/suite.py``, started by ``tests
 and by the subprocesses it starts. On PostgreSQL and MariaDB its test database has a name of its own, so
 that it can run while the main run's test database exists.
 """
+
 import os
 
 from tests.settings import *

@@ -1,5 +1,6 @@
 """The admin with the Django test client: every page and action, the permissions, the query count of the
 mailbox list, the raw download, the safe text view and the upload."""
+
 import os
 import poplib
 import re
@@ -19,10 +20,10 @@ from django.test.utils import CaptureQueriesContext, override_settings
 from django.urls import reverse
 from django.utils import timezone
 
-from popserver.bodystore import get_body_store
-from popserver.delivery import deliver
+from popserver.storage.bodies import get_body_store
+from popserver.mailin.delivery import deliver
 from popserver.exceptions import MessageExpunged
-from popserver.maildrop import open_maildrop
+from popserver.storage.maildrop import open_maildrop
 from popserver.models import Mailbox, Message, MessageChunk
 from tests.conftest import CORPUS_SIZES, corpus_files
 
@@ -83,7 +84,9 @@ def staff_client(db):
 
     def make(*codenames: str) -> Client:
         user = get_user_model().objects.create_user(f"staff{len(made)}", password="pw", is_staff=True)
-        permissions = list(Permission.objects.filter(content_type__app_label="popserver", codename__in=codenames))
+        permissions = list(
+            Permission.objects.filter(content_type__app_label="popserver", codename__in=codenames)
+        )
         assert len(permissions) == len(codenames), codenames
         user.user_permissions.add(*permissions)
         client = Client()
@@ -105,8 +108,13 @@ def alice(make_mailbox):
 def lock(mailbox: Mailbox, *, host: str, pid: int, heartbeat_age: float = 0, peer: str = "192.0.2.7:40000"):
     now = timezone.now()
     Mailbox.objects.filter(pk=mailbox.pk).update(
-        lock_token="t" * 32, lock_host=host, lock_pid=pid, lock_instance="i" * 32, lock_peer=peer,
-        locked_at=now - timedelta(seconds=heartbeat_age + 60), lock_heartbeat=now - timedelta(seconds=heartbeat_age),
+        lock_token="t" * 32,
+        lock_host=host,
+        lock_pid=pid,
+        lock_instance="i" * 32,
+        lock_peer=peer,
+        locked_at=now - timedelta(seconds=heartbeat_age + 60),
+        lock_heartbeat=now - timedelta(seconds=heartbeat_age),
     )
 
 
@@ -135,7 +143,9 @@ def test_mailbox_list_shows_counts_sizes_addresses_and_lock(superuser_client, al
     assert response.status_code == 200
     rows = {str(row.user): row for row in response.context["cl"].result_list}
     assert rows["alice"].message_count == 2
-    assert rows["alice"].message_octets == sum(Message.objects.filter(mailbox=alice).values_list("size", flat=True))
+    assert rows["alice"].message_octets == sum(
+        Message.objects.filter(mailbox=alice).values_list("size", flat=True)
+    )
     assert rows["bob"].message_count == 0 and rows["bob"].message_octets == 0
     html = response.content.decode()
     assert "alice@example.org" in html and "bob@example.org" in html
@@ -221,28 +231,43 @@ def test_mailbox_change_form_edits_pop3_and_addresses(superuser_client, alice):
     data = {
         "user": alice.user.pk,
         # pop3_enabled unchecked: off
-        "addresses-TOTAL_FORMS": "2", "addresses-INITIAL_FORMS": "1", "addresses-MIN_NUM_FORMS": "0",
+        "addresses-TOTAL_FORMS": "2",
+        "addresses-INITIAL_FORMS": "1",
+        "addresses-MIN_NUM_FORMS": "0",
         "addresses-MAX_NUM_FORMS": "1000",
-        "addresses-0-id": address.pk, "addresses-0-mailbox": alice.pk, "addresses-0-address": "alice@example.org",
-        "addresses-1-mailbox": alice.pk, "addresses-1-address": "a.smith@example.org",
+        "addresses-0-id": address.pk,
+        "addresses-0-mailbox": alice.pk,
+        "addresses-0-address": "alice@example.org",
+        "addresses-1-mailbox": alice.pk,
+        "addresses-1-address": "a.smith@example.org",
         "_save": "Save",
     }
     response = superuser_client.post(url, data)
     assert response.status_code == 302, response.context["errors"] if response.context else response
     alice.refresh_from_db()
     assert alice.pop3_enabled is False
-    assert sorted(alice.addresses.values_list("address", flat=True)) == ["a.smith@example.org", "alice@example.org"]
+    assert sorted(alice.addresses.values_list("address", flat=True)) == [
+        "a.smith@example.org",
+        "alice@example.org",
+    ]
 
 
 def test_mailbox_add_page(superuser_client):
     user = get_user_model().objects.create_user("carol")
     response = superuser_client.get(reverse("admin:popserver_mailbox_add"))
     assert response.status_code == 200
-    response = superuser_client.post(reverse("admin:popserver_mailbox_add"), {
-        "user": user.pk, "pop3_enabled": "on",
-        "addresses-TOTAL_FORMS": "1", "addresses-INITIAL_FORMS": "0", "addresses-MIN_NUM_FORMS": "0",
-        "addresses-MAX_NUM_FORMS": "1000", "addresses-0-address": "carol@example.org",
-    })
+    response = superuser_client.post(
+        reverse("admin:popserver_mailbox_add"),
+        {
+            "user": user.pk,
+            "pop3_enabled": "on",
+            "addresses-TOTAL_FORMS": "1",
+            "addresses-INITIAL_FORMS": "0",
+            "addresses-MIN_NUM_FORMS": "0",
+            "addresses-MAX_NUM_FORMS": "1000",
+            "addresses-0-address": "carol@example.org",
+        },
+    )
     assert response.status_code == 302
     assert Mailbox.objects.get(user=user).addresses.get().address == "carol@example.org"
 
@@ -272,7 +297,9 @@ def test_release_a_stale_lock_of_a_dead_process_on_this_host(superuser_client, a
 def test_release_a_stale_lock_with_an_old_heartbeat(superuser_client, alice):
     lock(alice, host="elsewhere.example.org", pid=123, heartbeat_age=3600)
     response = post_action(superuser_client, "release_stale_locks", alice)
-    assert texts(response) == ["alice: released the stale lock of elsewhere.example.org pid 123 for 192.0.2.7:40000."]
+    assert texts(response) == [
+        "alice: released the stale lock of elsewhere.example.org pid 123 for 192.0.2.7:40000."
+    ]
     alice.refresh_from_db()
     assert not alice.lock_token
 
@@ -491,7 +518,9 @@ def test_text_view_escapes_script_and_never_renders_html(superuser_client, alice
     response = text_view(superuser_client, message)
     html = response.content.decode()
     assert "<script" not in html.lower()
-    assert "&lt;script&gt;document.title=&#x27;pwned&#x27;&lt;/script&gt;" in html  # subject and text, escaped
+    assert (
+        "&lt;script&gt;document.title=&#x27;pwned&#x27;&lt;/script&gt;" in html
+    )  # subject and text, escaped
     assert "Hello &lt;script&gt;" in html
     assert "<img" not in html and "203.0.113.9" not in html  # the HTML part is listed, never shown
     assert "text/html" in html and "HTML is never rendered here" in html
@@ -538,7 +567,7 @@ def test_text_view_decodes_encoded_words_and_quoted_printable(superuser_client, 
 
 
 def test_text_view_of_a_large_message_shows_its_beginning(superuser_client, alice, monkeypatch):
-    from popserver import admin_views
+    from popserver.admin import views as admin_views
 
     monkeypatch.setattr(admin_views, "TEXT_VIEW_MAX_OCTETS", 200)
     message = deliver("alice", simple_message("big", body="y" * 1000))
@@ -564,12 +593,16 @@ def test_upload_page(superuser_client, alice):
 
 
 def test_upload_one_message(superuser_client, alice):
-    response = superuser_client.post(upload_url(alice), {"files": eml("hello.eml", simple_message("Uploaded one"))})
+    response = superuser_client.post(
+        upload_url(alice), {"files": eml("hello.eml", simple_message("Uploaded one"))}
+    )
     assert response.status_code == 302
     assert response["Location"] == f"{MESSAGE_LIST}?mailbox={alice.pk}"
     message = Message.objects.get(mailbox=alice)
     assert message.subject == "Uploaded one" and message.sender == "Bob <bob@example.net>"
-    assert LogEntry.objects.filter(object_id=str(message.pk), change_message="Uploaded from hello.eml.").exists()
+    assert LogEntry.objects.filter(
+        object_id=str(message.pk), change_message="Uploaded from hello.eml."
+    ).exists()
     response = superuser_client.get(response["Location"])
     assert any(text.startswith("hello.eml: delivered as message") for text in texts(response))
     assert "Uploaded one" in response.content.decode()
@@ -590,7 +623,9 @@ def test_upload_several_messages_with_per_file_results(superuser_client, alice):
     assert results[2].startswith("two.eml: delivered as message")
     assert Message.objects.filter(mailbox=alice).count() == 2
     assert sorted(Message.objects.values_list("subject", "size")) == [
-        ("First", len(simple_message("First"))), ("Second", len(simple_message("Second")))]
+        ("First", len(simple_message("First"))),
+        ("Second", len(simple_message("Second"))),
+    ]
 
 
 @override_settings(POPSERVER_MAX_MESSAGE_SIZE=300)
@@ -605,7 +640,10 @@ def test_upload_over_the_size_limit_is_refused(superuser_client, alice):
     results = texts(response)
     assert results[0].startswith("small.eml: delivered")
     assert results[1] == f"big.eml: not delivered: file of {len(big)} octets is over the limit of 300 octets."
-    assert results[2].startswith("grows.eml: not delivered: message of") and "over the limit of 300" in results[2]
+    assert (
+        results[2].startswith("grows.eml: not delivered: message of")
+        and "over the limit of 300" in results[2]
+    )
     assert list(Message.objects.values_list("subject", flat=True)) == ["small"]
 
 
@@ -629,7 +667,9 @@ def test_upload_to_a_missing_mailbox_is_404(superuser_client):
 def test_anonymous_users_are_sent_to_the_login_page(client, alice):
     message = deliver("alice", simple_message("secret"))
     for url in [
-        MAILBOX_LIST, MESSAGE_LIST, upload_url(alice),
+        MAILBOX_LIST,
+        MESSAGE_LIST,
+        upload_url(alice),
         reverse("admin:popserver_message_text", args=[message.pk]),
         reverse("admin:popserver_message_download", args=[message.pk]),
     ]:
@@ -658,8 +698,12 @@ def test_viewing_messages_does_not_allow_reading_them(staff_client, alice):
     assert client.get(reverse("admin:popserver_message_text", args=[message.pk])).status_code == 403
     assert client.get(reverse("admin:popserver_message_download", args=[message.pk])).status_code == 403
     # Nor deleting them.
-    assert client.post(MESSAGE_LIST, {"action": "delete_selected", "_selected_action": [message.pk],
-                                      "post": "yes"}).status_code == 200
+    assert (
+        client.post(
+            MESSAGE_LIST, {"action": "delete_selected", "_selected_action": [message.pk], "post": "yes"}
+        ).status_code
+        == 200
+    )
     assert Message.objects.filter(pk=message.pk).exists()
 
 
@@ -721,7 +765,9 @@ def test_actions_follow_the_permissions(staff_client, alice):
     emptier = staff_client("view_mailbox", "delete_message")
     assert actions(emptier) == {"empty_mailboxes"}
     assert actions(staff_client("view_mailbox", "delete_mailbox", "delete_message")) == {
-        "delete_selected", "empty_mailboxes"}
+        "delete_selected",
+        "empty_mailboxes",
+    }
 
 
 def test_deleting_a_mailbox_with_messages_needs_delete_message(staff_client, alice):

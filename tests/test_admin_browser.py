@@ -3,6 +3,7 @@ subject, open its text view, and see that the message's scripts did not run.
 
 Uses Debian's ``chromium`` and ``chromium-driver`` (``.ci/run`` installs them); skipped where they are absent.
 """
+
 import shutil
 from pathlib import Path
 
@@ -11,8 +12,10 @@ import pytest
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
-    pytest.skip(f"needs {CHROMIUM} and {CHROMEDRIVER} (Debian: apt-get install chromium chromium-driver)",
-                allow_module_level=True)
+    pytest.skip(
+        f"needs {CHROMIUM} and {CHROMEDRIVER} (Debian: apt-get install chromium chromium-driver)",
+        allow_module_level=True,
+    )
 webdriver = pytest.importorskip("selenium.webdriver", reason="needs selenium (requirements.txt)")
 
 from selenium.webdriver.common.by import By
@@ -21,9 +24,16 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 # As root on a closed network (see PITFALLS): no sandbox, no GPU, nothing that phones home.
 CHROMIUM_FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic",
-    "--disable-dev-shm-usage", "--window-size=1280,1024",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+    "--disable-dev-shm-usage",
+    "--window-size=1280,1024",
 ]
 WAIT = 20  # seconds for any one page to show what the test waits for
 
@@ -124,7 +134,9 @@ def test_upload_list_and_read_a_hostile_message(browser, live_server, make_mailb
     heading = wait_for(browser, EC.visibility_of_element_located((By.ID, "message-subject")))
     assert heading.text == subject
     body_text = browser.find_element(By.CSS_SELECTOR, "pre.message-text").text
-    assert "<script>document.body.insertAdjacentHTML('beforeend','<p id=pwned>pwned</p>')</script>" in body_text
+    assert (
+        "<script>document.body.insertAdjacentHTML('beforeend','<p id=pwned>pwned</p>')</script>" in body_text
+    )
     assert "Bytes that are not UTF-8: \ufffd\ufffd." in body_text
     assert browser.title.startswith("Invoice <script>")  # the page's own <title>, escaped; not "pwned"
     assert browser.find_elements(By.ID, "pwned") == []
@@ -135,7 +147,7 @@ def test_upload_list_and_read_a_hostile_message(browser, live_server, make_mailb
 
 
 def test_user_creates_and_revokes_an_app_password(browser, live_server, make_mailbox):
-    from popserver.apppasswords import check_app_password
+    from popserver.logins.app_passwords import check_app_password
 
     mailbox = make_mailbox("carol", "carol-password")  # not staff: an ordinary user of the site
     browser.get(f"{live_server.url}/mail/app-passwords/")

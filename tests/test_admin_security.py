@@ -1,5 +1,6 @@
-"""The admin of lock-outs, app passwords and the audit trail (popserver.admin_security), with the Django test
+"""The admin of lock-outs, app passwords and the audit trail (popserver.admin.security), with the Django test
 client; lock-outs and audit rows are made by real logins at the authenticator."""
+
 import re
 from datetime import timedelta
 from types import SimpleNamespace
@@ -14,9 +15,9 @@ from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 from django.utils import timezone
 
-from popserver import audit
-from popserver.apppasswords import check_app_password, create_app_password, revoke_app_password
-from popserver.auth import DjangoAuthenticator
+from popserver.logins import audit
+from popserver.logins.app_passwords import check_app_password, create_app_password, revoke_app_password
+from popserver.logins.authenticator import DjangoAuthenticator
 from popserver.exceptions import AuthenticationFailed, LoginLockedOut
 from popserver.models import AppPassword, LoginEvent, LoginThrottle, SessionRecord
 
@@ -45,7 +46,9 @@ def staff_client(db):
 
     def make(*codenames: str) -> Client:
         user = get_user_model().objects.create_user(f"staff{len(made)}", password="pw", is_staff=True)
-        permissions = list(Permission.objects.filter(content_type__app_label="popserver", codename__in=codenames))
+        permissions = list(
+            Permission.objects.filter(content_type__app_label="popserver", codename__in=codenames)
+        )
         assert len(permissions) == len(codenames), codenames
         user.user_permissions.add(*permissions)
         client = Client()
@@ -84,7 +87,9 @@ def texts(response) -> list[str]:
 
 
 def action(client: Client, url: str, name: str, rows, **extra):
-    return client.post(url, {"action": name, "_selected_action": [row.pk for row in rows], **extra}, follow=True)
+    return client.post(
+        url, {"action": name, "_selected_action": [row.pk for row in rows], **extra}, follow=True
+    )
 
 
 def has_save_button(response) -> bool:
@@ -172,7 +177,7 @@ def test_clearing_lockouts_needs_the_delete_permission(staff_client, locked_out)
 
 
 def test_the_cache_throttle_is_not_listed_and_the_page_says_so(superuser_client, settings):
-    settings.POPSERVER_THROTTLE = "popserver.throttle.CacheThrottle"
+    settings.POPSERVER_THROTTLE = "popserver.logins.throttle.CacheThrottle"
     message = texts(superuser_client.get(LOCKOUTS))
     assert len(message) == 1 and "poplockouts --clear" in message[0]
 
@@ -241,14 +246,18 @@ def app_passwords(alice, make_mailbox):
     laptop, _ = create_app_password(alice, "Laptop")
     tablet, _ = create_app_password(bob, "Tablet")
     revoke_app_password(laptop)
-    AppPassword.objects.filter(pk=phone.pk).update(last_used_at=timezone.now(), last_used_peer="192.0.2.9:5000")
+    AppPassword.objects.filter(pk=phone.pk).update(
+        last_used_at=timezone.now(), last_used_peer="192.0.2.9:5000"
+    )
     return {"phone": phone, "laptop": laptop, "tablet": tablet}
 
 
 def test_app_password_list_columns_and_no_digest(superuser_client, app_passwords):
     response = superuser_client.get(APP_PASSWORDS)
     assert [(str(row.mailbox), row.name) for row in results(response)] == [
-        ("alice", "Laptop"), ("alice", "Phone"), ("bob", "Tablet"),
+        ("alice", "Laptop"),
+        ("alice", "Phone"),
+        ("bob", "Tablet"),
     ]
     html = response.content.decode()
     for heading in ("Mailbox", "Created at", "Last used at", "Last used peer", "Active"):
@@ -287,8 +296,12 @@ def test_app_password_list_costs_the_same_queries_for_3_and_30(superuser_client,
 def test_revoke_selected_app_passwords(superuser_client, app_passwords, alice):
     secret = create_app_password(alice, "Car")[1]
     car = AppPassword.objects.get(name="Car")
-    response = action(superuser_client, APP_PASSWORDS, "revoke_selected",
-                      [car, app_passwords["phone"], app_passwords["laptop"]])
+    response = action(
+        superuser_client,
+        APP_PASSWORDS,
+        "revoke_selected",
+        [car, app_passwords["phone"], app_passwords["laptop"]],
+    )
     assert texts(response) == ["Revoked 2 app passwords."]  # the laptop's was revoked already
     assert set(AppPassword.objects.filter(revoked_at=None).values_list("name", flat=True)) == {"Tablet"}
     assert check_app_password(alice, secret) is None
@@ -303,7 +316,9 @@ def test_revoking_needs_the_change_permission(staff_client, app_passwords):
     assert AppPassword.objects.get(pk=app_passwords["phone"].pk).is_active
 
 
-def test_change_page_renames_and_revokes_but_never_moves_or_reactivates(superuser_client, app_passwords, alice):
+def test_change_page_renames_and_revokes_but_never_moves_or_reactivates(
+    superuser_client, app_passwords, alice
+):
     phone = app_passwords["phone"]
     change = reverse("admin:popserver_apppassword_change", args=[phone.pk])
     response = superuser_client.get(change)
@@ -376,15 +391,20 @@ def test_login_event_filters_offer_the_busiest_users_and_ips_and_the_selected_on
     LoginEvent.objects.create(username="old", peer_ip="192.0.2.200", mechanism="USER", outcome="failed")
     LoginEvent.objects.filter(username="old").update(time=timezone.now() - timedelta(days=3))
     response = superuser_client.get(EVENTS)
-    choices = {spec.title: [choice["display"] for choice in spec.choices(response.context["cl"])]
-               for spec in response.context["cl"].filter_specs}
+    choices = {
+        spec.title: [choice["display"] for choice in spec.choices(response.context["cl"])]
+        for spec in response.context["cl"].filter_specs
+    }
     assert choices["username (busiest of the last day)"] == ["All", "alice", "nobody"]
     assert choices["peer IP (busiest of the last day)"] == ["All", "198.51.100.7", GUESSER, "2001:db8::5"]
     assert choices["mechanism"] == ["All", "USER", "PLAIN", "LOGIN"]
     response = superuser_client.get(EVENTS, {"username": "old"})
     assert [row.username for row in results(response)] == ["old"]
-    assert "old" in [choice["display"] for spec in response.context["cl"].filter_specs
-                     for choice in spec.choices(response.context["cl"])]
+    assert "old" in [
+        choice["display"]
+        for spec in response.context["cl"].filter_specs
+        for choice in spec.choices(response.context["cl"])
+    ]
 
 
 def test_login_event_date_hierarchy(superuser_client, logins):
@@ -422,10 +442,21 @@ def sessions(alice, make_mailbox):
     now = timezone.now()
 
     def record(mailbox, ip, retrieved=(0, 0), deleted=(0, 0), reason="Logged out", ago=0):
-        stats = SimpleNamespace(retr_count=retrieved[0], retr_bytes=retrieved[1], deleted_count=deleted[0],
-                                deleted_bytes=deleted[1])
-        audit.record_session(mailbox=mailbox, username=str(mailbox), peer_ip=ip,
-                             started_at=now - timedelta(minutes=ago), duration=12.34, end_reason=reason, stats=stats)
+        stats = SimpleNamespace(
+            retr_count=retrieved[0],
+            retr_bytes=retrieved[1],
+            deleted_count=deleted[0],
+            deleted_bytes=deleted[1],
+        )
+        audit.record_session(
+            mailbox=mailbox,
+            username=str(mailbox),
+            peer_ip=ip,
+            started_at=now - timedelta(minutes=ago),
+            duration=12.34,
+            end_reason=reason,
+            stats=stats,
+        )
 
     record(alice, GUESSER, retrieved=(3, 4096), deleted=(2, 2048))
     record(alice, "198.51.100.7", retrieved=(1, 100), ago=5)
@@ -438,8 +469,17 @@ def test_session_records_list(superuser_client, sessions):
     rows = results(response)
     assert [(row.username, row.retrieved_count) for row in rows] == [("alice", 3), ("alice", 1), ("bob", 0)]
     html = response.content.decode()
-    for text in ("Started at", "Duration", "Retrieved", "Deleted", "End reason", "12.3 s",
-                 "3 messages, 4.0\xa0KB", "2 messages, 2.0\xa0KB", "Connection closed"):
+    for text in (
+        "Started at",
+        "Duration",
+        "Retrieved",
+        "Deleted",
+        "End reason",
+        "12.3 s",
+        "3 messages, 4.0\xa0KB",
+        "2 messages, 2.0\xa0KB",
+        "Connection closed",
+    ):
         assert text in html
 
 

@@ -1,5 +1,8 @@
 """Logins at the authenticator: throttling, app passwords, LOGIN-DELAY, audit and signals (no sockets)."""
+
 from datetime import UTC, datetime, timedelta
+
+import os
 
 import pytest
 from django.contrib.auth import authenticate
@@ -7,8 +10,8 @@ from django.core.management import call_command
 from django.test import override_settings
 from django.urls import reverse
 
-from popserver.apppasswords import create_app_password, revoke_app_password
-from popserver.auth import DjangoAuthenticator, password_check_slots
+from popserver.logins.app_passwords import create_app_password, revoke_app_password
+from popserver.logins.authenticator import DjangoAuthenticator, password_check_slots
 from popserver.conf import get_setting
 from popserver.exceptions import (
     AuthenticationFailed,
@@ -18,7 +21,7 @@ from popserver.exceptions import (
 )
 from popserver.models import LoginEvent, LoginThrottle, Mailbox
 from popserver.signals import login_failed, login_locked_out
-from popserver.throttle import CacheThrottle, DatabaseThrottle
+from popserver.logins.throttle import CacheThrottle, DatabaseThrottle
 from tests import backends
 
 COUNTING = ["tests.backends.CountingBackend"]
@@ -63,16 +66,30 @@ def test_login_opens_the_maildrop_and_audits(alice):
     maildrop.release()
     event = LoginEvent.objects.get()
     assert (event.username, event.outcome, event.peer_ip, event.mechanism, event.tls) == (
-        "alice", "success", "203.0.113.5", "USER", False)
+        "alice",
+        "success",
+        "203.0.113.5",
+        "USER",
+        False,
+    )
 
 
-def test_login_by_address(alice):
-    login("ALICE@Example.com", "right").release()
+def test_login_by_address(alice, make_mailbox):
+    bob = make_mailbox("bob", "right", email="bob@example.com")
+    maildrop = login("ALICE@Example.com", "right")
+    assert maildrop.mailbox_id == alice.pk
+    maildrop.release()
+    maildrop = login("bob@EXAMPLE.com", "right")
+    assert maildrop.mailbox_id == bob.pk
+    maildrop.release()
 
 
 def test_failures_are_audited_and_signalled_without_the_password(alice):
     received = []
-    handler = lambda **kw: received.append(kw)
+
+    def handler(**kw):
+        received.append(kw)
+
     login_failed.connect(handler)
     try:
         with pytest.raises(AuthenticationFailed):
@@ -131,6 +148,7 @@ def test_credentials_the_engine_rejected_are_a_failed_login_without_a_check(alic
 @override_settings(POPSERVER_THROTTLE_ACCOUNT_FAILURES=3)
 def test_a_login_queued_for_a_password_slot_looks_at_the_lockout_again(alice, clock, counting_backend):
     """A burst of guesses can lock the account while a login waits for a password-check slot."""
+
     class LockedWhileQueued(DatabaseThrottle):
         checks = 0
 
@@ -207,7 +225,10 @@ def test_failures_outside_the_window_do_not_add_up(alice, clock):
 def test_whole_ip_lockout_and_trusted_networks_are_exempt(alice, clock):
     throttle = DatabaseThrottle(clock)
     received = []
-    handler = lambda **kw: received.append(kw)
+
+    def handler(**kw):
+        received.append(kw)
+
     login_locked_out.connect(handler)
     try:
         for n in range(5):
@@ -243,14 +264,27 @@ def test_login_delay(alice, settings):
         login("alice", "right")
     assert info.value.reply.startswith("[LOGIN-DELAY]")
     assert not LoginThrottle.objects.exists()
-    Mailbox.objects.filter(pk=alice.pk).update(last_login=Mailbox.objects.get(pk=alice.pk).last_login
-                                               - timedelta(seconds=301))
+    Mailbox.objects.filter(pk=alice.pk).update(
+        last_login=Mailbox.objects.get(pk=alice.pk).last_login - timedelta(seconds=301)
+    )
     login("alice", "right").release()
 
 
 def test_backend_that_needs_a_request(alice, settings):
     settings.AUTHENTICATION_BACKENDS = ["tests.backends.RequestRequiredBackend"]
-    login("alice", "right").release()
+    maildrop = login("alice", "right")
+    assert maildrop.mailbox_id == alice.pk
+    maildrop.release()
+
+
+@pytest.mark.parametrize("ip", ["203.0.113.5", "2001:db8::7", "198.51.100.20"])
+def test_the_backend_gets_the_clients_own_address(alice, settings, ip):
+    settings.AUTHENTICATION_BACKENDS = ["tests.backends.AddressRecordingBackend"]
+    backends.seen_addresses.clear()
+    login("alice", "right", ip=ip).release()
+    with pytest.raises(AuthenticationFailed):
+        login("alice", "wrong", ip=ip)
+    assert backends.seen_addresses == [ip, ip]
 
 
 def test_inactive_user_and_switched_off_mailbox(alice):
@@ -371,11 +405,19 @@ def redis_answers() -> bool:
         return False
 
 
-@pytest.mark.skipif(not redis_answers(), reason="no Redis at 127.0.0.1:6379")
+@pytest.mark.skipif(
+    os.environ.get("POPSERVER_REQUIRE_REDIS") != "1" and not redis_answers(),
+    reason="no Redis at 127.0.0.1:6379",
+)
 @override_settings(
-    CACHES={"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache",
-                        "LOCATION": "redis://127.0.0.1:6379/15", "KEY_PREFIX": "popserver-tests"}},
-    POPSERVER_THROTTLE="popserver.throttle.CacheThrottle",
+    CACHES={
+        "default": {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": "redis://127.0.0.1:6379/15",
+            "KEY_PREFIX": "popserver-tests",
+        }
+    },
+    POPSERVER_THROTTLE="popserver.logins.throttle.CacheThrottle",
     POPSERVER_THROTTLE_ACCOUNT_FAILURES=3,
     POPSERVER_THROTTLE_LOCKOUT=600,
 )
@@ -391,6 +433,41 @@ def test_cache_throttle_on_redis(alice, clock):
         login("alice", "right", throttle=throttle)
     clock.advance(601)
     login("alice", "right", throttle=throttle).release()
+    cache.clear()
+
+
+@pytest.mark.skipif(
+    os.environ.get("POPSERVER_REQUIRE_REDIS") != "1" and not redis_answers(),
+    reason="no Redis at 127.0.0.1:6379",
+)
+@override_settings(
+    CACHES={
+        "default": {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": "redis://127.0.0.1:6379/15",
+            "KEY_PREFIX": "popserver-tests-cmd",
+        }
+    },
+    POPSERVER_THROTTLE="popserver.logins.throttle.CacheThrottle",
+    POPSERVER_THROTTLE_ACCOUNT_FAILURES=2,
+)
+def test_poplockouts_with_the_cache_throttle(alice, capsys):
+    from django.core.cache import cache
+    from django.core.management.base import CommandError
+
+    cache.clear()
+    for _ in range(2):
+        with pytest.raises(AuthenticationFailed):
+            login("alice", "wrong")
+    with pytest.raises(LoginLockedOut):
+        login("alice", "right")
+    with pytest.raises(CommandError, match="cannot be listed"):
+        call_command("poplockouts")
+    with pytest.raises(CommandError, match="database throttle"):
+        call_command("poplockouts", "--clear-all")
+    call_command("poplockouts", "--clear", "alice|203.0.113.5")
+    assert "cleared 1" in capsys.readouterr().out
+    login("alice", "right").release()
     cache.clear()
 
 

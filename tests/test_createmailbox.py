@@ -1,5 +1,6 @@
-"""``manage.py createmailbox`` and ``popserver.mailboxes`` with Django's default user model; the email-login
+"""``manage.py createmailbox`` and ``popserver.mailin.mailboxes`` with Django's default user model; the email-login
 custom user model is tested by a pytest run of its own (``tests/emailusers/suite.py``), started below."""
+
 import io
 import os
 import re
@@ -11,7 +12,7 @@ from django.contrib.auth import get_user_model
 from django.core.exceptions import ValidationError
 from django.core.management import CommandError, call_command
 
-from popserver.mailboxes import create_mailbox
+from popserver.mailin.mailboxes import create_mailbox
 from popserver.models import Address, Mailbox
 from tests.conftest import REPO, manage_py_command, subprocess_env
 
@@ -131,8 +132,15 @@ def test_the_python_api_returns_the_mailbox():
 @pytest.mark.django_db(transaction=True)
 def test_the_command_in_a_subprocess_reads_the_real_stdin(tmp_path):
     command = manage_py_command("createmailbox", "alice", "--email", "alice@example.com", "--password-stdin")
-    result = subprocess.run(command, input=b"s3cret pass\n", cwd=tmp_path, env=subprocess_env(),
-                            capture_output=True, check=False, timeout=100)
+    result = subprocess.run(
+        command,
+        input=b"s3cret pass\n",
+        cwd=tmp_path,
+        env=subprocess_env(),
+        capture_output=True,
+        check=False,
+        timeout=100,
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout == b"Created user alice; created the mailbox; added the address alice@example.com.\n"
     user = get_user_model().objects.get(username="alice")
@@ -146,9 +154,22 @@ def test_with_an_email_login_user_model():
     of its own, with its own settings and test database (on whichever database this run uses)."""
     env = {key: value for key, value in os.environ.items() if not key.startswith(("PYTEST_", "DJANGO_"))}
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "--ds=tests.settings_emailuser",
-         "tests/emailusers/suite.py"],
-        cwd=REPO, env=env, capture_output=True, check=False, text=True, timeout=110,
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-p",
+            "no:cacheprovider",
+            "-q",
+            "--ds=tests.settings_emailuser",
+            "tests/emailusers/suite.py",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        check=False,
+        text=True,
+        timeout=110,
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     summary = result.stdout.strip().splitlines()[-1]

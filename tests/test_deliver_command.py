@@ -3,6 +3,7 @@ one-line reason on stderr and never a traceback, and once as an unprivileged use
 
 The subprocesses must see the rows this test commits, hence ``transaction=True`` throughout.
 """
+
 import grp
 import hashlib
 import os
@@ -19,7 +20,7 @@ from pathlib import Path
 import pytest
 from django.db import connection, transaction
 
-from popserver.bodystore import get_body_store
+from popserver.storage.bodies import get_body_store
 from popserver.models import Mailbox, Message
 from tests.conftest import CORPUS_SIZES, REPO, corpus_files, manage_py_command, subprocess_env
 from tests.test_delivery import CORPUS_HEADERS, UID_RE, presented
@@ -36,7 +37,8 @@ def deliver_command(*args: str, data: bytes = MESSAGE, cwd: Path, env: dict | No
         input=data,
         cwd=cwd,
         env=env if env is not None else subprocess_env(),
-        capture_output=True, check=False,
+        capture_output=True,
+        check=False,
         timeout=100,
     )
 
@@ -103,7 +105,10 @@ def test_a_50_mb_message_through_the_pipe(make_mailbox, tmp_path):
 def test_another_apps_failing_system_check_does_not_bounce_mail(make_mailbox, tmp_path):
     make_mailbox("alice")
     write_module(tmp_path, "failingcheck/__init__.py", "")
-    write_module(tmp_path, "failingcheck/apps.py", """
+    write_module(
+        tmp_path,
+        "failingcheck/apps.py",
+        """
         from django.apps import AppConfig
         from django.core import checks
 
@@ -117,16 +122,22 @@ def test_another_apps_failing_system_check_does_not_bounce_mail(make_mailbox, tm
 
             def ready(self):
                 checks.register(always_fails)
-    """)
-    write_module(tmp_path, "checksettings.py", """
+    """,
+    )
+    write_module(
+        tmp_path,
+        "checksettings.py",
+        """
         from tests.settings import *  # noqa: F403
         from tests.settings import INSTALLED_APPS
 
         INSTALLED_APPS = [*INSTALLED_APPS, "failingcheck"]
-    """)
+    """,
+    )
     env = settings_env(tmp_path, "checksettings")
-    check = subprocess.run(manage_py_command("check"), cwd=tmp_path, env=env, capture_output=True,
-                           check=False, timeout=100)
+    check = subprocess.run(
+        manage_py_command("check"), cwd=tmp_path, env=env, capture_output=True, check=False, timeout=100
+    )
     assert check.returncode != 0 and b"failingcheck.E001" in check.stderr  # the check does fail
     result = deliver_command("alice", cwd=tmp_path, env=env)
     assert (result.returncode, result.stderr) == (EX_OK, b"")
@@ -191,21 +202,27 @@ def test_unreachable_database_exits_75(tmp_path):
 
 def test_busy_database_exits_75(make_mailbox, tmp_path):
     mailbox = make_mailbox("alice")
-    if connection.vendor not in ("sqlite", "postgresql"):
-        pytest.skip(f"no short lock wait set up for {connection.vendor}")
-    write_module(tmp_path, "busysettings.py", """
+    write_module(
+        tmp_path,
+        "busysettings.py",
+        """
         from tests.settings import *  # noqa: F403
         from tests.settings import DATABASES
 
         if DATABASES["default"]["ENGINE"].endswith("sqlite3"):
             DATABASES["default"]["OPTIONS"]["timeout"] = 0.2
+        elif DATABASES["default"]["ENGINE"].endswith("mysql"):  # MariaDB's shortest row-lock wait
+            DATABASES["default"].setdefault("OPTIONS", {})["init_command"] = "SET SESSION innodb_lock_wait_timeout=1"
         else:
             DATABASES["default"].setdefault("OPTIONS", {})["options"] = "-c lock_timeout=200"
-    """)
+    """,
+    )
     with transaction.atomic():
         if connection.vendor == "postgresql":
             with connection.cursor() as cursor:
                 cursor.execute(f"LOCK TABLE {Mailbox._meta.db_table} IN EXCLUSIVE MODE")
+        elif connection.vendor == "mysql":  # the row lock delivery waits for
+            Mailbox.objects.select_for_update().get(pk=mailbox.pk)
         else:  # an IMMEDIATE transaction holds SQLite's one write lock
             Mailbox.objects.filter(pk=mailbox.pk).update(pop3_enabled=True)
         result = deliver_command("alice", cwd=tmp_path, env=settings_env(tmp_path, "busysettings"))
@@ -250,8 +267,14 @@ def mta_user():
     data_dir = Path(tempfile.mkdtemp(prefix="popserver-mta-"))  # not under pytest's root-only tmp folders
     try:
         os.chown(data_dir, uid, gid)
-        probe = subprocess.run([*prefix, sys.executable, "-c", "import django, popserver"], cwd=data_dir,
-                               capture_output=True, check=False, env=subprocess_env(), timeout=100)
+        probe = subprocess.run(
+            [*prefix, sys.executable, "-c", "import django, popserver"],
+            cwd=data_dir,
+            capture_output=True,
+            check=False,
+            env=subprocess_env(),
+            timeout=100,
+        )
         if probe.returncode != 0:
             pytest.skip(f"{MTA_USER} cannot read the repository or the venv: {probe.stderr.decode()[-200:]}")
         yield uid, gid, prefix, data_dir

@@ -1,10 +1,11 @@
 """``deliver`` parity with dovecot-lda and Postfix's pipe flags: ``-f SENDER`` adds ``Return-Path``,
 ``--delivered-to`` adds ``Delivered-To``, each only when asked; ``user+detail`` delivers to ``user``. Every
 case byte for byte, through the Python API and through the command as an MTA runs it."""
+
 import pytest
 
-from popserver.bodystore import get_body_store
-from popserver.delivery import deliver, trace_fields
+from popserver.storage.bodies import get_body_store
+from popserver.mailin.delivery import deliver, trace_fields
 from popserver.models import Message
 from tests.conftest import corpus_files
 from tests.test_deliver_command import EX_OK, EX_TEMPFAIL, assert_refused, deliver_command
@@ -35,7 +36,15 @@ def stored(message: Message) -> bytes:
             b"Return-Path: <carol@example.org>\r\nDelivered-To: alice+lists@example.org\r\n",
         ),
     ],
-    ids=["nothing", "return path", "bracketed", "null sender", "null sender bracketed", "delivered-to", "both"],
+    ids=[
+        "nothing",
+        "return path",
+        "bracketed",
+        "null sender",
+        "null sender bracketed",
+        "delivered-to",
+        "both",
+    ],
 )
 def test_trace_fields_through_the_api(make_mailbox, options, prefix):
     make_mailbox("alice", email="alice@example.org")
@@ -54,8 +63,13 @@ def test_without_options_the_corpus_is_stored_as_given(make_mailbox, path):
 
 @pytest.mark.parametrize(
     "options",
-    [{"return_path": "a@b\r\nBcc: x@y"}, {"delivered_to": "a@b\nX: y"}, {"return_path": "a\x00b"},
-     {"delivered_to": ""}, {"delivered_to": "  "}],
+    [
+        {"return_path": "a@b\r\nBcc: x@y"},
+        {"delivered_to": "a@b\nX: y"},
+        {"return_path": "a\x00b"},
+        {"delivered_to": ""},
+        {"delivered_to": "  "},
+    ],
 )
 def test_header_breaking_values_are_refused(options):
     with pytest.raises(ValueError):
@@ -105,8 +119,15 @@ def test_every_corpus_message_with_both_options(make_mailbox, tmp_path):
     mailbox = make_mailbox("alice")
     prefix = b"Return-Path: <bounce@example.net>\r\nDelivered-To: alice@example.org\r\n"
     for path in corpus_files():
-        result = deliver_command("-f", "bounce@example.net", "--delivered-to", "alice@example.org", "alice",
-                                 data=path.read_bytes(), cwd=tmp_path)
+        result = deliver_command(
+            "-f",
+            "bounce@example.net",
+            "--delivered-to",
+            "alice@example.org",
+            "alice",
+            data=path.read_bytes(),
+            cwd=tmp_path,
+        )
         assert (result.returncode, result.stderr) == (EX_OK, b""), path.name
     messages = Message.objects.filter(mailbox=mailbox)
     for path, message in zip(corpus_files(), messages, strict=True):
@@ -129,5 +150,7 @@ def test_added_fields_count_toward_the_size_limit(make_mailbox, tmp_path):
     make_mailbox("alice")
     env = subprocess_env(POPSERVER_MAX_MESSAGE_SIZE=str(len(STORED)))
     assert deliver_command("alice", cwd=tmp_path, env=env).returncode == EX_OK
-    assert_refused(deliver_command("-f", "c@example.org", "alice", cwd=tmp_path, env=env), EX_UNAVAILABLE, "limit")
+    assert_refused(
+        deliver_command("-f", "c@example.org", "alice", cwd=tmp_path, env=env), EX_UNAVAILABLE, "limit"
+    )
     assert Message.objects.count() == 1

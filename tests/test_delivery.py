@@ -1,4 +1,5 @@
-"""The delivery API (``popserver.delivery``) on a real database: bytes, sizes, unique ids, headers, limits."""
+"""The delivery API (``popserver.mailin.delivery``) on a real database: bytes, sizes, unique ids, headers, limits."""
+
 import hashlib
 import re
 import threading
@@ -10,8 +11,8 @@ from django.db import connection, transaction
 from django.test import override_settings
 
 from popserver import signals
-from popserver.bodystore import get_body_store
-from popserver.delivery import deliver, parse_display_headers, resolve_mailbox
+from popserver.storage.bodies import get_body_store
+from popserver.mailin.delivery import deliver, parse_display_headers, resolve_mailbox
 from popserver.exceptions import EmptyMessage, MessageTooLarge, UnknownRecipient
 from popserver.models import Mailbox, Message, MessageChunk
 from tests.conftest import CORPUS_SIZES, corpus_files
@@ -228,8 +229,15 @@ def test_unknown_recipient_is_refused_and_stores_nothing(make_mailbox):
 @pytest.mark.parametrize(
     "recipient",
     [
-        "alice", "ALICE", " Alice ", "alice+lists", "alice@example.org", "Alice@EXAMPLE.org",
-        "alice+x@example.org", "ALICE+Lists@Example.Org", "alias@example.net",
+        "alice",
+        "ALICE",
+        " Alice ",
+        "alice+lists",
+        "alice@example.org",
+        "Alice@EXAMPLE.org",
+        "alice+x@example.org",
+        "ALICE+Lists@Example.Org",
+        "alias@example.net",
     ],
 )
 def test_recipients_resolve_case_insensitively_and_without_detail(make_mailbox, recipient):

@@ -1,5 +1,6 @@
 """popserver dropped into a site made with ``django-admin startproject``: a wheel, one line in INSTALLED_APPS,
 ``migrate``, and an email-login custom user model. Everything runs in subprocesses, as a site would."""
+
 import os
 import poplib
 import re
@@ -70,7 +71,23 @@ def run(args, cwd, env, **kwargs):
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
-    run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), str(REPO)], cwd=out, env=os.environ)
+    run(
+        # No build isolation: the venv's own setuptools (requirements.txt) builds it, with no index needed.
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(out),
+            str(REPO),
+        ],
+        cwd=out,
+        env=os.environ,
+    )
     (path,) = out.glob("popserver-*.whl")
     return path
 
@@ -81,7 +98,9 @@ def test_wheel_holds_the_app_and_declares_ranges_only(wheel):
     assert "popserver/management/commands/runpop3.py" in names
     assert not any(n.startswith(("project/", "tests/", "bench/")) for n in names)
     metadata = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("METADATA"))).decode()
-    requires = [line for line in metadata.splitlines() if line.startswith("Requires-Dist:") and "extra ==" not in line]
+    requires = [
+        line for line in metadata.splitlines() if line.startswith("Requires-Dist:") and "extra ==" not in line
+    ]
     assert any("django>=5.2" in r.lower() for r in requires)
     assert not any("==" in r for r in requires), requires
 
@@ -91,8 +110,11 @@ def site(wheel, tmp_path):
     """A startproject site with popserver installed from the wheel (into a --target folder, beside the test
     venv's Django) and an email-login user model."""
     target = tmp_path / "site-packages"
-    run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
-        cwd=tmp_path, env=os.environ)
+    run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
+        cwd=tmp_path,
+        env=os.environ,
+    )
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DJANGO_", "POPSERVER_", "PYTEST"))}
     env["PYTHONPATH"] = str(target)
     env.pop("DATABASE_URL", None)
@@ -100,11 +122,20 @@ def site(wheel, tmp_path):
 
     if connection.vendor != "sqlite":  # the same server as this run, in a database of its own
         url = os.environ.get("DATABASE_URL", "")
-        env["SITE_DATABASE_URL"] = re.sub(r"/[^/]*$", "/popserver_site", url)
+        # One database per test process, as the rest of the suite names its own: parallel runs never collide.
+        env["SITE_DATABASE_URL"] = re.sub(r"/[^/]*$", f"/popserver_site_{os.getpid()}", url)
         _recreate_database(env["SITE_DATABASE_URL"])
     (tmp_path / "site").mkdir()
-    run([str(Path(sys.executable).parent / "django-admin"), "startproject", "site_project", str(tmp_path / "site")],
-        cwd=tmp_path, env=env)
+    run(
+        [
+            str(Path(sys.executable).parent / "django-admin"),
+            "startproject",
+            "site_project",
+            str(tmp_path / "site"),
+        ],
+        cwd=tmp_path,
+        env=env,
+    )
     env["DJANGO_SETTINGS_MODULE"] = "site_project.settings"  # only once the project exists
     site = tmp_path / "site"
     for name, text in USER_APP.items():
@@ -122,15 +153,24 @@ def _recreate_database(url: str) -> None:
     if "postgresql" in config["ENGINE"]:
         import psycopg
 
-        with psycopg.connect(host=config["HOST"], port=config["PORT"] or 5432, user=config["USER"],
-                             dbname="postgres", autocommit=True) as conn:
+        with psycopg.connect(
+            host=config["HOST"],
+            port=config["PORT"] or 5432,
+            user=config["USER"],
+            dbname="postgres",
+            autocommit=True,
+        ) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{config["NAME"]}" WITH (FORCE)')
             conn.execute(f'CREATE DATABASE "{config["NAME"]}"')
     else:
         import pymysql
 
-        conn = pymysql.connect(host=config["HOST"], port=int(config["PORT"] or 3306), user=config["USER"],
-                               password=config["PASSWORD"] or "")
+        conn = pymysql.connect(
+            host=config["HOST"],
+            port=int(config["PORT"] or 3306),
+            user=config["USER"],
+            password=config["PASSWORD"] or "",
+        )
         with conn.cursor() as cursor:
             cursor.execute(f"DROP DATABASE IF EXISTS `{config['NAME']}`")
             cursor.execute(f"CREATE DATABASE `{config['NAME']}` CHARACTER SET utf8mb4")
@@ -143,20 +183,42 @@ def test_startproject_site_with_email_login_serves_pop3(site):
     run([*manage, "makemigrations", "accounts", "-v", "0"], cwd=site, env=env)
     run([*manage, "migrate", "-v", "0"], cwd=site, env=env)
     # popserver brings every migration it needs, whatever the site's DEFAULT_AUTO_FIELD
-    check = subprocess.run([*manage, "makemigrations", "--check", "--dry-run", "popserver"], cwd=site, env=env,
-                           capture_output=True, text=True, timeout=120)
+    check = subprocess.run(
+        [*manage, "makemigrations", "--check", "--dry-run", "popserver"],
+        cwd=site,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert check.returncode == 0, check.stdout + check.stderr
     checks = run([*manage, "check"], cwd=site, env=env)
     assert "popserver.E" not in checks.stdout + checks.stderr
-    run([*manage, "createmailbox", "alice@example.com", "--password-stdin"], cwd=site, env=env, input="pw one\n")
+    run(
+        [*manage, "createmailbox", "alice@example.com", "--password-stdin"],
+        cwd=site,
+        env=env,
+        input="pw one\n",
+    )
     message = b"From: b@example.com\r\nSubject: hello site\r\n\r\nbody\r\n"
     # an MTA runs the MDA from its own working directory
-    delivered = subprocess.run([sys.executable, str(site / "manage.py"), "deliver", "ALICE@example.com"], cwd="/",
-                               env=env, input=message,
-                               capture_output=True, timeout=120)
+    delivered = subprocess.run(
+        [sys.executable, str(site / "manage.py"), "deliver", "ALICE@example.com"],
+        cwd="/",
+        env=env,
+        input=message,
+        capture_output=True,
+        timeout=120,
+    )
     assert delivered.returncode == 0, delivered.stderr
-    server = subprocess.Popen([*manage, "runpop3", "127.0.0.1:0"], cwd=site, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True)
+    server = subprocess.Popen(
+        [*manage, "runpop3", "127.0.0.1:0"],
+        cwd=site,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         port = None
         for line in server.stdout:
@@ -172,6 +234,11 @@ def test_startproject_site_with_email_login_serves_pop3(site):
         client.quit()
     finally:
         server.terminate()
-        assert server.wait(timeout=30) == 0
+        try:
+            exit_code = server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            exit_code = server.wait(timeout=30)
         server.stdout.close()
         server.stderr.close()
+    assert exit_code == 0  # outside finally: a failure above is reported as itself

@@ -1,4 +1,5 @@
 """``exportmail``: a mailbox as mboxrd, in order, streamed from the body store; ``importmail`` reads it back."""
+
 import io
 import mailbox as stdlib_mailbox
 import os
@@ -8,9 +9,9 @@ import pytest
 from django.core.management import CommandError, call_command
 from django.test import override_settings
 
-from popserver.bodystore import get_body_store
-from popserver.delivery import deliver
-from popserver.mailexport import write_quoted
+from popserver.storage.bodies import get_body_store
+from popserver.mailin.delivery import deliver
+from popserver.mailin.exporting import write_quoted
 from popserver.models import Message
 from tests.conftest import corpus_files, manage_py_command, subprocess_env
 
@@ -43,7 +44,9 @@ def test_the_corpus_round_trips_through_exportmail_and_importmail(make_mailbox, 
     assert os.stat(target).st_mode & 0o777 == 0o600
 
     assert command("importmail", "bob", target) == f"imported {count}, skipped 0 duplicates, 0 errors\n"
-    expected = [data if data.endswith(b"\r\n") else data + b"\r\n" for data in contents(alice)]  # mbox ends lines
+    expected = [
+        data if data.endswith(b"\r\n") else data + b"\r\n" for data in contents(alice)
+    ]  # mbox ends lines
     assert contents(bob) == expected
     assert command("importmail", "bob", target) == f"imported 0, skipped {count} duplicates, 0 errors\n"
 
@@ -72,8 +75,9 @@ def test_x_uidl_carries_the_unique_ids_to_another_mailbox(make_mailbox, tmp_path
     command("importmail", "bob", tmp_path / "a.mbox", "--x-uidl")
     alice_ids = list(Message.objects.filter(mailbox=alice).values_list("uid", flat=True))
     assert list(Message.objects.filter(mailbox=bob).values_list("uid", flat=True)) == alice_ids
-    assert contents(bob) == [f"X-UIDL: {uid}\r\n".encode() + data for uid, data in zip(alice_ids, contents(alice),
-                                                                                      strict=True)]
+    assert contents(bob) == [
+        f"X-UIDL: {uid}\r\n".encode() + data for uid, data in zip(alice_ids, contents(alice), strict=True)
+    ]
     # back into alice: every one is already there
     assert command("importmail", "alice", tmp_path / "a.mbox", "--x-uidl").startswith("imported 0, skipped 3")
 
@@ -95,7 +99,10 @@ def test_an_existing_file_is_kept_unless_forced(make_mailbox, tmp_path):
 @pytest.mark.django_db
 def test_an_empty_mailbox_is_an_empty_file(make_mailbox, tmp_path):
     make_mailbox("alice")
-    assert command("exportmail", "alice", tmp_path / "a.mbox") == f"exported 0 messages to {tmp_path / 'a.mbox'}\n"
+    assert (
+        command("exportmail", "alice", tmp_path / "a.mbox")
+        == f"exported 0 messages to {tmp_path / 'a.mbox'}\n"
+    )
     assert (tmp_path / "a.mbox").read_bytes() == b""
 
 
@@ -116,8 +123,14 @@ def test_unknown_recipient(tmp_path):
 def test_standard_output(make_mailbox, tmp_path):
     make_mailbox("alice")
     deliver("alice", b"Subject: one\r\n\r\nbody\r\n")
-    result = subprocess.run(manage_py_command("exportmail", "alice", "-"), env=subprocess_env(), cwd=tmp_path,
-                            capture_output=True, check=False, timeout=100)
+    result = subprocess.run(
+        manage_py_command("exportmail", "alice", "-"),
+        env=subprocess_env(),
+        cwd=tmp_path,
+        capture_output=True,
+        check=False,
+        timeout=100,
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split(b"\n", 1)[1] == b"Subject: one\r\n\r\nbody\r\n\n"
 

@@ -1,6 +1,7 @@
 """``importmail``: an mbox file and a Dovecot Maildir (made here, with a ``dovecot-uidlist``) imported in order
 with the UIDLs Dovecot showed, checked over POP3 with poplib against a live server; a second run adds
 nothing; ids generated later never collide with imported ones; errors, quotas and the progress counter."""
+
 import io
 from pathlib import Path
 
@@ -9,9 +10,9 @@ from django.core.management import CommandError, call_command
 from django.core.management.base import OutputWrapper
 from django.test import override_settings
 
-from popserver.bodystore import get_body_store
-from popserver.delivery import deliver, format_uid
-from popserver.mailimport import (
+from popserver.storage.bodies import get_body_store
+from popserver.mailin.delivery import deliver, format_uid
+from popserver.mailin.importing import (
     DEFAULT_UIDL_FORMAT,
     MaildirSource,
     SourceError,
@@ -30,8 +31,10 @@ DOVECOT_VALIDITY = 1700000000  # 0x6553f100
 
 def message(subject: str, body: str = "Hello.\n", extra: str = "") -> bytes:
     """A small message with LF line endings, as files on a Unix server have them."""
-    return (f"From: Bob <bob@example.net>\nTo: alice@example.org\nSubject: {subject}\n{extra}"
-            f"Date: Thu, 26 Nov 2026 10:00:00 +0000\n\n{body}").encode()
+    return (
+        f"From: Bob <bob@example.net>\nTo: alice@example.org\nSubject: {subject}\n{extra}"
+        f"Date: Thu, 26 Nov 2026 10:00:00 +0000\n\n{body}"
+    ).encode()
 
 
 def write_mbox(path: Path, messages: list[bytes]) -> Path:
@@ -130,7 +133,10 @@ def pop3_messages(server, username: str) -> list[tuple[str, bytes]]:
     ],
 )
 def test_render_uidl_as_dovecot(template, expected):
-    assert render_uidl(template, uid=42, uidvalidity=DOVECOT_VALIDITY, filename="1700000000.M1P1.host") == expected
+    assert (
+        render_uidl(template, uid=42, uidvalidity=DOVECOT_VALIDITY, filename="1700000000.M1P1.host")
+        == expected
+    )
 
 
 @pytest.mark.parametrize("template", ["%m", "%{guid}", "100%", "%08X", "%u %v", "%" + "u" * 40 + "%v" * 30])
@@ -146,8 +152,11 @@ def test_parse_uidlist_version_3():
     parsed = parse_uidlist(DOVECOT_UIDLIST.encode())
     assert (parsed.version, parsed.uid_validity, parsed.next_uid) == (3, DOVECOT_VALIDITY, 12)
     assert [(r.uid, r.filename) for r in parsed.records] == [
-        (2, "1700000200.M2P200.old-mx"), (5, "1700000300.M3P300.old-mx"), (6, "1700000350.M9P350.old-mx"),
-        (7, "1700000100.M1P100.old-mx,S=200,W=210"), (9, "1700000400.M4P400.old-mx"),
+        (2, "1700000200.M2P200.old-mx"),
+        (5, "1700000300.M3P300.old-mx"),
+        (6, "1700000350.M9P350.old-mx"),
+        (7, "1700000100.M1P100.old-mx,S=200,W=210"),
+        (9, "1700000400.M4P400.old-mx"),
     ]
     assert parsed.records[1].extensions == {"W": "180"}
     assert parsed.records[4].extensions == {"P": "migrated-uidl-42"}
@@ -156,7 +165,10 @@ def test_parse_uidlist_version_3():
 def test_parse_uidlist_version_1_and_bad_lines():
     parsed = parse_uidlist(b"1 1234 5\n3 1700000200.M2P200.host:2,S\nnot a record\n4 1700000300.M3.host\n")
     assert (parsed.version, parsed.uid_validity, parsed.next_uid) == (1, 1234, 5)
-    assert [(r.uid, r.filename) for r in parsed.records] == [(3, "1700000200.M2P200.host"), (4, "1700000300.M3.host")]
+    assert [(r.uid, r.filename) for r in parsed.records] == [
+        (3, "1700000200.M2P200.host"),
+        (4, "1700000300.M3.host"),
+    ]
     assert parsed.skipped_lines == 1
 
 
@@ -174,13 +186,21 @@ def test_pop3_order_numbers_come_first(tmp_path):
         f"3 :1700000030.M3.host\n4 O1 :1700000040.M4.host\n",
     )
     source = MaildirSource(folder)
-    assert [uidl for _, uidl in source.items] == [dovecot_uidl(4), dovecot_uidl(2), dovecot_uidl(1), dovecot_uidl(3)]
+    assert [uidl for _, uidl in source.items] == [
+        dovecot_uidl(4),
+        dovecot_uidl(2),
+        dovecot_uidl(1),
+        dovecot_uidl(3),
+    ]
     source.close()
 
 
 def test_an_empty_p_extension_means_the_file_name(tmp_path):
-    folder = make_maildir(tmp_path / "Maildir", {"cur/1700000010.M1.host,S=9:2,S": message("m")},
-                          f"3 V{DOVECOT_VALIDITY} N2\n1 P :1700000010.M1.host,S=9\n")
+    folder = make_maildir(
+        tmp_path / "Maildir",
+        {"cur/1700000010.M1.host,S=9:2,S": message("m")},
+        f"3 V{DOVECOT_VALIDITY} N2\n1 P :1700000010.M1.host,S=9\n",
+    )
     source = MaildirSource(folder)
     assert source.items == [("1700000010.M1.host,S=9", "1700000010.M1.host,S=9")]
     source.close()
@@ -203,7 +223,9 @@ def test_dovecot_maildir_keeps_order_and_uidls_over_pop3(pop3_server, make_mailb
     expected_uidls = [uidl or content_uid(presented(unlisted)) for _, uidl in DOVECOT_EXPECTED]
     assert [uid for _, uid in rows] == expected_uidls
 
-    by_subject = {data.split(b"Subject: ")[1].split(b"\n")[0].decode(): data for data in DOVECOT_FILES.values()}
+    by_subject = {
+        data.split(b"Subject: ")[1].split(b"\n")[0].decode(): data for data in DOVECOT_FILES.values()
+    }
     seen = pop3_messages(pop3_server, "alice")
     assert [uidl for uidl, _ in seen[1:]] == expected_uidls
     for (uidl, data), (subject, _) in zip(seen[1:], DOVECOT_EXPECTED, strict=True):
@@ -243,8 +265,11 @@ def test_a_mailbox_with_dovecots_uidvalidity_gets_another(make_mailbox, tmp_path
 @pytest.mark.django_db
 def test_a_plain_maildir_is_imported_in_file_name_order_with_content_ids(make_mailbox, tmp_path):
     mailbox = make_mailbox("alice")
-    files = {"new/1700000300.M3.host": message("c"), "cur/1700000100.M1.host:2,S": message("a"),
-             "cur/1700000200.M2.host:2,": message("b")}
+    files = {
+        "new/1700000300.M3.host": message("c"),
+        "cur/1700000100.M1.host:2,S": message("a"),
+        "cur/1700000200.M2.host:2,": message("b"),
+    }
     folder = make_maildir(tmp_path / "Maildir", files)
     assert importmail("alice", folder)[0] == "imported 3, skipped 0 duplicates, 0 errors\n"
     assert [s for s, _ in listing(mailbox)] == ["a", "b", "c"]
@@ -267,7 +292,9 @@ def test_mbox_over_pop3_and_again(pop3_server, make_mailbox, tmp_path):
 
     expected = [
         presented(messages[0]),
-        presented(message("two", body="A line\nFrom quoted by mboxo\n>From quoted twice\nFrom-not-a-separator\n")),
+        presented(
+            message("two", body="A line\nFrom quoted by mboxo\n>From quoted twice\nFrom-not-a-separator\n")
+        ),
         presented(message("three", body="no final newline\n")),  # mbox cannot tell: the line ends
         presented(messages[3]),
     ]
@@ -314,7 +341,9 @@ def test_an_imported_id_too_far_ahead_gets_the_mailbox_a_new_uidvalidity(make_ma
     mailbox = make_mailbox("alice")
     old_validity = mailbox.uid_validity
     huge = f"{2**60:X}{old_validity:08X}"
-    importmail("alice", write_mbox(tmp_path / "x.mbox", [message("far", extra=f"X-UIDL: {huge}\n")]), "--x-uidl")
+    importmail(
+        "alice", write_mbox(tmp_path / "x.mbox", [message("far", extra=f"X-UIDL: {huge}\n")]), "--x-uidl"
+    )
     mailbox.refresh_from_db()
     assert mailbox.uid_validity != old_validity and mailbox.next_uid == 1
     assert deliver("alice", message("later")).uid == format_uid(1, mailbox.uid_validity)
@@ -330,8 +359,14 @@ def test_invalid_ids_are_refused_with_a_clear_message(make_mailbox, tmp_path):
         message("fine", extra="X-UIDL: fine\n"),
     ]
     with pytest.raises(CommandError, match="3 messages not imported"):
-        call_command("importmail", "alice", str(write_mbox(tmp_path / "x.mbox", messages)), "--x-uidl",
-                     stdout=(out := io.StringIO()), stderr=(err := io.StringIO()))
+        call_command(
+            "importmail",
+            "alice",
+            str(write_mbox(tmp_path / "x.mbox", messages)),
+            "--x-uidl",
+            stdout=(out := io.StringIO()),
+            stderr=(err := io.StringIO()),
+        )
     assert out.getvalue() == "imported 1, skipped 0 duplicates, 3 errors\n"
     errors = err.getvalue().splitlines()
     assert len(errors) == 3 and all("RFC 1939" in line for line in errors)
@@ -342,11 +377,16 @@ def test_invalid_ids_are_refused_with_a_clear_message(make_mailbox, tmp_path):
 @pytest.mark.django_db
 def test_errors_do_not_stop_an_import(make_mailbox, tmp_path):
     mailbox = make_mailbox("alice")
-    files = {"cur/1700000100.M1.host:2,S": message("one"), "cur/1700000200.M2.host:2,S": b"",
-             "cur/1700000300.M3.host:2,S": message("three", body="x" * 2000)}
+    files = {
+        "cur/1700000100.M1.host:2,S": message("one"),
+        "cur/1700000200.M2.host:2,S": b"",
+        "cur/1700000300.M3.host:2,S": message("three", body="x" * 2000),
+    }
     folder = make_maildir(tmp_path / "Maildir", files)
     with override_settings(POPSERVER_MAX_MESSAGE_SIZE=1000), pytest.raises(CommandError):
-        call_command("importmail", "alice", str(folder), stdout=(out := io.StringIO()), stderr=(err := io.StringIO()))
+        call_command(
+            "importmail", "alice", str(folder), stdout=(out := io.StringIO()), stderr=(err := io.StringIO())
+        )
     assert out.getvalue() == "imported 1, skipped 0 duplicates, 2 errors\n"
     assert "error: 1700000200.M2.host: empty message" in err.getvalue()
     assert "error: 1700000300.M3.host: message of" in err.getvalue()
@@ -378,12 +418,15 @@ def an_eml_file(path: Path) -> Path:
 
 
 @pytest.mark.django_db
-@pytest.mark.parametrize("setup,reason", [
-    (lambda path: path / "missing.mbox", "no such file"),
-    (a_folder, "not a Maildir"),
-    (an_eml_file, "no messages found"),
-    (lambda path: make_maildir(path / "M", {}, "garbage\n"), "cannot read its header"),
-])
+@pytest.mark.parametrize(
+    "setup,reason",
+    [
+        (lambda path: path / "missing.mbox", "no such file"),
+        (a_folder, "not a Maildir"),
+        (an_eml_file, "no messages found"),
+        (lambda path: make_maildir(path / "M", {}, "garbage\n"), "cannot read its header"),
+    ],
+)
 def test_unreadable_sources(make_mailbox, tmp_path, setup, reason):
     make_mailbox("alice")
     with pytest.raises(CommandError, match=reason):
@@ -412,8 +455,14 @@ def test_quotas_do_not_apply_to_imports_unless_asked(make_mailbox, tmp_path):
 
     Message.objects.filter(mailbox=mailbox).delete()
     with pytest.raises(CommandError, match="1 messages not imported"):
-        call_command("importmail", "alice", str(path), "--enforce-quota",
-                     stdout=(out := io.StringIO()), stderr=(err := io.StringIO()))
+        call_command(
+            "importmail",
+            "alice",
+            str(path),
+            "--enforce-quota",
+            stdout=(out := io.StringIO()),
+            stderr=(err := io.StringIO()),
+        )
     assert out.getvalue() == "imported 2, skipped 0 duplicates, 1 errors\n"
     assert "stopped: the mailbox is full" in err.getvalue()
     assert [s for s, _ in listing(mailbox)] == ["m0", "m1"]
@@ -449,4 +498,3 @@ def test_the_summary_goes_to_stdout_and_nothing_else_without_a_terminal(make_mai
     make_mailbox("alice")
     out, err = importmail("alice", write_mbox(tmp_path / "a.mbox", [message("one")]))
     assert (out, err) == ("imported 1, skipped 0 duplicates, 0 errors\n", "")
-

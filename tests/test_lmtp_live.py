@@ -19,13 +19,13 @@ import pytest
 from django.db import connection
 from django.test import override_settings
 
-from popserver.bodystore import DatabaseBodyStore, get_body_store
 from popserver.delivery import deliver
 from popserver.mailin.lmtp import MailboxDeliveryHandler
 from popserver.models import Address, Message
 from popserver.server.listener import stop_servers
 from popserver.server.lmtp import start_lmtp_servers
 from popserver.server.tls import TlsContextHolder
+from popserver.storage.bodies import DatabaseBodyStore, get_body_store
 
 from .conftest import manage_py_command, subprocess_env
 

@@ -1,4 +1,5 @@
 """The ORM maildrop: the lock, the snapshot, streaming reads and UPDATE, on the real database."""
+
 import os
 import re
 import subprocess
@@ -10,16 +11,16 @@ from django.db import DatabaseError, connection
 from django.test import override_settings
 from django.utils import timezone
 
-from popserver.bodystore import get_body_store
+from popserver.storage.bodies import get_body_store
 from popserver.exceptions import CommitFailed, MailboxInUse, MessageExpunged
-from popserver.maildrop import (
+from popserver.storage.lock import (
     lock_is_stale,
-    open_maildrop,
     refresh_heartbeats,
     release_all_live_locks,
     release_dead_locks,
     this_process,
 )
+from popserver.storage.maildrop import open_maildrop
 from popserver.models import Mailbox, Message, MessageChunk
 
 
@@ -50,7 +51,9 @@ def test_open_takes_the_lock_and_the_snapshot(mailbox):
         assert locked.lock_pid == os.getpid() and locked.lock_host == this_process().host
         assert locked.last_login is not None and locked.lock_heartbeat is not None
         assert [m.uid for m in maildrop.messages] == ["UID1", "UID2", "UID3"]
-        assert [m.size for m in maildrop.messages] == [Message.objects.get(uid=f"UID{n}").size for n in (1, 2, 3)]
+        assert [m.size for m in maildrop.messages] == [
+            Message.objects.get(uid=f"UID{n}").size for n in (1, 2, 3)
+        ]
         with pytest.raises(MailboxInUse):
             open_maildrop(mailbox.pk)
     finally:
@@ -119,7 +122,7 @@ def test_commit_is_all_or_nothing(mailbox, monkeypatch):
     maildrop = open_maildrop(mailbox.pk)
     for n in (1, 2, 3):
         maildrop.mark_deleted(n)
-    from popserver import maildrop as module
+    from popserver.storage import deletion as module
 
     monkeypatch.setattr(module, "DELETE_BATCH", 1)
     calls = []
@@ -165,10 +168,15 @@ def test_stale_heartbeat_frees_a_lock_held_elsewhere(mailbox):
 
 
 def test_lock_of_a_dead_process_on_this_host_is_free_at_once(mailbox):
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
     dead_pid = int(dead.stdout)
     Mailbox.objects.filter(pk=mailbox.pk).update(
-        lock_token="abc", lock_host=this_process().host, lock_pid=dead_pid, lock_instance="dead",
+        lock_token="abc",
+        lock_host=this_process().host,
+        lock_pid=dead_pid,
+        lock_instance="dead",
         lock_heartbeat=timezone.now(),
     )
     assert lock_is_stale(reload(mailbox))
@@ -178,7 +186,10 @@ def test_lock_of_a_dead_process_on_this_host_is_free_at_once(mailbox):
 
 def test_lock_of_a_live_process_on_this_host_is_kept(mailbox):
     Mailbox.objects.filter(pk=mailbox.pk).update(
-        lock_token="abc", lock_host=this_process().host, lock_pid=os.getppid(), lock_instance="parent",
+        lock_token="abc",
+        lock_host=this_process().host,
+        lock_pid=os.getppid(),
+        lock_instance="parent",
         lock_heartbeat=timezone.now(),
     )
     assert not lock_is_stale(reload(mailbox))
@@ -200,7 +211,11 @@ def test_heartbeat_and_release_all(mailbox):
 def test_select_for_update_needs_no_outer_transaction(mailbox):
     # PostgreSQL raises if select_for_update runs outside atomic(); open_maildrop must bring its own.
     maildrop = open_maildrop(mailbox.pk)
+    assert reload(mailbox).lock_token == maildrop.token
+    maildrop.mark_deleted(2)
     maildrop.commit()
+    assert not reload(mailbox).lock_token
+    assert sorted(Message.objects.filter(mailbox=mailbox).values_list("uid", flat=True)) == ["UID1", "UID3"]
 
 
 def test_unique_ids_compare_as_bytes_on_every_database(make_mailbox):
@@ -211,27 +226,29 @@ def test_unique_ids_compare_as_bytes_on_every_database(make_mailbox):
 
 
 def test_a_lock_being_taken_is_never_taken_over_by_the_same_process(mailbox, monkeypatch):
-    from popserver import maildrop as module
+    from popserver.storage import lock as module
 
     seen = []
-    original_init = module.OrmMaildrop.__init__
+    original_take = module.MailboxLock._take
 
-    def init_and_race(self, *args, **kwargs):
-        # Another session of this process tries the same mailbox while the first builds its snapshot.
+    def take_and_race(self, *args, **kwargs):
+        result = original_take(self, *args, **kwargs)
+        # Another session of this process tries the same mailbox after the row says locked, before the
+        # lock is registered as live.
         if not seen:
             seen.append(True)
             with pytest.raises(MailboxInUse):
                 open_maildrop(mailbox.pk)
-        original_init(self, *args, **kwargs)
+        return result
 
-    monkeypatch.setattr(module.OrmMaildrop, "__init__", init_and_race)
+    monkeypatch.setattr(module.MailboxLock, "_take", take_and_race)
     first = open_maildrop(mailbox.pk)
     assert seen and reload(mailbox).lock_token == first.token
     first.release()
 
 
 def test_a_failed_release_still_frees_the_lock_for_this_process(mailbox, monkeypatch):
-    from popserver import maildrop as module
+    from popserver.storage import lock as module
 
     maildrop = open_maildrop(mailbox.pk)
 

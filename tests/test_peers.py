@@ -1,7 +1,8 @@
 """Trusted networks and the unit that limits count by."""
+
 from django.test import override_settings
 
-from popserver.peers import is_trusted_peer, peer_group
+from popserver.logins.peers import is_trusted_peer, peer_group
 
 
 def test_trusted_networks():

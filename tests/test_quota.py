@@ -1,6 +1,7 @@
 """Quotas: per-mailbox limits on octets and messages with site-wide defaults; the API raises QuotaExceeded,
 race-free under concurrent deliveries; ``deliver`` exits 75 (or 69 when told it is permanent); the admin shows
 usage without a query per row and edits the limits."""
+
 import threading
 
 import pytest
@@ -9,8 +10,8 @@ from django.db import connections
 from django.test import Client, override_settings
 from django.urls import reverse
 
-from popserver import quota
-from popserver.delivery import deliver
+from popserver.mailin import quota
+from popserver.mailin.delivery import deliver
 from popserver.exceptions import QuotaExceeded
 from popserver.models import Message
 from tests.conftest import subprocess_env
@@ -154,7 +155,9 @@ def test_deliver_over_quota_exits_69_when_permanent(make_mailbox, tmp_path):
     make_mailbox("alice")
     env = subprocess_env(POPSERVER_QUOTA_BYTES="100", POPSERVER_QUOTA_EXCEEDED_PERMANENT="true")
     big = b"Subject: big\r\n\r\n" + b"x" * 200 + b"\r\n"
-    assert_refused(deliver_command("alice", data=big, cwd=tmp_path, env=env), EX_UNAVAILABLE, "quota of 100 octets")
+    assert_refused(
+        deliver_command("alice", data=big, cwd=tmp_path, env=env), EX_UNAVAILABLE, "quota of 100 octets"
+    )
     assert not Message.objects.exists()
 
 
@@ -185,9 +188,15 @@ def test_the_change_page_shows_usage_and_edits_the_quota(superuser_client, make_
     assert "2.0\xa0KB, 1 message<" in html and "Size quota" in html and "Message quota" in html
 
     data = {
-        "user": mailbox.user.pk, "pop3_enabled": "on", "quota_bytes": "1.5G", "quota_messages": "500",
-        "addresses-TOTAL_FORMS": "0", "addresses-INITIAL_FORMS": "0", "addresses-MIN_NUM_FORMS": "0",
-        "addresses-MAX_NUM_FORMS": "1000", "_continue": "Save",
+        "user": mailbox.user.pk,
+        "pop3_enabled": "on",
+        "quota_bytes": "1.5G",
+        "quota_messages": "500",
+        "addresses-TOTAL_FORMS": "0",
+        "addresses-INITIAL_FORMS": "0",
+        "addresses-MIN_NUM_FORMS": "0",
+        "addresses-MAX_NUM_FORMS": "1000",
+        "_continue": "Save",
     }
     response = superuser_client.post(url, data)
     assert response.status_code == 302
@@ -207,8 +216,16 @@ def test_the_change_page_shows_usage_and_edits_the_quota(superuser_client, make_
 
 @pytest.mark.parametrize(
     "text,octets",
-    [("0", 0), ("1048576", 1048576), ("100M", 100 * 1024**2), ("100 MB", 100 * 1024**2), ("2g", 2 * 1024**3),
-     ("1.5G", 1536 * 1024**2), ("10KiB", 10240), (" 7 ", 7)],
+    [
+        ("0", 0),
+        ("1048576", 1048576),
+        ("100M", 100 * 1024**2),
+        ("100 MB", 100 * 1024**2),
+        ("2g", 2 * 1024**3),
+        ("1.5G", 1536 * 1024**2),
+        ("10KiB", 10240),
+        (" 7 ", 7),
+    ],
 )
 def test_parse_size(text, octets):
     assert quota.parse_size(text) == octets
@@ -220,17 +237,20 @@ def test_parse_size_refuses(text):
         quota.parse_size(text)
 
 
-@pytest.mark.parametrize("octets,text", [(0, "0"), (1000, "1000"), (1024, "1K"), (3 * 1024**3, "3G"),
-                                         (1536 * 1024**2, "1536M")])
+@pytest.mark.parametrize(
+    "octets,text", [(0, "0"), (1000, "1000"), (1024, "1K"), (3 * 1024**3, "3G"), (1536 * 1024**2, "1536M")]
+)
 def test_format_size_reads_back(octets, text):
     assert quota.format_size(octets) == text and quota.parse_size(text) == octets
 
 
 # Checks ----------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name,value", [("QUOTA_BYTES", -1), ("QUOTA_MESSAGES", "ten"), ("QUOTA_BYTES", True),
-                                        ("QUOTA_MESSAGES", 1.5)])
+@pytest.mark.parametrize(
+    "name,value",
+    [("QUOTA_BYTES", -1), ("QUOTA_MESSAGES", "ten"), ("QUOTA_BYTES", True), ("QUOTA_MESSAGES", 1.5)],
+)
 def test_bad_quota_settings_are_errors(name, value):
     from django.core.checks import run_checks
 
     with override_settings(**{f"POPSERVER_{name}": value}):
-        assert "popserver.E001" in {m.id for m in run_checks()}
+        assert "popserver.E008" in {m.id for m in run_checks()}

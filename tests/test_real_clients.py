@@ -12,6 +12,7 @@ was delivered, after the client's own known changes:
 The database is checked after each run: deletions only when asked, and committed by QUIT, which answers only
 after the commit, so the client's exit is the synchronisation.
 """
+
 from __future__ import annotations
 
 import os
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from popserver.delivery import deliver, strip_envelope_line
+from popserver.mailin.delivery import deliver, strip_envelope_line
 from popserver.models import Mailbox, Message
 from popserver.protocol.wire import normalize_line_endings
 from popserver.server.tls import TlsContextHolder
@@ -72,6 +73,7 @@ def corpus() -> list[bytes]:
 @pytest.fixture
 def alice_with(make_mailbox):
     """``alice_with(messages)``: the mailbox of alice (password "secret") with these messages delivered."""
+
     def make(messages: list[bytes]) -> Mailbox:
         mailbox = make_mailbox("alice", "secret")
         for raw in messages:
@@ -92,8 +94,9 @@ def assert_unlocked(mailbox: Mailbox) -> None:
 def run(argv: list[str], tmp_path: Path, ok=(0,)) -> str:
     """Run a client with ``HOME`` in ``tmp_path``; return its output (stdout and stderr) as text."""
     env = dict(os.environ, HOME=str(tmp_path), LC_ALL="C")
-    result = subprocess.run(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            timeout=CLIENT_TIMEOUT)
+    result = subprocess.run(
+        argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=CLIENT_TIMEOUT
+    )
     output = result.stdout.decode(errors="replace")
     assert result.returncode in ok, f"{argv[0]} exited {result.returncode}:\n{output}"
     return output
@@ -156,14 +159,30 @@ def tls_server(pop3_server_factory, ca, tmp_path):
 # fetchmail -----------------------------------------------------------------------------------------------
 def fetchmail(tmp_path: Path, poll: str, options: str, mda_argv: list[str], ok=(0,)) -> str:
     """One ``fetchmail`` run in the foreground with its own pid and id files; verbose, for the transcript."""
-    rc = private_file(tmp_path / "fetchmailrc", (
-        f"{poll} protocol pop3 timeout 20\n"
-        f'  user alice password "secret"\n'
-        f"  no rewrite no stripcr {options}\n"
-        f'  mda "{shlex.join(mda_argv)}"\n'
-    ))
-    return run(["fetchmail", "--fetchmailrc", str(rc), "--idfile", str(tmp_path / "fetchids"),
-                "--pidfile", str(tmp_path / "fetchmail.pid"), "--nosyslog", "--verbose"], tmp_path, ok)
+    rc = private_file(
+        tmp_path / "fetchmailrc",
+        (
+            f"{poll} protocol pop3 timeout 20\n"
+            f'  user alice password "secret"\n'
+            f"  no rewrite no stripcr {options}\n"
+            f'  mda "{shlex.join(mda_argv)}"\n'
+        ),
+    )
+    return run(
+        [
+            "fetchmail",
+            "--fetchmailrc",
+            str(rc),
+            "--idfile",
+            str(tmp_path / "fetchids"),
+            "--pidfile",
+            str(tmp_path / "fetchmail.pid"),
+            "--nosyslog",
+            "--verbose",
+        ],
+        tmp_path,
+        ok,
+    )
 
 
 def without_fetchmail_received(data: bytes) -> bytes:
@@ -171,7 +190,7 @@ def without_fetchmail_received(data: bytes) -> bytes:
     match = re.match(rb"Received: [^\r\n]*\r\n(?:[ \t][^\r\n]*\r\n)*", data)
     assert match, data[:200]
     assert b"fetchmail" in match.group(0)
-    return data[match.end():]
+    return data[match.end() :]
 
 
 @needs_fetchmail
@@ -180,8 +199,9 @@ def test_fetchmail_user_pass_keeps_the_corpus_byte_for_byte(pop3_server, alice_w
     mailbox = alice_with(messages)
     mda_argv, out = mda
     # fetchmail 6.4 checks certificates by default and then insists on STLS: sslproto '' turns TLS off.
-    transcript = fetchmail(tmp_path, f"poll 127.0.0.1 port {pop3_server.port}", "keep fetchall sslproto ''",
-                           mda_argv)
+    transcript = fetchmail(
+        tmp_path, f"poll 127.0.0.1 port {pop3_server.port}", "keep fetchall sslproto ''", mda_argv
+    )
     assert "POP3> USER alice" in transcript and "STLS" not in transcript  # no certificate: none offered
     assert [without_fetchmail_received(data) for data in delivered(out)] == [
         with_separator(served(raw)) for raw in messages
@@ -209,8 +229,9 @@ def test_fetchmail_deletes_only_without_keep_and_each_quit_commits(pop3_server, 
 
 
 @needs_fetchmail
-def test_fetchmail_stls_with_a_checked_certificate_fetches_only_new_messages(tls_server, alice_with, mda,
-                                                                           ca_file, tmp_path):
+def test_fetchmail_stls_with_a_checked_certificate_fetches_only_new_messages(
+    tls_server, alice_with, mda, ca_file, tmp_path
+):
     first = [msg("one"), msg("two")]
     mailbox = alice_with(first)
     mda_argv, out = mda
@@ -233,15 +254,18 @@ def test_fetchmail_stls_with_a_checked_certificate_fetches_only_new_messages(tls
 # mpop ----------------------------------------------------------------------------------------------------
 def mpop(tmp_path: Path, settings: str, port: int, keep: str, box: Path) -> str:
     """One ``mpop`` run with ``--debug`` (the transcript); UIDs of what was seen in a uidls file."""
-    config = private_file(tmp_path / "mpoprc", (
-        "account alice\n"
-        f"host 127.0.0.1\nport {port}\ntimeout 20\n"
-        "user alice\npassword secret\n"
-        f"{settings}\n"
-        f"keep {keep}\nonly_new on\nreceived_header off\n"
-        f"uidls_file {tmp_path / 'mpop-uidls'}\n"
-        f"delivery maildir {box}\n"
-    ))
+    config = private_file(
+        tmp_path / "mpoprc",
+        (
+            "account alice\n"
+            f"host 127.0.0.1\nport {port}\ntimeout 20\n"
+            "user alice\npassword secret\n"
+            f"{settings}\n"
+            f"keep {keep}\nonly_new on\nreceived_header off\n"
+            f"uidls_file {tmp_path / 'mpop-uidls'}\n"
+            f"delivery maildir {box}\n"
+        ),
+    )
     return run(["mpop", "--file", str(config), "--debug", "alice"], tmp_path)
 
 
@@ -251,8 +275,9 @@ def lf(data: bytes) -> bytes:
 
 
 @needs_mpop
-def test_mpop_stls_auth_plain_keeps_the_corpus_and_fetches_only_new(tls_server, alice_with, ca_file,
-                                                                     tmp_path):
+def test_mpop_stls_auth_plain_keeps_the_corpus_and_fetches_only_new(
+    tls_server, alice_with, ca_file, tmp_path
+):
     messages = corpus()
     mailbox = alice_with(messages)
     box = maildir(tmp_path / "Maildir")
@@ -293,12 +318,15 @@ def getmail(tmp_path: Path, retriever: str, mda_argv: list[str], options: str) -
     state = tmp_path / "getmail"
     state.mkdir(exist_ok=True)
     mda_path, *mda_args = mda_argv
-    rc = private_file(state / "getmailrc", (
-        f"[retriever]\n{retriever}\nusername = alice\npassword = secret\ntimeout = 20\n\n"
-        f"[destination]\ntype = MDA_external\npath = {mda_path}\narguments = {tuple(mda_args)!r}\n"
-        "allow_root_commands = true\n\n"
-        f"[options]\nverbose = 2\n{options}\n"
-    ))
+    rc = private_file(
+        state / "getmailrc",
+        (
+            f"[retriever]\n{retriever}\nusername = alice\npassword = secret\ntimeout = 20\n\n"
+            f"[destination]\ntype = MDA_external\npath = {mda_path}\narguments = {tuple(mda_args)!r}\n"
+            "allow_root_commands = true\n\n"
+            f"[options]\nverbose = 2\n{options}\n"
+        ),
+    )
     return run([GETMAIL or "getmail", "--getmaildir", str(state), "--rcfile", str(rc)], tmp_path)
 
 
@@ -307,7 +335,7 @@ def without_getmail_trace(data: bytes) -> bytes:
     match = re.match(rb"Return-Path: .*\nDelivered-To: .*\nReceived: .*\n(?:[ \t].*\n)*", data)
     assert match, data[:200]
     assert b"getmail" in match.group(0)
-    return data[match.end():]
+    return data[match.end() :]
 
 
 def getmail_form(data: bytes) -> bytes:
@@ -344,8 +372,10 @@ def test_getmail_implicit_tls_deletes_only_when_asked(tls_server, alice_with, md
     messages = [msg(f"message {n}", "..\r\n.\r\n" * n) for n in range(1, 4)]
     mailbox = alice_with(messages)
     mda_argv, out = mda
-    retriever = (f"type = SimplePOP3SSLRetriever\nserver = 127.0.0.1\nport = {tls_server.tls_port}\n"
-                 f"ca_certs = {ca_file}")
+    retriever = (
+        f"type = SimplePOP3SSLRetriever\nserver = 127.0.0.1\nport = {tls_server.tls_port}\n"
+        f"ca_certs = {ca_file}"
+    )
     getmail(tmp_path, retriever, mda_argv, "read_all = true\ndelete = false")
     assert count(mailbox) == 3
     output = getmail(tmp_path, retriever, mda_argv, "read_all = true\ndelete = true")

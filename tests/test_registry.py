@@ -1,4 +1,5 @@
 """The live-session registry's room-making rules, on real (paired) sockets without a server."""
+
 import socket
 
 import pytest

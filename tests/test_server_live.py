@@ -1,4 +1,5 @@
 """Live tests: runpop3's server on a free port, spoken to by poplib, raw sockets and other processes."""
+
 import poplib
 import shutil
 import socket
@@ -9,7 +10,7 @@ import time
 import pytest
 from django.test import override_settings
 
-from popserver.delivery import deliver
+from popserver.mailin.delivery import deliver
 from popserver.models import Mailbox, Message
 from popserver.protocol.wire import normalize_line_endings
 from tests.conftest import CORPUS_SIZES, corpus_files
@@ -303,8 +304,14 @@ def test_pipelined_commands_in_one_packet(pop3_server, alice):
     lines = read_until(sock, b"+OK Logging out.\r\n").split(b"\r\n")
     size = sum(Message.objects.filter(mailbox=alice).values_list("size", flat=True))
     first_size = Message.objects.filter(mailbox=alice).order_by("id").first().size
-    assert lines[:6] == [b"+OK", b"+OK Logged in.", f"+OK 3 {size}".encode(), f"+OK 1 {first_size}".encode(),
-                         b"+OK", b"+OK Logging out."]
+    assert lines[:6] == [
+        b"+OK",
+        b"+OK Logged in.",
+        f"+OK 3 {size}".encode(),
+        f"+OK 1 {first_size}".encode(),
+        b"+OK",
+        b"+OK Logging out.",
+    ]
 
 
 def test_over_long_line_and_garbage_then_a_fresh_login_works(pop3_server, alice):
@@ -365,8 +372,9 @@ def test_a_full_server_refuses_only_when_every_slot_is_logged_in(pop3_server, al
     assert read_lines(pop3_server.socket(), 1)[0].startswith(b"+OK")
 
 
-@override_settings(POPSERVER_MAX_UNAUTHENTICATED_PER_IP=2, POPSERVER_TRUSTED_NETWORKS=[],
-                   POPSERVER_PLAINTEXT_AUTH="always")
+@override_settings(
+    POPSERVER_MAX_UNAUTHENTICATED_PER_IP=2, POPSERVER_TRUSTED_NETWORKS=[], POPSERVER_PLAINTEXT_AUTH="always"
+)
 def test_oldest_unauthenticated_connection_of_an_ip_is_evicted(pop3_server, alice):
     # Loopback plays an untrusted peer here: trusted networks have no per-IP cap.
     authenticated = login_raw(pop3_server)
@@ -493,8 +501,11 @@ def test_curl_lists_retrieves_and_deletes(pop3_server, alice):
     base = f"pop3://127.0.0.1:{pop3_server.port}"
 
     def curl(*args: str) -> bytes:
-        result = subprocess.run(["curl", "-sS", "--max-time", "20", "--user", "alice:secret", *args],
-                                capture_output=True, timeout=30)
+        result = subprocess.run(
+            ["curl", "-sS", "--max-time", "20", "--user", "alice:secret", *args],
+            capture_output=True,
+            timeout=30,
+        )
         assert result.returncode == 0, result.stderr
         return result.stdout
 
@@ -593,7 +604,9 @@ def test_throttle_is_shared_by_two_server_processes(runpop3, alice):
     from popserver.models import LoginThrottle
 
     assert set(LoginThrottle.objects.filter(locked_until__isnull=False).values_list("scope", flat=True)) == {
-        "account", "ip"}
+        "account",
+        "ip",
+    }
 
 
 def test_sessions_and_logins_are_audited(pop3_server, alice):
@@ -610,7 +623,34 @@ def test_sessions_and_logins_are_audited(pop3_server, alice):
     client.quit()
     record = wait_for(lambda: SessionRecord.objects.first())
     assert (record.username, record.retrieved_count, record.deleted_count, record.end_reason) == (
-        "alice", 1, 1, "Logged out")
+        "alice",
+        1,
+        1,
+        "Logged out",
+    )
     assert record.retrieved_bytes > 0 and record.deleted_bytes > 0 and record.peer_ip == "127.0.0.1"
     outcomes = list(LoginEvent.objects.order_by("time", "id").values_list("outcome", flat=True))
     assert outcomes == ["failed", "success"]
+
+
+def test_the_clients_own_address_reaches_the_backend_and_the_audit(pop3_server, alice, settings):
+    """README: POP3 logins call authenticate() with a request carrying the client's address."""
+    from popserver.models import LoginEvent
+    from tests import backends
+
+    settings.AUTHENTICATION_BACKENDS = ["tests.backends.AddressRecordingBackend"]
+    backends.seen_addresses.clear()
+    for source in ("127.0.0.2", "127.0.0.3"):
+        sock = socket.socket()
+        sock.settimeout(10)
+        sock.bind((source, 0))  # any loopback address is ours: the server sees this one as the peer
+        sock.connect(("127.0.0.1", pop3_server.port))
+        assert read_lines(sock, 1)[0].startswith(b"+OK")
+        sock.sendall(b"USER alice\r\nPASS secret\r\nQUIT\r\n")
+        assert read_lines(sock, 3)[1:] == [b"+OK Logged in.", b"+OK Logging out."]
+        sock.close()
+    assert backends.seen_addresses == ["127.0.0.2", "127.0.0.3"]
+    peers = wait_for(
+        lambda: list(LoginEvent.objects.order_by("id").values_list("peer_ip", flat=True)) or None
+    )
+    assert peers == ["127.0.0.2", "127.0.0.3"]

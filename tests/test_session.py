@@ -2,6 +2,7 @@
 
 No sockets and no database. The helpers at the top are shared with the other ``test_session_*`` modules.
 """
+
 from __future__ import annotations
 
 import logging
@@ -32,7 +33,9 @@ class Client:
         chunk_size: int = 64 * 1024,
         **session_kwargs: object,
     ) -> None:
-        self.maildrop = maildrop or MemoryMaildrop(MESSAGES if messages is None else messages, chunk_size=chunk_size)
+        self.maildrop = maildrop or MemoryMaildrop(
+            MESSAGES if messages is None else messages, chunk_size=chunk_size
+        )
         self.auth = MemoryAuthenticator({"alice": ("secret", self.maildrop)})
         self.session = Pop3Session(self.auth, peer=PEER, **session_kwargs)  # type: ignore[arg-type]
 
@@ -91,7 +94,8 @@ def test_pass_without_user(client):
 
 
 @pytest.mark.parametrize(
-    "user, password", [(b"alice", b"wrong"), (b"nobody", b"secret"), (b"alice", b"secret "), (b"ALICE", b"secret")]
+    "user, password",
+    [(b"alice", b"wrong"), (b"nobody", b"secret"), (b"alice", b"secret "), (b"ALICE", b"secret")],
 )
 def test_wrong_credentials_get_one_reply(client, user, password):
     assert client.send(b"USER " + user + b"\r\nPASS " + password + b"\r\n") == (
@@ -137,7 +141,9 @@ def test_pass_with_an_empty_password_is_a_login_attempt(client):
 
 
 def test_pass_with_no_argument_is_a_syntax_error(client):
-    assert client.send(b"USER alice\r\nPASS\r\n") == b"+OK\r\n-ERR Missing argument. Syntax: PASS password\r\n"
+    assert (
+        client.send(b"USER alice\r\nPASS\r\n") == b"+OK\r\n-ERR Missing argument. Syntax: PASS password\r\n"
+    )
     # The syntax error does not forget the user.
     assert client.send(b"PASS secret\r\n") == b"+OK Logged in.\r\n"
 
@@ -293,9 +299,7 @@ def test_list(logged_in):
 
 
 def test_uidl(logged_in):
-    assert logged_in.send(b"UIDL\r\n") == (
-        b"+OK\r\n1 mem00000001\r\n2 mem00000002\r\n3 mem00000003\r\n.\r\n"
-    )
+    assert logged_in.send(b"UIDL\r\n") == (b"+OK\r\n1 mem00000001\r\n2 mem00000002\r\n3 mem00000003\r\n.\r\n")
     assert logged_in.send(b"UIDL 3\r\n") == b"+OK 3 mem00000003\r\n"
 
 
@@ -420,7 +424,10 @@ def test_quit_commits(logged_in):
 
 
 def test_quit_without_deletions_commits_nothing(logged_in):
-    assert logged_in.send(b"DELE 1\r\nRSET\r\nQUIT\r\n") == b"+OK Marked to be deleted.\r\n+OK\r\n+OK Logging out.\r\n"
+    assert (
+        logged_in.send(b"DELE 1\r\nRSET\r\nQUIT\r\n")
+        == b"+OK Marked to be deleted.\r\n+OK\r\n+OK Logging out.\r\n"
+    )
     assert logged_in.maildrop.committed == ()
 
 

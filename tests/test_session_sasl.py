@@ -1,4 +1,5 @@
 """CAPA (RFC 2449), SASL AUTH PLAIN/LOGIN (RFC 5034), STLS (RFC 2595 s.4) and the plaintext policy."""
+
 from __future__ import annotations
 
 import base64
@@ -66,7 +67,20 @@ def test_capa_is_a_success_and_resets_the_bad_count():
 
 def test_every_verb_is_in_the_registry_with_a_named_handler():
     assert list(Pop3Session.commands) == [
-        "CAPA", "STLS", "USER", "PASS", "AUTH", "QUIT", "STAT", "LIST", "RETR", "TOP", "DELE", "RSET", "NOOP", "UIDL",
+        "CAPA",
+        "STLS",
+        "USER",
+        "PASS",
+        "AUTH",
+        "QUIT",
+        "STAT",
+        "LIST",
+        "RETR",
+        "TOP",
+        "DELE",
+        "RSET",
+        "NOOP",
+        "UIDL",
     ]
     for verb, cmd in Pop3Session.commands.items():
         assert isinstance(cmd, Command)
@@ -119,7 +133,14 @@ def test_command_error_carries_its_text():
 # Plaintext policy --------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "line",
-    [b"USER alice", b"PASS secret", b"AUTH", b"AUTH PLAIN", b"AUTH PLAIN " + b64(b"\0alice\0secret"), b"AUTH LOGIN"],
+    [
+        b"USER alice",
+        b"PASS secret",
+        b"AUTH",
+        b"AUTH PLAIN",
+        b"AUTH PLAIN " + b64(b"\0alice\0secret"),
+        b"AUTH LOGIN",
+    ],
 )
 def test_plaintext_logins_are_refused_on_an_insecure_connection(line):
     c = Client(plaintext_allowed=False)
@@ -284,9 +305,12 @@ def test_auth_plain_other_authorization_identity_is_refused():
 @pytest.mark.parametrize("data", [b"!!!!", b"AGFsaWNlAHNlY3JldA=x", b"*x", b"a"])
 def test_auth_plain_invalid_base64(data):
     c = Client()
-    assert c.send(b"AUTH PLAIN " + data + b"\r\n") == b"-ERR [AUTH] Invalid base64 data in initial response\r\n"
+    assert (
+        c.send(b"AUTH PLAIN " + data + b"\r\n") == b"-ERR [AUTH] Invalid base64 data in initial response\r\n"
+    )
     assert c.send(b"AUTH PLAIN\r\n" + data + b"\r\n") == (
-        b"+ \r\n-ERR [AUTH] Invalid base64 data in continued response\r\n")
+        b"+ \r\n-ERR [AUTH] Invalid base64 data in continued response\r\n"
+    )
     assert c.session.state is State.AUTHORIZATION
     assert not c.session.expecting_continuation
 
@@ -402,4 +426,7 @@ def test_continuation_lines_are_never_run_as_commands():
 def test_auth_after_login_is_refused():
     c = Client()
     c.login()
-    assert c.send(b"AUTH PLAIN " + b64(b"\0alice\0secret") + b"\r\n") == b"-ERR AUTH is not valid after login.\r\n"
+    assert (
+        c.send(b"AUTH PLAIN " + b64(b"\0alice\0secret") + b"\r\n")
+        == b"-ERR AUTH is not valid after login.\r\n"
+    )

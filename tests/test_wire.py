@@ -1,4 +1,5 @@
 """Wire formatting on bytes: status lines, multi-line responses, line endings, dot-stuffing, TOP."""
+
 from __future__ import annotations
 
 import re
@@ -90,7 +91,10 @@ def test_status_line_text_is_utf8():
 
 def test_multiline():
     assert wire.multiline(wire.ok(), []) == b"+OK\r\n.\r\n"
-    assert wire.multiline(wire.ok("2 messages:"), ["1 10", b"2 20"]) == b"+OK 2 messages:\r\n1 10\r\n2 20\r\n.\r\n"
+    assert (
+        wire.multiline(wire.ok("2 messages:"), ["1 10", b"2 20"])
+        == b"+OK 2 messages:\r\n1 10\r\n2 20\r\n.\r\n"
+    )
     assert wire.multiline(wire.ok(), [".x", "."]) == b"+OK\r\n..x\r\n..\r\n.\r\n"
 
 
@@ -202,6 +206,29 @@ def test_dot_stuffing_property(parts, cuts):
     assert stuff_chunks(split_at(data, *positions)) == reference_body(data)
 
 
+@st.composite
+def dots_at_chunk_boundaries(draw):
+    """Data with at least one line that starts with "." and chunk cuts placed at, just before and just
+    after such dots and at line starts: the places where stuffing across chunks goes wrong."""
+    parts = draw(st.lists(st.sampled_from([b".", b"\r\n", b"a", b"..", b"\r"]), max_size=25))
+    at = draw(st.integers(min_value=0, max_value=len(parts)))
+    data = b"".join([*parts[:at], b"\r\n.", *parts[at:]])
+    line_starts = [0] + [i + 1 for i, octet in enumerate(data) if octet == 0x0A]
+    dots = [i for i in line_starts if data[i : i + 1] == b"."]
+    places = sorted({p for d in dots for p in (d - 1, d, d + 1)} | set(line_starts))
+    places = [p for p in places if 0 <= p <= len(data)]
+    forced = draw(st.sampled_from(dots))  # always cut right before one line-start dot
+    cuts = draw(st.lists(st.sampled_from(places), max_size=6))
+    return data, [forced, *cuts]
+
+
+@given(dots_at_chunk_boundaries())
+@settings(max_examples=200, deadline=None)
+def test_dot_stuffing_at_generated_chunk_boundaries(case):
+    data, cuts = case
+    assert stuff_chunks(split_at(data, *cuts)) == reference_body(data)
+
+
 # TOP -------------------------------------------------------------------------------------------------
 TOP_MESSAGE = b"A: 1\r\nB: 2\r\n\r\nline 1\r\n\r\n.line 3\r\nline 4"
 
@@ -233,7 +260,11 @@ def test_top_cut(k, expected):
         (b"\r\nbody", 0, b"\r\n"),
         (b"A: 1\r\n\r\n", 3, b"A: 1\r\n\r\n"),  # empty body
         (b"A: 1\r\n\r\n\r\n\r\n", 1, b"A: 1\r\n\r\n\r\n"),
-        (b"A: 1\r\n\r\r\n\r\nx\r\n", 0, b"A: 1\r\n\r\r\n\r\n"),  # a header line holding a lone CR is not blank
+        (
+            b"A: 1\r\n\r\r\n\r\nx\r\n",
+            0,
+            b"A: 1\r\n\r\r\n\r\n",
+        ),  # a header line holding a lone CR is not blank
         (b"", 3, b""),
     ],
 )

@@ -26,7 +26,11 @@ from collections.abc import Iterable
 from django.db import DatabaseError, close_old_connections, transaction
 
 from ..conf import get_setting
-from ..delivery import (
+from ..exceptions import EmptyMessage, MessageTooLarge, QuotaExceeded, UnknownRecipient
+from ..models import Mailbox
+from ..protocol.lmtp import Envelope, Outcome, RecipientCheck
+from ..storage.writelock import one_writer
+from .delivery import (
     DisplayHeaders,
     PreparedMessage,
     header_value,
@@ -35,12 +39,8 @@ from ..delivery import (
     store_prepared,
     trace_fields,
 )
-from ..exceptions import EmptyMessage, MessageTooLarge, QuotaExceeded, UnknownRecipient
-from ..models import Mailbox
-from ..protocol.lmtp import Envelope, Outcome, RecipientCheck
-from ..quota import check as check_quota
-from ..quota import mailbox_limits
-from ..writelock import one_writer
+from .quota import check as check_quota
+from .quota import mailbox_limits
 
 logger = logging.getLogger("popserver.lmtp")
 

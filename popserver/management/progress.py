@@ -1,4 +1,5 @@
 """A progress counter for management commands: on a terminal only, one line rewritten in place."""
+
 import time
 
 

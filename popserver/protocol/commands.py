@@ -4,15 +4,13 @@ The decorator records a verb's states, arity, syntax, capability tag and availab
 ``@syntax``); ``collect_commands`` builds the table once per session class. The state gate, the arity check
 and CAPA (RFC 2449 s.5) are all derived from that table, so they cannot drift from what is implemented.
 """
+
 from __future__ import annotations
 
 import enum
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
-
-if TYPE_CHECKING:
-    from popserver.protocol.session import Pop3Session
+from typing import Any, Protocol, TypeVar
 
 
 class State(enum.Enum):
@@ -41,9 +39,15 @@ class UnknownCommand(CommandError):
     """A verb that does not exist, or is not valid in the current state."""
 
 
-SessionPredicate = Callable[["Pop3Session"], bool]
-CapabilityTag = str | Callable[["Pop3Session"], "str | None"]
-UnavailableReply = str | Callable[["Pop3Session"], str]
+class Session(Protocol):
+    """What the registry needs of a session (``Pop3Session`` is one); no import of it, so no circle."""
+
+    state: State
+
+
+SessionPredicate = Callable[[Session], bool]
+CapabilityTag = str | Callable[[Session], str | None]
+UnavailableReply = str | Callable[[Session], str]
 
 _ATTRIBUTE = "_pop3_command"
 F = TypeVar("F", bound=Callable[..., Any])
@@ -68,13 +72,13 @@ class Command:
     def allowed_in(self, state: State) -> bool:
         return state in self.states
 
-    def is_available(self, session: Pop3Session) -> bool:
+    def is_available(self, session: Session) -> bool:
         return self.available is None or bool(self.available(session))
 
-    def unavailable_reply(self, session: Pop3Session) -> str:
+    def unavailable_reply(self, session: Session) -> str:
         return self.unavailable(session) if callable(self.unavailable) else self.unavailable
 
-    def capability_tag(self, session: Pop3Session) -> str | None:
+    def capability_tag(self, session: Session) -> str | None:
         """The CAPA line for this verb now, or None.
 
         RFC 2449 s.5 lists what the server supports; as Dovecot does, a tag is shown while its verb can still
@@ -167,14 +171,16 @@ def collect_commands(cls: type) -> dict[str, Command]:
             if not isinstance(cmd, Command):
                 continue
             if name != f"pop_{cmd.verb}":
-                raise TypeError(f"{klass.__name__}.{name}: the handler of {cmd.verb} must be named pop_{cmd.verb}")
+                raise TypeError(
+                    f"{klass.__name__}.{name}: the handler of {cmd.verb} must be named pop_{cmd.verb}"
+                )
             table[cmd.verb] = cmd
     return table
 
 
 def capability_tags(
     commands: dict[str, Command],
-    session: Pop3Session,
+    session: Session,
     extensions: Iterable[str],
     implementation: str = "",
 ) -> list[str]:

@@ -5,8 +5,9 @@ with a snapshot of the messages taken at that moment: message numbers, sizes and
 the session. DELE only marks (RFC 1939 s.5); ``commit()`` is UPDATE (s.6); ``release()`` ends a session
 that did not QUIT, deleting nothing.
 
-Implementations: ``popserver.maildrop.OrmMaildrop`` (the database) and ``popserver.testing.MemoryMaildrop``.
+Implementations: ``popserver.storage.maildrop.OrmMaildrop`` (the database) and ``popserver.testing.MemoryMaildrop``.
 """
+
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 

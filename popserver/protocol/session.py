@@ -12,6 +12,7 @@ Verbs, by state:
     AUTHORIZATION:  STLS, USER, PASS, AUTH
     TRANSACTION:    STAT, LIST, RETR, TOP, DELE, RSET, NOOP, UIDL
 """
+
 from __future__ import annotations
 
 import base64
@@ -49,7 +50,6 @@ INTERNAL_ERROR = "[SYS/TEMP] Internal error occurred. Refer to server log for mo
 COMMIT_FAILED = "[SYS/TEMP] Deleting the marked messages failed; none were deleted."
 
 ECHOABLE_VERB = re.compile(rb"[A-Za-z][A-Za-z0-9-]{0,15}")  # what an unknown-command reply may quote
-_FLUSH = b""  # yielded to make the output coalescer hand everything so far to the server
 
 
 class Authenticate(Protocol):
@@ -101,7 +101,6 @@ class Pop3Session:
     unterminated_line_limit = 8192  # this much without a line end closes the session
     max_bad_commands_before_login = 3  # in a row, as Dovecot's pop3-login
     max_bad_commands_after_login = 20  # in a row, as Dovecot's pop3
-    output_coalesce_size = 64 * 1024  # small replies are joined up to this many octets
 
     # Engine features announced by CAPA (RFC 2449 s.6.4, s.6.6; RFC 3206 s.6): what the session does for
     # every verb rather than a verb of its own.
@@ -175,7 +174,7 @@ class Pop3Session:
         if self.closed or self.wants_tls:
             return iter(())
         self._buffer += data
-        return self._coalesce(self._process_buffer())
+        return self._process_buffer()
 
     def tls_started(self) -> None:
         """The TLS handshake after STLS succeeded: start AUTHORIZATION afresh (RFC 2595 s.4); no greeting."""
@@ -211,7 +210,9 @@ class Pop3Session:
                 end = buffer.find(b"\n", start, start + self.unterminated_line_limit)
                 if end < 0:
                     if len(buffer) - start >= self.unterminated_line_limit:
-                        log.info("%s: input line over %d octets without a line end", self.peer, len(buffer) - start)
+                        log.info(
+                            "%s: input line over %d octets without a line end", self.peer, len(buffer) - start
+                        )
                         yield wire.err("Input line too long.")
                         self._close()
                     break
@@ -238,25 +239,6 @@ class Pop3Session:
         line = raw[:-2] if raw.endswith(b"\r\n") else raw[:-1]
         yield from self._run(line)
 
-    def _coalesce(self, pieces: Iterator[bytes]) -> Iterator[bytes]:
-        """Join small replies (pipelining, RFC 2449 s.6.6) so the server writes few segments (Nagle)."""
-        pending: list[bytes] = []
-        size = 0
-        for piece in pieces:
-            if piece:
-                pending.append(piece)
-                size += len(piece)
-                if size < self.output_coalesce_size:
-                    continue
-            if pending:
-                yield pending[0] if len(pending) == 1 else b"".join(pending)
-                pending = []
-                size = 0
-            if not piece:
-                yield _FLUSH  # tell the server too: what came before must not wait for what follows
-        if pending:
-            yield pending[0] if len(pending) == 1 else b"".join(pending)
-
     # Dispatch: the one exception boundary per command --------------------------------------------
     def _run(self, line: bytes) -> Iterator[bytes]:
         started = False
@@ -265,13 +247,13 @@ class Pop3Session:
             if self._continuation is not None:
                 log.debug("%s C: ***", self.peer)
                 step, self._continuation = self._continuation, None
-                yield _FLUSH  # a SASL step may check a password: earlier replies must not wait for it
+                yield wire.FLUSH  # a SASL step may check a password: earlier replies must not wait for it
                 reply = step(line)
             else:
                 self._log_command(line)
                 cmd, args = self._resolve(line)
                 if cmd.flush_before:
-                    yield _FLUSH
+                    yield wire.FLUSH
                 reply = cmd.handler(self, *args)
             for piece in (reply,) if isinstance(reply, bytes) else reply:
                 if not started:
@@ -427,45 +409,47 @@ class Pop3Session:
         return wire.ok("Logged in.")
 
     def _send_message(self, number: int, status: bytes, top_lines: int | None) -> Iterator[bytes]:
-        """Stream message ``number`` as a multi-line response (RFC 1939 s.3): stuffed, ended, in big chunks.
+        """Stream message ``number`` as a multi-line response (RFC 1939 s.3): the status line, the stuffed
+        chunks, the terminator; the connection handler batches them into few writes. Returns the number of
+        message octets sent.
 
-        The status line goes out with the first chunk and the terminator with the last (one write each, not
-        a separate small write: Nagle). Returns the number of message octets sent.
+        The status line and the first chunk wait for the second read, so a message found expunged by then
+        still gets a clean ``-ERR`` (nothing has gone out); later, the session can only close.
         """
         stuffer = wire.DotStuffer()
         truncator = wire.TopTruncator(top_lines) if top_lines is not None else None
         sent = 0
-        held = status  # output not yet yielded
-        joined_first = False
-        yielded = False
-        chunks = None
+        held: list[bytes] | None = [status]
+        first_read = True
+        chunks = self._opened().read(number)
         try:
-            try:
-                chunks = self._opened().read(number)
-                for chunk in chunks:
-                    data = truncator.feed(chunk) if truncator is not None else chunk
-                    sent += len(data)
-                    stuffed = stuffer.feed(data)
-                    if stuffed:
-                        if not joined_first:
-                            held += stuffed
-                            joined_first = True
-                        else:
-                            yielded = True
-                            yield held
-                            held = stuffed
-                    if truncator is not None and truncator.done:
-                        break
-            except MessageExpunged:
-                if yielded:
-                    raise
-                log.warning("%s: message %d was expunged by something else", self.peer, number)
-                raise CommandError(f"Message {number} expunged.") from None
+            for chunk in chunks:
+                data = truncator.feed(chunk) if truncator is not None else chunk
+                sent += len(data)
+                stuffed = stuffer.feed(data)
+                if held is not None and not first_read:
+                    yield from held
+                    held = None
+                first_read = False
+                if stuffed:
+                    if held is not None:
+                        held.append(stuffed)
+                    else:
+                        yield stuffed
+                if truncator is not None and truncator.done:
+                    break
+        except MessageExpunged:
+            if held is None:
+                raise
+            log.warning("%s: message %d was expunged by something else", self.peer, number)
+            raise CommandError(f"Message {number} expunged.") from None
         finally:
             close = getattr(chunks, "close", None)
             if close is not None:
                 close()
-        yield held + stuffer.finish()
+        if held is not None:
+            yield from held
+        yield stuffer.finish()
         return sent
 
     # AUTHORIZATION and both states -------------------------------------------------------------------

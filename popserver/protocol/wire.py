@@ -7,10 +7,25 @@ over a million lines.
 The presented form of a message (RFC 1939 s.5, s.11; Dovecot's virtual size): every bare LF becomes CRLF, a
 lone CR stays data, every other octet is unchanged. Sizes count that form before dot-stuffing.
 """
+
 from collections.abc import Iterable
 
 CRLF = b"\r\n"
 TERMINATOR = b".\r\n"  # RFC 1939 s.3: a multi-line response ends with a line holding a single "."
+
+
+class Flush(bytes):
+    """The session's flush mark, yielded between replies: what came before must reach the client now (a
+    password check or a TLS handshake follows). It is empty bytes, so output joined with ``b"".join`` is
+    unchanged; the connection handler recognises it by identity (``piece is FLUSH``)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "FLUSH"
+
+
+FLUSH = Flush()
 
 MAX_RESPONSE_LINE = 512  # RFC 2449 s.4: the first line of a response, CRLF included
 _OK = b"+OK"

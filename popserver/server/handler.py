@@ -1,9 +1,12 @@
-"""One POP3 connection: socket I/O, deadlines, database-connection hygiene and the session-end log line.
+"""One POP3 connection: socket I/O, deadlines, output batching, database-connection hygiene and the
+session-end log line.
 
-The protocol itself lives in ``popserver.protocol.session``; this module only moves bytes. ``ConnectionHandler``
-is what any protocol's connection needs (reads with a deadline, coalesced writes, the TLS handshake); LMTP's
-handler (``popserver.server.lmtp``) builds on it too.
+The protocol lives in ``popserver.protocol.session``; logins, their policy and the audit in
+``popserver.logins``. This module moves bytes between them and the socket. ``ConnectionHandler`` is what any
+protocol's connection needs (reads with a deadline, batched writes, the TLS handshake); LMTP's handler
+(``popserver.server.lmtp``) builds on it too.
 """
+
 from __future__ import annotations
 
 import logging
@@ -17,12 +20,13 @@ from collections.abc import Iterable
 from django.db import connections
 from django.utils import timezone
 
-from ..audit import record_session
-from ..auth import DjangoAuthenticator, printable
 from ..conf import get_setting
 from ..exceptions import TemporaryLoginFailure
+from ..logins.audit import session_ended
+from ..logins.authenticator import DjangoAuthenticator, printable
+from ..logins.peers import plaintext_allowed
 from ..protocol.session import Pop3Session, State
-from ..signals import send_safely, session_closed
+from ..protocol.wire import FLUSH
 from .tls import HANDSHAKE_TIMEOUT
 
 logger = logging.getLogger("popserver.server")
@@ -30,6 +34,7 @@ logger = logging.getLogger("popserver.server")
 RECV_SIZE = 64 * 1024
 # Replies are coalesced up to this many octets per write (few writes: see PITFALLS on Nagle).
 WRITE_COALESCE = 256 * 1024
+MAX_IOVEC = 512  # buffers per sendmsg (Linux allows 1024)
 # A session idle this long gives its database connection back (PostgreSQL allows ~100 in all).
 DB_IDLE_CLOSE = 1.0
 
@@ -41,13 +46,29 @@ KEEPALIVE = {"TCP_KEEPIDLE": 60, "TCP_KEEPINTVL": 10, "TCP_KEEPCNT": 3}
 
 def set_socket_options(sock: socket.socket) -> None:
     options = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1), (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)]
-    options += [(socket.IPPROTO_TCP, getattr(socket, name), value) for name, value in KEEPALIVE.items()
-                if hasattr(socket, name)]
+    options += [
+        (socket.IPPROTO_TCP, getattr(socket, name), value)
+        for name, value in KEEPALIVE.items()
+        if hasattr(socket, name)
+    ]
     for level, option, value in options:
         try:
             sock.setsockopt(level, option, value)
         except OSError:
             pass
+
+
+def send_buffers(sock: socket.socket, buffers: list[bytes]) -> None:
+    """``sendall`` for a list of buffers, with ``sendmsg`` (partial writes resumed where they stopped)."""
+    views = [memoryview(buffer) for buffer in buffers]
+    while views:
+        sent = sock.sendmsg(views[:MAX_IOVEC])
+        while sent and views:
+            if sent >= len(views[0]):
+                sent -= len(views.pop(0))
+            else:
+                views[0] = views[0][sent:]
+                sent = 0
 
 
 class SessionEnded(Exception):
@@ -60,7 +81,7 @@ class SessionEnded(Exception):
 
 class ConnectionHandler(socketserver.BaseRequestHandler):
     """One connection of any protocol, in its own thread: reads with deadlines (giving the database connection
-    back while idle), coalesced writes, the TLS handshake."""
+    back while idle), batched writes, the TLS handshake."""
 
     server: ThreadedServer  # noqa: F821 (popserver.server.listener)
 
@@ -131,22 +152,39 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
         return get_setting("AUTOLOGOUT")
 
     def send(self, chunks: Iterable[bytes]) -> int:
-        """Write everything ``chunks`` yields, coalesced into few large writes; returns octets sent."""
+        """Write everything ``chunks`` yields in few large writes (Nagle: see PITFALLS); returns octets sent.
+
+        Output is gathered up to WRITE_COALESCE octets, and written early at the session's ``FLUSH`` mark."""
         self.sock.settimeout(self.write_timeout())  # a client that stops reading is dropped in time
         pending: list[bytes] = []
         pending_size = total = 0
         for chunk in chunks:
-            pending.append(chunk)
-            pending_size += len(chunk)
-            # An empty chunk is the session's flush mark: what came before must not wait (a login follows).
-            if pending_size >= WRITE_COALESCE or (not chunk and pending_size):
-                self.sock.sendall(b"".join(pending))
-                total += pending_size
-                pending, pending_size = [], 0
+            if chunk is FLUSH:
+                if pending:
+                    self.write(pending)
+                    total += pending_size
+                    pending, pending_size = [], 0
+                continue
+            if chunk:
+                pending.append(chunk)
+                pending_size += len(chunk)
+                if pending_size >= WRITE_COALESCE:
+                    self.write(pending)
+                    total += pending_size
+                    pending, pending_size = [], 0
         if pending:
-            self.sock.sendall(b"".join(pending))
+            self.write(pending)
             total += pending_size
         return total
+
+    def write(self, buffers: list[bytes]) -> None:
+        """Send ``buffers`` whole: one ``sendmsg`` gather-write where the socket has it (no join), else joined."""
+        if len(buffers) == 1:
+            self.sock.sendall(buffers[0])
+        elif isinstance(self.sock, ssl.SSLSocket):
+            self.sock.sendall(b"".join(buffers))
+        else:
+            send_buffers(self.sock, buffers)
 
     def send_quietly(self, data: bytes) -> None:
         try:
@@ -170,7 +208,9 @@ class Pop3Handler(ConnectionHandler):
         )
         authenticator.tls = self.server.implicit_tls
         # A failed login waits its delay as an idle connection: droppable again, like any other.
-        authenticator.before_failure_delay = lambda: self.server.registry.end_login(self.request, logged_in=False)
+        authenticator.before_failure_delay = lambda: self.server.registry.end_login(
+            self.request, logged_in=False
+        )
         self.session = session = self.make_session(authenticator)
         reason = "Connection closed"
         try:
@@ -236,12 +276,7 @@ class Pop3Handler(ConnectionHandler):
         )
 
     def plaintext_allowed(self, tls_active: bool) -> bool:
-        """Dovecot's ``disable_plaintext_auth``: passwords in the clear only over TLS or from a trusted
-        network, unless POPSERVER_PLAINTEXT_AUTH says "always" (or "never": TLS even from trusted ones)."""
-        policy = get_setting("PLAINTEXT_AUTH")
-        if tls_active or policy == "always":
-            return True
-        return policy == "trusted" and self.authenticator.trusted
+        return plaintext_allowed(tls_active=tls_active, trusted=self.authenticator.trusted)
 
     # TLS ------------------------------------------------------------------------------------------------
     def start_tls(self, session: Pop3Session) -> None:
@@ -268,12 +303,19 @@ class Pop3Handler(ConnectionHandler):
             # Like Dovecot's pop3-login: "Disconnected (auth failed, 1 attempts in 2 secs): user=<alice>, ..."
             attempts = authenticator.attempts
             if not attempts:
-                logger.info("Disconnected: %s (no auth attempts) peer=%s duration=%.1fs", reason, self.peer, duration)
+                logger.info(
+                    "Disconnected: %s (no auth attempts) peer=%s duration=%.1fs", reason, self.peer, duration
+                )
                 return
             logger.info(
                 "Disconnected: %s (%s, %d attempts) user=<%s> method=%s peer=%s duration=%.1fs",
-                reason, authenticator.refusal, attempts, printable(authenticator.last_username),
-                authenticator.last_mechanism, self.peer, duration,
+                reason,
+                authenticator.refusal,
+                attempts,
+                printable(authenticator.last_username),
+                authenticator.last_mechanism,
+                self.peer,
+                duration,
             )
             return
         stats = session.stats
@@ -291,29 +333,13 @@ class Pop3Handler(ConnectionHandler):
             stats.messages,
             stats.mailbox_size,
         )
-        record_session(
+        session_ended(
             mailbox=authenticator.mailbox,
             username=session.username,
+            peer=self.peer,
             peer_ip=self.peer_ip,
             started_at=self.started_at,
             duration=duration,
             end_reason=reason,
             stats=stats,
-        )
-        send_safely(
-            session_closed,
-            mailbox=authenticator.mailbox,
-            peer=self.peer,
-            stats={
-                "reason": reason,
-                "duration": duration,
-                "top_count": stats.top_count,
-                "top_bytes": stats.top_bytes,
-                "retr_count": stats.retr_count,
-                "retr_bytes": stats.retr_bytes,
-                "deleted_count": stats.deleted_count,
-                "deleted_bytes": stats.deleted_bytes,
-                "messages": stats.messages,
-                "mailbox_size": stats.mailbox_size,
-            },
         )

@@ -5,6 +5,7 @@ called from the serving thread, so signal handlers only set an event: see ``runp
 the protocol-neutral part (TCP or a UNIX socket, admission, a thread per connection); ``Pop3Server`` and
 ``popserver.server.lmtp.LmtpServer`` name their handler and their few differences.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -22,8 +23,8 @@ from collections.abc import Callable
 from django.db import connections
 
 from ..conf import get_setting
-from ..maildrop import refresh_heartbeats, release_all_live_locks, release_dead_locks
-from ..peers import is_trusted_peer, peer_group
+from ..logins.peers import is_trusted_peer, peer_group
+from ..storage.lock import refresh_heartbeats, release_all_live_locks, release_dead_locks
 from .handler import Pop3Handler
 from .tls import TlsContextHolder
 
@@ -73,7 +74,9 @@ class SessionRegistry:
         with self._guard:
             return len(self._sockets)
 
-    def admit(self, sock: socket.socket, peer_ip: str, *, trusted: bool = False, droppable: bool = True) -> bool:
+    def admit(
+        self, sock: socket.socket, peer_ip: str, *, trusted: bool = False, droppable: bool = True
+    ) -> bool:
         """Register a new connection, or return False if there is no room for it.
 
         As Dovecot does, an idle unauthenticated connection makes room (that IP's own oldest when the IP is
@@ -153,7 +156,7 @@ class SessionRegistry:
                 self._logging_in.pop(sock, None)
                 self._slot_free.add(sock)
 
-    def remove(self, sock: socket.socket, peer_ip: str = "") -> None:
+    def remove(self, sock: socket.socket) -> None:
         """The connection's thread has ended."""
         with self._guard:
             self._sockets.pop(sock, None)
@@ -276,7 +279,9 @@ class ThreadedServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
     def process_request(self, request, client_address) -> None:
         """Accept loop: admit or refuse at once (no blocking work here), then a thread per connection."""
         peer_ip, peer_port = self.peer_address(client_address)
-        if not self.registry.admit(request, peer_ip, trusted=self.is_trusted(peer_ip), droppable=self.droppable):
+        if not self.registry.admit(
+            request, peer_ip, trusted=self.is_trusted(peer_ip), droppable=self.droppable
+        ):
             logger.warning("refusing %s: no room (%d connections)", peer_ip, len(self.registry))
             if not self.implicit_tls:  # a TLS client could not read a plaintext line anyway
                 self.refuse(request, self.busy_reply)
@@ -284,12 +289,14 @@ class ThreadedServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
             return
         try:
             threading.Thread(
-                target=self.process_request_thread, args=(request, client_address), daemon=True,
+                target=self.process_request_thread,
+                args=(request, client_address),
+                daemon=True,
                 name=f"{self.protocol} {peer_ip}:{peer_port}",
             ).start()
         except RuntimeError:  # no thread could be started: give the slot back
             logger.exception("could not start a session thread for %s", peer_ip)
-            self.registry.remove(request, peer_ip)
+            self.registry.remove(request)
             self.shutdown_request(request)
 
     @staticmethod
@@ -307,7 +314,7 @@ class ThreadedServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
         except Exception:  # noqa: BLE001 - the connection's last resort: logged, never kills the server
             self.handle_error(request, client_address)
         finally:
-            self.registry.remove(request, self.peer_address(client_address)[0])
+            self.registry.remove(request)
             self.shutdown_request(request)
             connections.close_all()
 
@@ -398,8 +405,12 @@ def start_servers(
     servers = [Pop3Server(a, **options) for a in addresses]
     servers += [Pop3Server(a, implicit_tls=True, **options) for a in implicit_tls_addresses]
     for server in servers:
-        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.5}, daemon=True,
-                         name=f"pop3 listener {server.display_address}").start()
+        threading.Thread(
+            target=server.serve_forever,
+            kwargs={"poll_interval": 0.5},
+            daemon=True,
+            name=f"pop3 listener {server.display_address}",
+        ).start()
         kind = "POP3S (implicit TLS)" if server.implicit_tls else "POP3" + (" with STLS" if tls else "")
         logger.info("%s server listening on %s", kind, server.display_address)
     LockHeartbeat(stop_event).start()

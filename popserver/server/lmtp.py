@@ -19,7 +19,7 @@ from collections.abc import Callable
 from django.db import connections
 
 from ..conf import get_setting
-from ..peers import in_networks
+from ..logins.peers import in_networks
 from ..protocol.lmtp import DeliveryHandler, LmtpSession
 from .handler import ConnectionHandler, SessionEnded
 from .listener import LOCAL_PEER, SessionRegistry, ThreadedServer, parse_address

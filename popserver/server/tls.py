@@ -1,5 +1,6 @@
 """TLS for runpop3: one server context, loaded at start and reloaded on SIGHUP (ACME clients rotate
 certificates). RFC 8314 (implicit TLS) and RFC 2595 s.4 (STLS) both use it."""
+
 from __future__ import annotations
 
 import logging
@@ -27,7 +28,9 @@ def load_context(certfile: str, keyfile: str | None = None) -> ssl.SSLContext:
     except PermissionError as exc:
         raise TlsConfigError(f"certificate or key not readable: {exc.filename or certfile}") from None
     except (ssl.SSLError, OSError) as exc:
-        raise TlsConfigError(f"cannot load certificate {certfile} / key {keyfile or certfile}: {exc}") from None
+        raise TlsConfigError(
+            f"cannot load certificate {certfile} / key {keyfile or certfile}: {exc}"
+        ) from None
     return context
 
 

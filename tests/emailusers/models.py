@@ -1,4 +1,5 @@
 """An email-login user model with no ``username`` field, for the tests of custom user models."""
+
 from typing import ClassVar
 
 from django.contrib.auth.base_user import AbstractBaseUser, BaseUserManager

@@ -4,6 +4,7 @@ Not a test module of the main run (its name does not match ``test_*.py``): ``tes
 runs it in a pytest of its own, ``pytest --ds=tests.settings_emailuser tests/emailusers/suite.py``, because
 AUTH_USER_MODEL cannot change inside one process once the models are loaded.
 """
+
 import io
 import subprocess
 
@@ -13,7 +14,7 @@ from django.contrib.auth import get_user_model
 from django.core.exceptions import FieldDoesNotExist
 from django.core.management import CommandError, call_command
 
-from popserver.delivery import deliver
+from popserver.mailin.delivery import deliver
 from popserver.models import Address, Mailbox, Message
 from tests.conftest import manage_py_command, subprocess_env
 
@@ -46,8 +47,9 @@ def test_createmailbox_creates_the_user_by_its_email():
 
 def test_re_running_updates_the_password_and_adds_addresses():
     createmailbox("ann@example.org", "--password-stdin", password="pw one\n")
-    output = createmailbox("ann@example.org", "--email", "Ann.Alias@example.net", "--password-stdin",
-                           password="pw two\r\n")
+    output = createmailbox(
+        "ann@example.org", "--email", "Ann.Alias@example.net", "--password-stdin", password="pw two\r\n"
+    )
     user = get_user_model().objects.get()
     assert user.check_password("pw two") and not user.check_password("pw one")
     assert "set the password" in output and "added the address" in output
@@ -80,17 +82,37 @@ def test_delivery_finds_the_mailbox_by_login_email_or_address(recipient):
 def test_the_commands_in_subprocesses(tmp_path):
     env = subprocess_env(DJANGO_SETTINGS_MODULE="tests.settings_emailuser")
     created = subprocess.run(
-        manage_py_command("createmailbox", "dora@example.org", "--email", "d@example.net",
-                          "--password-stdin"),
-        input=b"s3cret pass\n", cwd=tmp_path, env=env, capture_output=True, check=False, timeout=100,
+        manage_py_command(
+            "createmailbox", "dora@example.org", "--email", "d@example.net", "--password-stdin"
+        ),
+        input=b"s3cret pass\n",
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        check=False,
+        timeout=100,
     )
     assert created.returncode == 0, created.stderr
-    delivered = subprocess.run(manage_py_command("deliver", "D@EXAMPLE.NET"), input=b"Subject: hi\n\nbody\n",
-                               cwd=tmp_path, env=env, capture_output=True, check=False, timeout=100)
+    delivered = subprocess.run(
+        manage_py_command("deliver", "D@EXAMPLE.NET"),
+        input=b"Subject: hi\n\nbody\n",
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        check=False,
+        timeout=100,
+    )
     assert (delivered.returncode, delivered.stderr) == (0, b"")
     user = get_user_model().objects.get(email="dora@example.org")
     assert user.check_password("s3cret pass")
     assert Message.objects.get(mailbox__user=user).subject == "hi"
-    unknown = subprocess.run(manage_py_command("deliver", "nobody@example.org"), input=b"Subject: hi\n\n",
-                             cwd=tmp_path, env=env, capture_output=True, check=False, timeout=100)
+    unknown = subprocess.run(
+        manage_py_command("deliver", "nobody@example.org"),
+        input=b"Subject: hi\n\n",
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        check=False,
+        timeout=100,
+    )
     assert unknown.returncode == 67 and unknown.stderr.count(b"\n") == 1

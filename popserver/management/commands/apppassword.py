@@ -1,9 +1,9 @@
 """``manage.py apppassword USERNAME [--name NAME | --revoke NAME | --list]``: manage POP3 app passwords."""
-from django.contrib.auth import get_user_model
+
 from django.core.management.base import BaseCommand, CommandError
 
-from popserver.apppasswords import create_app_password, revoke_app_password
-from popserver.models import Mailbox
+from popserver.logins.app_passwords import create_app_password, revoke_app_password
+from popserver.mailin.mailboxes import find_mailbox
 
 
 class Command(BaseCommand):
@@ -17,8 +17,7 @@ class Command(BaseCommand):
         group.add_argument("--list", action="store_true", help="list the app passwords")
 
     def handle(self, *args, username, **options):
-        field = get_user_model().USERNAME_FIELD
-        mailbox = Mailbox.objects.filter(**{f"user__{field}": username}).first()
+        mailbox = find_mailbox(username, auto_create=False)
         if mailbox is None:
             raise CommandError(f"no mailbox for {username!r}")
         if options["name"]:
@@ -35,6 +34,9 @@ class Command(BaseCommand):
         else:
             for app_password in mailbox.app_passwords.all():
                 state = "active" if app_password.is_active else f"revoked {app_password.revoked_at:%Y-%m-%d}"
-                used = f"last used {app_password.last_used_at:%Y-%m-%d %H:%M} from {app_password.last_used_peer}" \
-                    if app_password.last_used_at else "never used"
+                used = (
+                    f"last used {app_password.last_used_at:%Y-%m-%d %H:%M} from {app_password.last_used_peer}"
+                    if app_password.last_used_at
+                    else "never used"
+                )
                 self.stdout.write(f"{app_password.name}\t{state}\t{used}")

@@ -1,10 +1,11 @@
 """``manage.py createmailbox USERNAME [--email ADDRESS] [--password-stdin]``: a user and their mailbox."""
+
 import sys
 
 from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError
 
-from popserver.mailboxes import set_up_mailbox
+from popserver.mailin.mailboxes import set_up_mailbox
 
 
 class Command(BaseCommand):

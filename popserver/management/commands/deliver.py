@@ -20,6 +20,7 @@ one-line reason on stderr and never a traceback:
 The default project's ``manage.py`` hands ``deliver`` to ``main()`` below before Django is set up, so that
 even a settings module that cannot be imported exits 75.
 """
+
 import contextlib
 import sys
 import traceback
@@ -49,23 +50,32 @@ class Command(BaseCommand):
     def add_arguments(self, parser):
         parser.add_argument("recipient", help="a login name or one of a mailbox's addresses")
         parser.add_argument(
-            "-f", "--from", dest="sender", metavar="SENDER", default=None,
+            "-f",
+            "--from",
+            dest="sender",
+            metavar="SENDER",
+            default=None,
             help='the envelope sender: adds "Return-Path: <SENDER>" on top ("" or "<>" for the null sender)',
         )
         parser.add_argument(
-            "--delivered-to", dest="delivered_to", metavar="ADDRESS", default=None,
+            "--delivered-to",
+            dest="delivered_to",
+            metavar="ADDRESS",
+            default=None,
             help='adds "Delivered-To: ADDRESS" (below a Return-Path)',
         )
 
     def handle(self, *args, recipient, **options):
         from popserver.conf import get_setting
-        from popserver.delivery import deliver
+        from popserver.mailin.delivery import deliver
 
         stream = options.get("stdin") or sys.stdin.buffer
         try:
             message = deliver(
-                recipient, read_message(stream, get_setting("MAX_MESSAGE_SIZE")),
-                return_path=options.get("sender"), delivered_to=options.get("delivered_to"),
+                recipient,
+                read_message(stream, get_setting("MAX_MESSAGE_SIZE")),
+                return_path=options.get("sender"),
+                delivered_to=options.get("delivered_to"),
             )
         except DeliveryError as exc:
             raise CommandError(str(exc), returncode=_delivery_status(exc)) from exc

@@ -3,6 +3,7 @@
 The file is written beside PATH under a temporary name and renamed when complete; an existing PATH is left
 alone unless ``--force``. PATH ``-`` writes to standard output. ``importmail`` reads the file back.
 """
+
 import contextlib
 import os
 import sys
@@ -11,9 +12,9 @@ from pathlib import Path
 
 from django.core.management.base import BaseCommand, CommandError
 
-from popserver.delivery import resolve_mailbox
 from popserver.exceptions import MessageExpunged, UnknownRecipient
-from popserver.mailexport import export_mbox
+from popserver.mailin.delivery import resolve_mailbox
+from popserver.mailin.exporting import export_mbox
 from popserver.management.progress import Progress
 from popserver.models import Message
 
@@ -26,7 +27,8 @@ class Command(BaseCommand):
         parser.add_argument("path", help="the mbox file to write, or - for standard output")
         parser.add_argument("--force", action="store_true", help="replace PATH if it exists")
         parser.add_argument(
-            "--x-uidl", action="store_true",
+            "--x-uidl",
+            action="store_true",
             help="start each message with an X-UIDL header holding its unique id (for importmail --x-uidl)",
         )
 
@@ -38,12 +40,16 @@ class Command(BaseCommand):
         progress = Progress(self.stderr, Message.objects.filter(mailbox=mailbox).count(), "exporting")
         try:
             if path == "-":
-                written, gone = export_mbox(mailbox, sys.stdout.buffer, x_uidl=options["x_uidl"], progress=progress)
+                written, gone = export_mbox(
+                    mailbox, sys.stdout.buffer, x_uidl=options["x_uidl"], progress=progress
+                )
                 sys.stdout.buffer.flush()
             else:
                 written, gone = self._export_to_file(mailbox, Path(path), options, progress)
         except MessageExpunged as exc:
-            raise CommandError(f"message {exc} was deleted while it was being written; run exportmail again") from exc
+            raise CommandError(
+                f"message {exc} was deleted while it was being written; run exportmail again"
+            ) from exc
         except OSError as exc:
             raise CommandError(f"cannot write {path}: {exc.strerror or exc}") from exc
         finally:
@@ -57,7 +63,9 @@ class Command(BaseCommand):
     def _export_to_file(mailbox, path: Path, options, progress) -> tuple[int, int]:
         if path.exists() and not options["force"]:
             raise CommandError(f"{path} exists (use --force to replace it)")
-        fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)  # mode 0600: mail is private
+        fd, temporary = tempfile.mkstemp(
+            prefix=f".{path.name}.", dir=path.parent
+        )  # mode 0600: mail is private
         try:
             with os.fdopen(fd, "wb") as out:
                 result = export_mbox(mailbox, out, x_uidl=options["x_uidl"], progress=progress)

@@ -1,18 +1,19 @@
 """``manage.py importmail RECIPIENT PATH``: bring mail over from another server, keeping its POP3 unique ids.
 
 PATH is an mbox file or a Maildir folder; a Maildir with a ``dovecot-uidlist`` is imported in Dovecot's POP3
-order with the UIDLs Dovecot showed (see ``popserver.mailimport``), so POP3 clients that leave mail on the
+order with the UIDLs Dovecot showed (see ``popserver.mailin.importing``), so POP3 clients that leave mail on the
 server do not download everything again. Running it again adds nothing it already imported.
 
 Prints "imported N, skipped M duplicates, K errors"; exits 1 when K > 0 (each error is on stderr).
 """
+
 from pathlib import Path
 
 from django.core.management.base import BaseCommand, CommandError
 
-from popserver.delivery import resolve_mailbox
 from popserver.exceptions import UnknownRecipient
-from popserver.mailimport import DEFAULT_UIDL_FORMAT, SourceError, import_messages, open_source
+from popserver.mailin.delivery import resolve_mailbox
+from popserver.mailin.importing import DEFAULT_UIDL_FORMAT, SourceError, import_messages, open_source
 from popserver.management.progress import Progress
 
 
@@ -26,21 +27,26 @@ class Command(BaseCommand):
         parser.add_argument("recipient", help="a login name or one of a mailbox's addresses")
         parser.add_argument("path", help="an mbox file, or a Maildir folder (with cur/ and new/)")
         parser.add_argument(
-            "--uidl-format", default=DEFAULT_UIDL_FORMAT, metavar="FORMAT",
+            "--uidl-format",
+            default=DEFAULT_UIDL_FORMAT,
+            metavar="FORMAT",
             help="Dovecot's pop3_uidl_format on the old server: %%u IMAP UID, %%v UIDVALIDITY, %%f file name, "
-                 "with Dovecot's modifiers (%%08Xu: at least 8 lower-case hex digits, as Dovecot shows them; "
-                 "%%08XUu: upper case). Default: %(default)s.",
+            "with Dovecot's modifiers (%%08Xu: at least 8 lower-case hex digits, as Dovecot shows them; "
+            "%%08XUu: upper case). Default: %(default)s.",
         )
         parser.add_argument(
-            "--x-uidl", action="store_true",
+            "--x-uidl",
+            action="store_true",
             help="take a message's UIDL from its X-UIDL header when it has one (Dovecot's pop3_reuse_xuidl)",
         )
         parser.add_argument(
-            "--enforce-quota", action="store_true",
+            "--enforce-quota",
+            action="store_true",
             help="refuse messages over the mailbox's quota and stop there (by default an import ignores quotas)",
         )
         parser.add_argument(
-            "--keep-from-quoting", action="store_true",
+            "--keep-from-quoting",
+            action="store_true",
             help="mbox: keep '>From ' lines as they are (by default one '>' is taken off, as mboxrd wants)",
         )
 
@@ -50,8 +56,9 @@ class Command(BaseCommand):
         except UnknownRecipient as exc:
             raise CommandError(str(exc)) from exc
         try:
-            source = open_source(Path(path), uidl_format=options["uidl_format"],
-                                 unquote=not options["keep_from_quoting"])
+            source = open_source(
+                Path(path), uidl_format=options["uidl_format"], unquote=not options["keep_from_quoting"]
+            )
         except SourceError as exc:
             raise CommandError(str(exc)) from exc
         try:
@@ -60,8 +67,13 @@ class Command(BaseCommand):
             for note in source.notes:
                 self.stderr.write(f"note: {note}")
             progress = Progress(self.stderr, len(source), "importing")
-            result = import_messages(mailbox, source, x_uidl=options["x_uidl"],
-                                     enforce_quota=options["enforce_quota"], progress=progress)
+            result = import_messages(
+                mailbox,
+                source,
+                x_uidl=options["x_uidl"],
+                enforce_quota=options["enforce_quota"],
+                progress=progress,
+            )
             progress.finish()
         finally:
             source.close()

@@ -1,7 +1,8 @@
 """``manage.py prunepopaudit [--days N]``: delete login events and session records older than the retention."""
+
 from django.core.management.base import BaseCommand
 
-from popserver.audit import prune
+from popserver.logins.audit import prune
 
 
 class Command(BaseCommand):

@@ -1,4 +1,5 @@
 """``manage.py runpop3 [ADDR:PORT]``: run the POP3 server in the foreground until SIGINT or SIGTERM."""
+
 import errno
 import signal
 import threading

@@ -17,6 +17,7 @@ UIDVALIDITY is kept apart from the imported Dovecot one.
 mbox files are read with Python's ``mailbox`` module; ``>From `` lines lose one ``>`` (mboxrd, which
 ``exportmail`` writes; for mboxo files this restores the ``From `` lines their writer quoted).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -29,11 +30,13 @@ from pathlib import Path
 
 from django.db import transaction
 
-from .delivery import header_value, prepare_message, renew_uid_validity, store_prepared
-from .exceptions import DeliveryError, DuplicateMessage, PopserverError, QuotaExceeded
-from .models import Mailbox, Message
+from popserver.exceptions import DeliveryError, DuplicateMessage, PopserverError, QuotaExceeded
+from popserver.mailin.delivery import header_value, prepare_message, renew_uid_validity, store_prepared
+from popserver.models import Mailbox, Message
 
-DEFAULT_UIDL_FORMAT = "%08Xu%08Xv"  # Dovecot's pop3_uidl_format default: lower-case hex (its X is printf's %llx)
+DEFAULT_UIDL_FORMAT = (
+    "%08Xu%08Xv"  # Dovecot's pop3_uidl_format default: lower-case hex (its X is printf's %llx)
+)
 UIDLIST = "dovecot-uidlist"
 _QUOTED_FROM = re.compile(rb"^>(>*From )", re.MULTILINE)
 
@@ -95,7 +98,9 @@ def render_uidl(template: str, *, uid: int, uidvalidity: int, filename: str = ""
         for modifier in match["modifiers"]:
             if modifier == "X":
                 if not value.isdigit():
-                    raise ValueError(f"the UIDL format {template!r} asks for {name} in hexadecimal: not a number")
+                    raise ValueError(
+                        f"the UIDL format {template!r} asks for {name} in hexadecimal: not a number"
+                    )
                 value = format(int(value), "x")
             else:
                 value = value.upper() if modifier == "U" else value.lower()
@@ -111,9 +116,11 @@ def render_uidl(template: str, *, uid: int, uidvalidity: int, filename: str = ""
 
 def check_uidl_format(template: str) -> None:
     """ValueError unless the format expands (for sample values) to an id RFC 1939 allows."""
-    from .delivery import UID_RE
+    from popserver.mailin.delivery import UID_RE
 
-    sample = render_uidl(template, uid=4294967295, uidvalidity=4294967295, filename="1700000000.M1P2.host,S=1")
+    sample = render_uidl(
+        template, uid=4294967295, uidvalidity=4294967295, filename="1700000000.M1P2.host,S=1"
+    )
     if not UID_RE.fullmatch(sample):
         raise ValueError(
             f"the UIDL format {template!r} gives {sample!r}: a UIDL must be 1-70 printable ASCII characters "
@@ -256,14 +263,20 @@ class MaildirSource:
             by_stem.setdefault(key.split(",", 1)[0], key)
         listed, matched = [], set()
         for record in uidlist.records:
-            key = record.filename if record.filename in by_name else by_stem.get(record.filename.split(",", 1)[0])
+            key = (
+                record.filename
+                if record.filename in by_name
+                else by_stem.get(record.filename.split(",", 1)[0])
+            )
             if key is None or key in matched:  # expunged since Dovecot listed it, or listed twice
                 continue
             matched.add(key)
             if "P" in record.extensions:  # a UIDL saved for this message (a migration into Dovecot)
                 uidl = record.extensions["P"] or key
             else:
-                uidl = render_uidl(uidl_format, uid=record.uid, uidvalidity=uidlist.uid_validity, filename=key)
+                uidl = render_uidl(
+                    uidl_format, uid=record.uid, uidvalidity=uidlist.uid_validity, filename=key
+                )
             # Dovecot's POP3 lists messages with an order number first, by it; the rest after, by UID.
             pop3_order = record.extensions.get("O", "")
             order = (0, int(pop3_order), record.uid) if pop3_order.isdigit() else (1, 0, record.uid)
@@ -300,13 +313,21 @@ def keep_uid_validity_apart(mailbox: Mailbox, imported: set[int]) -> None:
     if not imported:
         return
     with transaction.atomic():
-        current = Mailbox.objects.select_for_update().filter(pk=mailbox.pk).values_list("uid_validity", flat=True)
+        current = (
+            Mailbox.objects.select_for_update().filter(pk=mailbox.pk).values_list("uid_validity", flat=True)
+        )
         if current.get() in imported:
             mailbox.uid_validity = renew_uid_validity(mailbox.pk, avoid=imported)
 
 
-def import_messages(mailbox: Mailbox, source, *, x_uidl: bool = False, enforce_quota: bool = False,
-                    progress: Callable[[int], None] | None = None) -> ImportResult:
+def import_messages(
+    mailbox: Mailbox,
+    source,
+    *,
+    x_uidl: bool = False,
+    enforce_quota: bool = False,
+    progress: Callable[[int], None] | None = None,
+) -> ImportResult:
     """Store every message of ``source`` in ``mailbox`` that it does not hold yet (by unique id), in order.
 
     Each message is its own transaction, so an interrupted import keeps what it stored and a second run goes

@@ -6,6 +6,7 @@ again). Messages keep their stored bytes, CRLF line endings included, so ``impor
 what was stored; the one exception is a message whose last line has no line break, which mbox cannot hold:
 it gains a CRLF (the one POP3 shows before the terminating dot anyway).
 """
+
 from __future__ import annotations
 
 import re
@@ -13,15 +14,16 @@ import time
 from collections.abc import Callable, Iterable
 from typing import BinaryIO
 
-from .bodystore import get_body_store
-from .exceptions import MessageExpunged
-from .models import Mailbox, Message
+from popserver.exceptions import MessageExpunged
+from popserver.models import Mailbox, Message
+from popserver.storage.bodies import get_body_store
 
 _FROM_LINE = re.compile(rb"^(>*From )", re.MULTILINE)
 
 
-def export_mbox(mailbox: Mailbox, out: BinaryIO, *, x_uidl: bool = False,
-                progress: Callable[[int], None] | None = None) -> tuple[int, int]:
+def export_mbox(
+    mailbox: Mailbox, out: BinaryIO, *, x_uidl: bool = False, progress: Callable[[int], None] | None = None
+) -> tuple[int, int]:
     """Write the mailbox's messages to ``out`` as mbox; returns (messages written, messages gone meanwhile).
 
     With ``x_uidl`` each message starts with an ``X-UIDL: <unique id>`` line, for ``importmail --x-uidl``.

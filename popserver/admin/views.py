@@ -4,6 +4,7 @@ Reading a message's contents needs ``popserver.view_message_content`` besides th
 needs ``popserver.add_message``. The text view never renders a message's HTML: every part is shown as escaped
 text or listed as an attachment, under a Content-Security-Policy that forbids scripts and remote content.
 """
+
 from __future__ import annotations
 
 import codecs
@@ -25,11 +26,11 @@ from django.template.response import TemplateResponse
 from django.urls import reverse
 from django.utils.http import urlencode
 
-from .bodystore import get_body_store
-from .conf import get_setting
-from .delivery import deliver
-from .exceptions import DeliveryError, MessageExpunged, MessageTooLarge
-from .models import Mailbox, Message
+from popserver.conf import get_setting
+from popserver.exceptions import DeliveryError, MessageExpunged, MessageTooLarge
+from popserver.mailin.delivery import deliver
+from popserver.models import Mailbox, Message
+from popserver.storage.bodies import get_body_store
 
 CONTENT_PERMISSION = "popserver.view_message_content"
 UPLOAD_PERMISSION = "popserver.add_message"
@@ -60,17 +61,25 @@ def _content_headers(response, csp: str):
     return response
 
 
-def _readable_message(model_admin, request, object_id) -> Message:
-    message = get_object_or_404(model_admin.get_queryset(request), pk=object_id)
-    if not (model_admin.has_view_permission(request, message) and can_read_content(request)):
-        raise PermissionDenied
-    return message
+class MessageContentViews:
+    """The message admin's pages that show a message's bytes: the raw download and the text view."""
+
+    def readable_message(self, request, object_id) -> Message:
+        message = get_object_or_404(self.get_queryset(request), pk=object_id)
+        if not (self.has_view_permission(request, message) and can_read_content(request)):
+            raise PermissionDenied
+        return message
+
+    def download_view(self, request, object_id):
+        return message_download(self.readable_message(request, object_id))
+
+    def text_view(self, request, object_id):
+        return message_text_view(request, self.readable_message(request, object_id))
 
 
 # The raw download ---------------------------------------------------------------------------------------------
-def message_download(model_admin, request, object_id):
+def message_download(message: Message):
     """The message's bytes as the server presents them, streamed from the body store chunk by chunk."""
-    message = _readable_message(model_admin, request, object_id)
     chunks = get_body_store().read_chunks(message.pk)
     try:
         first = next(chunks)  # read before the status line goes out: a message removed meanwhile is a 404
@@ -151,8 +160,9 @@ def message_text(data: bytes) -> MessageText:
     """Headers, the text/plain parts as text and every other part as an entry with its size. Nothing here
     renders or follows anything the message says: HTML parts are only listed."""
     parsed = BytesParser(policy=policy.compat32).parsebytes(data)  # the most lenient parser
-    result = MessageText(headers=[(displayable(name), decode_header_value(value))
-                                  for name, value in parsed.raw_items()])
+    result = MessageText(
+        headers=[(displayable(name), decode_header_value(value)) for name, value in parsed.raw_items()]
+    )
     leaves = [part for part in parsed.walk() if not part.is_multipart()]
     for number, part in enumerate(leaves, start=1):
         content_type = displayable(part.get_content_type())
@@ -178,8 +188,7 @@ def read_head(message_id: int, limit: int) -> bytes:
     return bytes(data[:limit])
 
 
-def message_text_view(model_admin, request, object_id):
-    message = _readable_message(model_admin, request, object_id)
+def message_text_view(request, message: Message):
     try:
         data = read_head(message.pk, TEXT_VIEW_MAX_OCTETS)
     except MessageExpunged:
@@ -218,7 +227,8 @@ class MultipleFileField(forms.FileField):
 
 class UploadForm(forms.Form):
     files = MultipleFileField(
-        label="Messages", allow_empty_file=True,  # an empty file gets its own error from delivery
+        label="Messages",
+        allow_empty_file=True,  # an empty file gets its own error from delivery
         help_text="One or more .eml files (RFC 5322 messages), each delivered as it would arrive by mail.",
     )
 
@@ -231,42 +241,49 @@ def deliver_file(mailbox: Mailbox, upload, limit: int) -> Message:
     return deliver(mailbox.user.get_username(), upload.read())
 
 
-def mailbox_upload(model_admin, message_admin, request, object_id):
-    """Upload .eml files into one mailbox; a message per file says what became of it."""
-    mailbox = get_object_or_404(Mailbox.objects.select_related("user"), pk=object_id)
-    if not (model_admin.has_view_or_change_permission(request, mailbox) and request.user.has_perm(UPLOAD_PERMISSION)):
-        raise PermissionDenied
-    limit = get_setting("MAX_MESSAGE_SIZE")
-    form = UploadForm(request.POST, request.FILES) if request.method == "POST" else UploadForm()
-    if request.method == "POST" and form.is_valid():
-        delivered = 0
-        for upload in form.cleaned_data["files"]:
-            name = upload.name
-            try:
-                message = deliver_file(mailbox, upload, limit)
-            except DeliveryError as error:
-                reason = str(error) or type(error).__doc__
-                messages.error(request, f"{name}: not delivered: {reason}.")
-                continue
-            delivered += 1
-            message_admin.log_addition(request, message, f"Uploaded from {name}.")
-            messages.success(
-                request,
-                f"{name}: delivered as message {message.pk} ({filesizeformat(message.size)}), "
-                f"subject “{message.subject or '(none)'}”.",
-            )
-        if delivered:
-            changelist = reverse("admin:popserver_message_changelist")
-            return HttpResponseRedirect(f"{changelist}?{urlencode({'mailbox': mailbox.pk})}")
-        return HttpResponseRedirect(request.get_full_path())
-    context = {
-        **model_admin.admin_site.each_context(request),
-        "title": f"Upload messages into {mailbox}",
-        "subtitle": None,
-        "opts": model_admin.opts,
-        "original": mailbox,
-        "form": form,
-        "limit": limit,
-        "media": model_admin.media + form.media,
-    }
-    return TemplateResponse(request, "admin/popserver/mailbox/upload.html", context)
+class MailboxUploadView:
+    """The mailbox admin's upload page."""
+
+    def upload_view(self, request, object_id):
+        """Upload .eml files into one mailbox; a message per file says what became of it."""
+        mailbox = get_object_or_404(Mailbox.objects.select_related("user"), pk=object_id)
+        if not (
+            self.has_view_or_change_permission(request, mailbox) and request.user.has_perm(UPLOAD_PERMISSION)
+        ):
+            raise PermissionDenied
+        limit = get_setting("MAX_MESSAGE_SIZE")
+        form = UploadForm(request.POST, request.FILES) if request.method == "POST" else UploadForm()
+        if request.method == "POST" and form.is_valid():
+            delivered = 0
+            for upload in form.cleaned_data["files"]:
+                name = upload.name
+                try:
+                    message = deliver_file(mailbox, upload, limit)
+                except DeliveryError as error:
+                    reason = str(error) or type(error).__doc__
+                    messages.error(request, f"{name}: not delivered: {reason}.")
+                    continue
+                delivered += 1
+                self.admin_site.get_model_admin(Message).log_addition(
+                    request, message, f"Uploaded from {name}."
+                )
+                messages.success(
+                    request,
+                    f"{name}: delivered as message {message.pk} ({filesizeformat(message.size)}), "
+                    f"subject “{message.subject or '(none)'}”.",
+                )
+            if delivered:
+                changelist = reverse("admin:popserver_message_changelist")
+                return HttpResponseRedirect(f"{changelist}?{urlencode({'mailbox': mailbox.pk})}")
+            return HttpResponseRedirect(request.get_full_path())
+        context = {
+            **self.admin_site.each_context(request),
+            "title": f"Upload messages into {mailbox}",
+            "subtitle": None,
+            "opts": self.opts,
+            "original": mailbox,
+            "form": form,
+            "limit": limit,
+            "media": self.media + form.media,
+        }
+        return TemplateResponse(request, "admin/popserver/mailbox/upload.html", context)

@@ -3,6 +3,7 @@
 They are high-entropy, so a keyed SHA-256 (HMAC with SECRET_KEY) stores them safely and checks them in
 microseconds; argon2 would cost ~100 MiB per password checked (see PITFALLS).
 """
+
 from __future__ import annotations
 
 import secrets
@@ -10,7 +11,7 @@ import secrets
 from django.utils import timezone
 from django.utils.crypto import salted_hmac
 
-from .models import AppPassword, Mailbox
+from popserver.models import AppPassword, Mailbox
 
 ALPHABET = "abcdefghjkmnpqrstuvwxyz23456789"  # no 0/o, 1/l/i: read aloud and typed on phones
 GROUPS, GROUP_SIZE = 4, 5  # 20 characters of 31 symbols: about 99 bits
@@ -42,9 +43,13 @@ def check_app_password(mailbox: Mailbox, secret: str, peer: str = "") -> AppPass
     """The mailbox's active app password matching ``secret`` (stamping its last use), or None."""
     if not looks_like_app_password(secret):
         return None
-    app_password = AppPassword.objects.filter(mailbox=mailbox, digest=_digest(secret), revoked_at=None).first()
+    app_password = AppPassword.objects.filter(
+        mailbox=mailbox, digest=_digest(secret), revoked_at=None
+    ).first()
     if app_password is not None:
-        AppPassword.objects.filter(pk=app_password.pk).update(last_used_at=timezone.now(), last_used_peer=peer[:64])
+        AppPassword.objects.filter(pk=app_password.pk).update(
+            last_used_at=timezone.now(), last_used_peer=peer[:64]
+        )
     return app_password
 
 

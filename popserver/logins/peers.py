@@ -1,7 +1,8 @@
-"""Who is on the other end: trusted networks, and the unit that limits count by."""
+"""Who is on the other end: trusted networks, the plaintext policy, and the unit that limits count by."""
+
 import ipaddress
 
-from .conf import get_setting
+from popserver.conf import get_setting
 
 
 def _address(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
@@ -36,3 +37,12 @@ def peer_group(ip: str) -> str:
     if address.version == 6:
         return str(ipaddress.ip_network(f"{address}/64", strict=False))
     return str(address)
+
+
+def plaintext_allowed(*, tls_active: bool, trusted: bool) -> bool:
+    """Dovecot's ``disable_plaintext_auth``: passwords in the clear only over TLS or from a trusted network,
+    unless POPSERVER_PLAINTEXT_AUTH says "always" (or "never": TLS even from trusted ones)."""
+    policy = get_setting("PLAINTEXT_AUTH")
+    if tls_active or policy == "always":
+        return True
+    return policy == "trusted" and trusted

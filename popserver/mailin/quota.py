@@ -5,6 +5,7 @@ means the site's default, POPSERVER_QUOTA_BYTES / POPSERVER_QUOTA_MESSAGES (0 = 
 POP3 clients see in LIST. Delivery checks the quota inside its transaction, after locking the mailbox's row
 (``delivery.store_prepared``), so two deliveries at once cannot both squeeze under the limit.
 """
+
 from __future__ import annotations
 
 import re
@@ -14,8 +15,8 @@ from django import forms
 from django.db.models import Count, Sum
 from django.template.defaultfilters import filesizeformat
 
-from .conf import get_setting
-from .exceptions import QuotaExceeded
+from popserver.conf import get_setting
+from popserver.exceptions import QuotaExceeded
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,7 +43,7 @@ def mailbox_limits(mailbox) -> Limits:
 
 def usage(mailbox_id: int) -> tuple[int, int]:
     """(messages, octets) the mailbox holds now: one aggregate over the (mailbox, size) index."""
-    from .models import Message
+    from popserver.models import Message
 
     totals = Message.objects.filter(mailbox_id=mailbox_id).aggregate(count=Count("pk"), octets=Sum("size"))
     return totals["count"], totals["octets"] or 0
@@ -59,13 +60,17 @@ def check(mailbox_id: int, applying: Limits, size: int) -> None:
     if applying.messages and count + 1 > applying.messages:
         raise QuotaExceeded(
             f"mailbox is full: it holds {count} of at most {applying.messages} messages",
-            unit="messages", limit=applying.messages, used=count,
+            unit="messages",
+            limit=applying.messages,
+            used=count,
         )
     if applying.octets and octets + size > applying.octets:
         raise QuotaExceeded(
             f"mailbox is full: a message of {size} octets would take it over its quota of {applying.octets} "
             "octets",
-            unit="octets", limit=applying.octets, used=octets,
+            unit="octets",
+            limit=applying.octets,
+            used=octets,
         )
 
 
@@ -77,7 +82,9 @@ def describe_usage(messages: int, octets: int, applying: Limits) -> str:
         size = f"{size} of {filesizeformat(applying.octets)}"
     noun = "message" if (applying.messages or messages) == 1 else "messages"
     count = f"{messages} of {applying.messages} {noun}" if applying.messages else f"{messages} {noun}"
-    full = (applying.octets and octets >= applying.octets) or (applying.messages and messages >= applying.messages)
+    full = (applying.octets and octets >= applying.octets) or (
+        applying.messages and messages >= applying.messages
+    )
     return f"{size}, {count}" + (" (full)" if full else "")
 
 

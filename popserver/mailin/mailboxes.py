@@ -1,8 +1,11 @@
-"""Setting up mailboxes: the logic behind ``manage.py createmailbox`` (and the demo of the default project).
+"""Mailboxes: the ONE look-up from a login name or address to a mailbox (used by logins, delivery and the
+commands), and setting mailboxes up (``manage.py createmailbox``, the demo of the default project).
 
 Works with any user model: the user is found and created by its ``USERNAME_FIELD`` (an email-login model
-with no ``username`` field included).
+with no ``username`` field included). Names and addresses compare case-insensitively, with the database's
+own lower-casing on both sides.
 """
+
 from dataclasses import dataclass, field
 
 from django.contrib.auth import get_user_model, password_validation
@@ -13,9 +16,81 @@ from django.db import models, transaction
 from django.db.models import CharField, Value
 from django.db.models.functions import Lower
 
-from .models import Address, Mailbox
+from popserver.conf import get_setting
+from popserver.models import Address, Mailbox
 
 
+# The look-up ---------------------------------------------------------------------------------------------
+def find_mailbox(name: str, *, plus_detail: bool = False, auto_create: bool | None = None) -> Mailbox | None:
+    """The mailbox of ``name``: a login name (the user model's USERNAME_FIELD), else a mailbox address.
+
+    Case-insensitive. Login names that differ only in case (Django's default User allows them) match only
+    exactly. ``plus_detail``: also try the name without its ``+detail`` (delivery: ``bob+lists@example.org``
+    -> ``bob@example.org``). ``auto_create`` (default POPSERVER_AUTO_CREATE_MAILBOX): a user without a
+    mailbox gets one. The mailbox comes with its ``user`` loaded.
+    """
+    for candidate in _candidates(name.strip(), plus_detail):
+        user = user_of_login(candidate)
+        mailbox = mailbox_of_user(user, auto_create=auto_create) if user is not None else None
+        if mailbox is None:
+            address = Address.objects.select_related("mailbox__user").alias(folded=Lower("address"))
+            address = address.filter(folded=_folded(candidate)).first()
+            mailbox = address.mailbox if address is not None else None
+        if mailbox is not None:
+            return mailbox
+    return None
+
+
+def user_of_login(login: str):
+    """The user whose login name is ``login`` (case-insensitive, exact where several differ only in case)."""
+    User = get_user_model()
+    users = list(
+        User._default_manager.alias(folded=Lower(User.USERNAME_FIELD)).filter(folded=_folded(login))[:10]
+    )
+    if len(users) > 1:
+        users = [user for user in users if user.get_username() == login]
+    return users[0] if len(users) == 1 else None
+
+
+def mailbox_of_user(user, *, auto_create: bool | None = None) -> Mailbox | None:
+    """``user``'s mailbox; created when missing if ``auto_create`` (default POPSERVER_AUTO_CREATE_MAILBOX)."""
+    mailbox = Mailbox.objects.filter(user=user).first()
+    if mailbox is None and (get_setting("AUTO_CREATE_MAILBOX") if auto_create is None else auto_create):
+        mailbox, _ = Mailbox.objects.get_or_create(user=user)
+    if mailbox is not None:
+        mailbox.user = user
+    return mailbox
+
+
+def login_name_of_address(address: str) -> str | None:
+    """The login name of the owner of mailbox address ``address``, or None."""
+    owner = (
+        Address.objects.alias(folded=Lower("address"))
+        .filter(folded=_folded(address))
+        .values_list(f"mailbox__user__{get_user_model().USERNAME_FIELD}", flat=True)
+        .first()
+    )
+    return None if owner is None else str(owner)
+
+
+def _candidates(name: str, plus_detail: bool) -> list[str]:
+    if not name:
+        return []
+    candidates = [name]
+    if plus_detail:
+        local, at, domain = name.rpartition("@") if "@" in name else (name, "", "")
+        base = local.split("+", 1)[0]
+        if base and base != local:
+            candidates.append(f"{base}{at}{domain}")
+    return candidates
+
+
+def _folded(text: str) -> Lower:
+    """The database's own lower-casing, as on the column side (SQLite's LOWER() folds ASCII only)."""
+    return Lower(Value(text, output_field=CharField()))
+
+
+# Setting up --------------------------------------------------------------------------------------------------
 @dataclass
 class MailboxSetup:
     """What ``set_up_mailbox`` found and changed."""
@@ -122,7 +197,7 @@ def _add_address(mailbox: Mailbox, email: str) -> bool:
     existing = (
         Address.objects.select_related("mailbox__user")
         .alias(folded=Lower("address"))
-        .filter(folded=Lower(Value(email, output_field=CharField())))
+        .filter(folded=_folded(email))
         .first()
     )
     if existing is None:

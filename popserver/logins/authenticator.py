@@ -1,5 +1,6 @@
 """POP3 logins: throttled, through app passwords or Django's ``authenticate()`` (bounded), delayed on failure,
 audited, and ending in a locked maildrop."""
+
 from __future__ import annotations
 
 import logging
@@ -8,15 +9,13 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import NoReturn
 
-from django.contrib.auth import authenticate, get_user_model
+from django.contrib.auth import authenticate
 from django.db import DatabaseError
 from django.http import HttpRequest
 from django.utils import timezone
 
-from . import audit
-from .apppasswords import check_app_password, looks_like_app_password
-from .conf import get_setting
-from .exceptions import (
+from popserver.conf import get_setting
+from popserver.exceptions import (
     AuthenticationFailed,
     LoginLockedOut,
     LoginRefused,
@@ -24,11 +23,15 @@ from .exceptions import (
     MailboxInUse,
     TemporaryLoginFailure,
 )
-from .maildrop import OrmMaildrop, open_maildrop
-from .models import Address, LoginEvent, LoginThrottle, Mailbox
-from .peers import is_trusted_peer, peer_group
-from .signals import login_failed, login_locked_out, send_safely
-from .throttle import Throttle, get_throttle
+from popserver.logins.app_passwords import check_app_password, looks_like_app_password
+from popserver.logins.peers import is_trusted_peer, peer_group
+from popserver.logins.throttle import Throttle, get_throttle
+from popserver.mailin.mailboxes import find_mailbox, login_name_of_address, mailbox_of_user
+from popserver.models import LoginEvent, LoginThrottle, Mailbox
+from popserver.signals import login_failed, login_locked_out, send_safely
+from popserver.storage.maildrop import OrmMaildrop, open_maildrop
+
+from . import audit
 
 logger = logging.getLogger(__name__)
 
@@ -83,8 +86,15 @@ class DjangoAuthenticator:
     no other session is blocked). ``[IN-USE]`` and ``[LOGIN-DELAY]`` after a right password are not failures.
     """
 
-    def __init__(self, peer_ip: str, peer_port: int = 0, stop_event: threading.Event | None = None, *,
-                 trusted: bool | None = None, throttle: Throttle | None = None):
+    def __init__(
+        self,
+        peer_ip: str,
+        peer_port: int = 0,
+        stop_event: threading.Event | None = None,
+        *,
+        trusted: bool | None = None,
+        throttle: Throttle | None = None,
+    ):
         self.peer_ip = peer_ip
         self.peer = f"{peer_ip}:{peer_port}"
         self.stop_event = stop_event or threading.Event()
@@ -166,8 +176,9 @@ class DjangoAuthenticator:
         self.mailbox = mailbox
         return maildrop
 
-    def _check_credentials(self, login_name: str, password: str,
-                           locked_out: Callable[[], str | None] = lambda: None) -> Mailbox | None:
+    def _check_credentials(
+        self, login_name: str, password: str, locked_out: Callable[[], str | None] = lambda: None
+    ) -> Mailbox | None:
         """The mailbox these credentials open (app password or account password), or None.
 
         ``locked_out`` is asked again once a password-check slot is free: logins queued behind a burst of
@@ -191,9 +202,7 @@ class DjangoAuthenticator:
             slots.release()
         if user is None or not self._may_log_in(user):
             return None
-        mailbox = Mailbox.objects.filter(user=user).first()
-        if mailbox is None and get_setting("AUTO_CREATE_MAILBOX"):
-            mailbox, _ = Mailbox.objects.get_or_create(user=user)
+        mailbox = mailbox_of_user(user)
         if mailbox is None or not mailbox.pop3_enabled:
             return None
         return mailbox
@@ -204,26 +213,23 @@ class DjangoAuthenticator:
 
     @staticmethod
     def _mailbox_of(login_name: str) -> Mailbox | None:
-        field = get_user_model().USERNAME_FIELD
-        lookup = {f"user__{field}__iexact" if field == "email" else f"user__{field}": login_name}
-        mailbox = Mailbox.objects.select_related("user").filter(**lookup).first()
+        mailbox = find_mailbox(login_name, auto_create=False)
         return mailbox if mailbox is not None and mailbox.pop3_enabled else None
 
     def _login_name(self, username: str) -> str:
         """A mailbox address logs in as its owner; anything else is passed to the backends as given."""
         if "@" in username:
-            owner = (
-                Address.objects.filter(address__iexact=username)
-                .values_list(f"mailbox__user__{get_user_model().USERNAME_FIELD}", flat=True)
-                .first()
-            )
-            if owner:
-                return str(owner)
+            return login_name_of_address(username) or username
         return username
 
     def _fail(self, username: str, mechanism: str, reason: str) -> None:
-        logger.info("login failed: user=<%s> peer=%s mechanism=%s reason=%s", printable(username),
-                    self.peer, mechanism, reason)
+        logger.info(
+            "login failed: user=<%s> peer=%s mechanism=%s reason=%s",
+            printable(username),
+            self.peer,
+            mechanism,
+            reason,
+        )
         send_safely(login_failed, username=username, peer=self.peer, mechanism=mechanism, reason=reason)
         self.before_failure_delay()
         delay = get_setting("AUTH_FAILURE_DELAY")
@@ -231,8 +237,15 @@ class DjangoAuthenticator:
             self.stop_event.wait(delay)
 
     def _audit(self, username: str, mechanism: str, outcome: str, reason: str, mailbox=None) -> None:
-        audit.record_login(username=username, peer_ip=self.peer_ip, mechanism=mechanism, tls=self.tls,
-                           outcome=outcome, reason=reason, mailbox=mailbox)
+        audit.record_login(
+            username=username,
+            peer_ip=self.peer_ip,
+            mechanism=mechanism,
+            tls=self.tls,
+            outcome=outcome,
+            reason=reason,
+            mailbox=mailbox,
+        )
 
 
 def printable(text: str, limit: int = 64) -> str:

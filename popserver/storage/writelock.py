@@ -8,6 +8,7 @@ still meet SQLite's busy timeout. Other databases have row locks: there this is 
 Hold it around a whole write transaction (``with one_writer(), transaction.atomic(): ...``) or a single
 autocommit write, and never around anything that waits for something else.
 """
+
 import threading
 from contextlib import AbstractContextManager, nullcontext
 

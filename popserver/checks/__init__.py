@@ -1,0 +1,26 @@
+"""System checks for popserver's settings, by topic, one stable id per rule (registered in ``apps.ready``).
+
+Errors only where the server truly cannot run; everything else is a warning, so a stock ``startproject`` site
+(PBKDF2 first) starts. Server-only resources (certificates) are checked when ``runpop3`` starts, not here.
+
+| id | rule |
+|---|---|
+| E001 | a setting that must be a positive number is not |
+| E002 | POPSERVER_TRUSTED_NETWORKS is not a list of networks |
+| E003 | POPSERVER_PLAINTEXT_AUTH is not one of its values |
+| E004 | POPSERVER_THROTTLE_CACHE names a cache CACHES lacks |
+| E005 | POPSERVER_ACCEPTED_PASSWORDS is not one of its values |
+| E006 | POPSERVER_MAIL_FALLBACK_BACKEND cannot be imported, or is the local backend itself |
+| E007 | a delay that must be a number >= 0 is not |
+| E008 | a quota that must be a whole number >= 0 is not |
+| E009 | a dotted-path setting (BODY_STORE, THROTTLE) cannot be imported or is not the right kind |
+| W001 | Argon2 is not the first password hasher |
+| W002 | POPSERVER_AUTOLOGOUT below RFC 1939's 10 minutes |
+| W003 | POPSERVER_BODY_CHUNK_SIZE over 8 MiB |
+| W004 | POPSERVER_PLAINTEXT_AUTH = "always" |
+| W005 | the throttle cache is not shared between processes |
+"""
+
+from . import logins, numbers, paths
+
+__all__ = ["logins", "numbers", "paths"]

@@ -1,0 +1,90 @@
+"""Checks of numeric settings: limits, delays, quotas, timeouts."""
+
+from django.core.checks import Error, Warning, register
+
+from popserver.conf import DEFAULTS, get_setting
+
+POSITIVE_NUMBERS = (
+    "MAX_MESSAGE_SIZE",
+    "BODY_CHUNK_SIZE",
+    "MAX_SESSIONS",
+    "MAX_UNAUTHENTICATED_PER_IP",
+    "LISTEN_BACKLOG",
+    "AUTOLOGOUT",
+    "LOGIN_TIMEOUT",
+    "MAX_PASSWORD_CHECKS",
+    "LOCK_HEARTBEAT",
+    "LOCK_STALE_AFTER",
+    "THROTTLE_WINDOW",
+    "THROTTLE_ACCOUNT_FAILURES",
+    "THROTTLE_IP_FAILURES",
+    "THROTTLE_LOCKOUT",
+    "AUDIT_RETENTION_DAYS",
+)
+NON_NEGATIVE_NUMBERS = ("AUTH_FAILURE_DELAY", "LOGIN_DELAY")
+QUOTAS = ("QUOTA_BYTES", "QUOTA_MESSAGES")  # whole numbers; 0 is unlimited
+MAX_CHUNK_SIZE = 8 * 1024 * 1024  # MariaDB's default max_allowed_packet is 16 MiB
+
+
+def _is_number(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int | float)
+
+
+@register()
+def check_positive_numbers(app_configs=None, **kwargs):
+    return [
+        Error(
+            f"POPSERVER_{name} must be a positive number, not {value!r}.",
+            hint=f"Remove it to use the default, {DEFAULTS[name]!r}.",
+            id="popserver.E001",
+        )
+        for name in POSITIVE_NUMBERS
+        if not _is_number(value := get_setting(name)) or value <= 0
+    ]
+
+
+@register()
+def check_delays(app_configs=None, **kwargs):
+    return [
+        Error(f"POPSERVER_{name} must be a number >= 0, not {value!r}.", id="popserver.E007")
+        for name in NON_NEGATIVE_NUMBERS
+        if not _is_number(value := get_setting(name)) or value < 0
+    ]
+
+
+@register()
+def check_quotas(app_configs=None, **kwargs):
+    return [
+        Error(
+            f"POPSERVER_{name} must be a whole number >= 0 (0: unlimited), not {value!r}.",
+            id="popserver.E008",
+        )
+        for name in QUOTAS
+        if isinstance(value := get_setting(name), bool) or not isinstance(value, int) or value < 0
+    ]
+
+
+@register()
+def check_autologout(app_configs=None, **kwargs):
+    autologout = get_setting("AUTOLOGOUT")
+    if _is_number(autologout) and 0 < autologout < 600:
+        return [
+            Warning(
+                f"POPSERVER_AUTOLOGOUT is {autologout} seconds; RFC 1939 s.3 requires at least 10 minutes.",
+                id="popserver.W002",
+            )
+        ]
+    return []
+
+
+@register()
+def check_chunk_size(app_configs=None, **kwargs):
+    size = get_setting("BODY_CHUNK_SIZE")
+    if not isinstance(size, int) or size > MAX_CHUNK_SIZE:
+        return [
+            Warning(
+                "POPSERVER_BODY_CHUNK_SIZE over 8 MiB may exceed MariaDB's max_allowed_packet.",
+                id="popserver.W003",
+            )
+        ]
+    return []

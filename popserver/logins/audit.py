@@ -1,0 +1,106 @@
+"""The audit trail: one LoginEvent per login attempt and one SessionRecord per logged-in session.
+
+Writing it never breaks a login or a session: errors are logged. Passwords never reach it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from datetime import timedelta
+
+from django.utils import timezone
+
+from popserver.conf import get_setting
+from popserver.models import LoginEvent, SessionRecord
+from popserver.signals import send_safely, session_closed
+from popserver.storage.writelock import one_writer
+
+logger = logging.getLogger(__name__)
+
+
+def _ip_or_none(ip: str) -> str | None:
+    try:
+        return str(ipaddress.ip_address(ip.split("%", 1)[0]))
+    except ValueError:
+        return None
+
+
+def record_login(
+    *, username: str, peer_ip: str, mechanism: str, tls: bool, outcome: str, reason: str = "", mailbox=None
+) -> None:
+    try:
+        with one_writer():
+            LoginEvent.objects.create(
+                username=username[:255],
+                peer_ip=_ip_or_none(peer_ip),
+                mechanism=mechanism[:16],
+                tls=tls,
+                outcome=outcome,
+                reason=reason[:64],
+                mailbox=mailbox,
+            )
+    except Exception:
+        logger.exception("could not record a login event")
+
+
+def record_session(
+    *, mailbox, username: str, peer_ip: str, started_at, duration: float, end_reason: str, stats
+) -> None:
+    try:
+        with one_writer():
+            SessionRecord.objects.create(
+                mailbox=mailbox,
+                username=username[:255],
+                peer_ip=_ip_or_none(peer_ip),
+                started_at=started_at,
+                duration=duration,
+                end_reason=end_reason[:64],
+                retrieved_count=stats.retr_count,
+                retrieved_bytes=stats.retr_bytes,
+                deleted_count=stats.deleted_count,
+                deleted_bytes=stats.deleted_bytes,
+            )
+    except Exception:
+        logger.exception("could not record a session")
+
+
+def session_ended(
+    *, mailbox, username: str, peer: str, peer_ip: str, started_at, duration: float, end_reason: str, stats
+) -> None:
+    """A logged-in session is over, however it ended: its SessionRecord, then the ``session_closed`` signal."""
+    record_session(
+        mailbox=mailbox,
+        username=username,
+        peer_ip=peer_ip,
+        started_at=started_at,
+        duration=duration,
+        end_reason=end_reason,
+        stats=stats,
+    )
+    send_safely(
+        session_closed,
+        mailbox=mailbox,
+        peer=peer,
+        stats={
+            "reason": end_reason,
+            "duration": duration,
+            "top_count": stats.top_count,
+            "top_bytes": stats.top_bytes,
+            "retr_count": stats.retr_count,
+            "retr_bytes": stats.retr_bytes,
+            "deleted_count": stats.deleted_count,
+            "deleted_bytes": stats.deleted_bytes,
+            "messages": stats.messages,
+            "mailbox_size": stats.mailbox_size,
+        },
+    )
+
+
+def prune(days: int | None = None, now=None) -> tuple[int, int]:
+    """Delete login events and session records older than ``days`` (POPSERVER_AUDIT_RETENTION_DAYS)."""
+    days = get_setting("AUDIT_RETENTION_DAYS") if days is None else days
+    cutoff = (now or timezone.now()) - timedelta(days=days)
+    events = LoginEvent.objects.filter(time__lt=cutoff).delete()[0]
+    sessions = SessionRecord.objects.filter(started_at__lt=cutoff).delete()[0]
+    return events, sessions

@@ -1,0 +1,235 @@
+"""The mailbox lock (RFC 1939 s.4): one ``MailboxLock`` owns taking it, keeping it alive and releasing it.
+
+The lock is row state on ``Mailbox``, taken with a conditional UPDATE inside ``atomic()`` after
+``select_for_update()`` (a row lock where the database has one; SQLite's IMMEDIATE transactions serialise the
+same way), so no transaction stays open for the length of a session. A live server refreshes its locks'
+heartbeats; a lock is free again when its holder process is known dead (same host) or its heartbeat is older
+than POPSERVER_LOCK_STALE_AFTER (any host).
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import secrets
+import socket
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import TypeVar
+
+from django.db import transaction
+from django.utils import timezone
+
+from ..conf import get_setting
+from ..exceptions import MailboxInUse
+from ..models import Mailbox
+from .deletion import batched
+from .writelock import one_writer
+
+logger = logging.getLogger("popserver.storage")
+
+T = TypeVar("T")
+
+# The lock fields of a free mailbox.
+FREE = {
+    "lock_token": "",
+    "lock_host": "",
+    "lock_pid": None,
+    "lock_instance": "",
+    "lock_peer": "",
+    "locked_at": None,
+    "lock_heartbeat": None,
+}
+HEARTBEAT_BATCH = 500  # tokens per heartbeat UPDATE
+
+
+@dataclass(frozen=True)
+class ProcessIdentity:
+    host: str
+    pid: int
+    instance: str  # random per process: tells a restarted server that reuses a pid from the dead one
+
+
+_identity: ProcessIdentity | None = None
+
+
+def this_process() -> ProcessIdentity:
+    global _identity
+    if _identity is None or _identity.pid != os.getpid():  # recomputed after fork
+        _identity = ProcessIdentity(socket.gethostname()[:255], os.getpid(), secrets.token_hex(16))
+    return _identity
+
+
+# Locks held by live sessions of this process: token -> lock (None while the lock is being taken).
+_live: dict[str, MailboxLock | None] = {}
+_live_guard = threading.Lock()
+
+
+def _pid_is_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def lock_is_stale(mailbox: Mailbox, now=None) -> bool:
+    """True if the lock's holder is gone: a dead process on this host, or a heartbeat too old anywhere."""
+    if not mailbox.lock_token:
+        return True
+    me = this_process()
+    if mailbox.lock_host == me.host:
+        if mailbox.lock_instance == me.instance:
+            with _live_guard:
+                return mailbox.lock_token not in _live
+        if mailbox.lock_pid == me.pid or not _pid_is_alive(mailbox.lock_pid or 0):
+            return True
+    now = now or timezone.now()
+    stale_after = timedelta(seconds=get_setting("LOCK_STALE_AFTER"))
+    return mailbox.lock_heartbeat is None or mailbox.lock_heartbeat < now - stale_after
+
+
+class MailboxLock:
+    """One session's exclusive lock on one mailbox: ``take`` it, ``free`` it inside a commit, or ``release``."""
+
+    def __init__(self, mailbox_id: int, token: str):
+        self.mailbox_id = mailbox_id
+        self.token = token
+        self.released = False
+
+    @classmethod
+    def take(cls, mailbox_id: int, peer: str, then: Callable[[], T]) -> tuple[MailboxLock, T]:
+        """Take the lock and run ``then()`` in the same transaction (the snapshot sees what the lock saw).
+
+        Stamps ``last_login``. Raises ``MailboxInUse`` if a live session holds the lock.
+        """
+        me = this_process()
+        lock = cls(mailbox_id, secrets.token_hex(16))
+        # Registered before the row says so: another thread of this process must never see our fresh lock
+        # as one of this instance's forgotten (stale) locks.
+        with _live_guard:
+            _live[lock.token] = None
+        try:
+            result = lock._take(peer, me, then)
+        except BaseException:
+            with _live_guard:
+                _live.pop(lock.token, None)
+            raise
+        with _live_guard:
+            _live[lock.token] = lock
+        return lock, result
+
+    def _take(self, peer: str, me: ProcessIdentity, then: Callable[[], T]) -> T:
+        now = timezone.now()
+        with one_writer(), transaction.atomic():
+            mailbox = Mailbox.objects.select_for_update().get(pk=self.mailbox_id)
+            if mailbox.lock_token and not lock_is_stale(mailbox, now):
+                raise MailboxInUse()
+            taken = Mailbox.objects.filter(pk=self.mailbox_id, lock_token=mailbox.lock_token).update(
+                lock_token=self.token,
+                lock_host=me.host,
+                lock_pid=me.pid,
+                lock_instance=me.instance,
+                lock_peer=peer[:64],
+                locked_at=now,
+                lock_heartbeat=now,
+                last_login=now,
+            )
+            if taken != 1:
+                raise MailboxInUse()
+            if mailbox.lock_token:
+                logger.warning(
+                    "mailbox %s: took over the stale lock of %s pid %s",
+                    mailbox,
+                    mailbox.lock_host,
+                    mailbox.lock_pid,
+                )
+            return then()
+
+    def is_held(self) -> bool:
+        """Inside a transaction: True if the row still carries our token (and, where possible, row-locked)."""
+        return Mailbox.objects.select_for_update().filter(pk=self.mailbox_id, lock_token=self.token).exists()
+
+    def free(self) -> None:
+        """Clear the row's lock fields if they are still ours; call ``forget()`` once the transaction is done."""
+        Mailbox.objects.filter(pk=self.mailbox_id, lock_token=self.token).update(**FREE)
+
+    def release(self) -> None:
+        """Free the lock on its own (no UPDATE of messages); idempotent."""
+        if self.released:
+            return
+        try:
+            with one_writer():
+                self.free()
+        finally:
+            # Even if the update failed, forget the token: the row's lock then counts as stale for this
+            # process at once and for every other after LOCK_STALE_AFTER, instead of living forever.
+            self.forget()
+
+    def forget(self) -> None:
+        self.released = True
+        with _live_guard:
+            _live.pop(self.token, None)
+
+
+def refresh_heartbeats() -> int:
+    """Stamp the heartbeat of every lock this process holds; returns how many rows were touched."""
+    with _live_guard:
+        tokens = list(_live)
+    touched = 0
+    now = timezone.now()
+    for batch in batched(tokens, HEARTBEAT_BATCH):
+        with one_writer():
+            touched += Mailbox.objects.filter(lock_token__in=batch).update(lock_heartbeat=now)
+    return touched
+
+
+def release_dead_locks() -> int:
+    """Free the locks of this host's dead server processes at once (after a kill -9 and a restart)."""
+    me = this_process()
+    freed = 0
+    for mailbox in Mailbox.objects.filter(lock_host=me.host).exclude(lock_token=""):
+        if lock_is_stale(mailbox):
+            freed += Mailbox.objects.filter(pk=mailbox.pk, lock_token=mailbox.lock_token).update(**FREE)
+    if freed:
+        logger.info("freed %d lock(s) left by dead server processes on %s", freed, me.host)
+    return freed
+
+
+def release_all_live_locks() -> int:
+    """Release every lock this process still holds (shutdown); deletes nothing."""
+    with _live_guard:
+        locks = [lock for lock in _live.values() if lock is not None]
+    for lock in locks:
+        try:
+            lock.release()
+        except Exception:
+            logger.exception("could not release the lock of mailbox %s", lock.mailbox_id)
+    return len(locks)
+
+
+class LockRelease(enum.Enum):
+    RELEASED = "released"
+    NOT_LOCKED = "not locked"
+    LIVE = "held by a live session"
+
+
+def release_stale_lock(mailbox_id: int) -> tuple[LockRelease, Mailbox]:
+    """Free the mailbox's lock if its holder is gone (``lock_is_stale``); never a live session's (the admin).
+
+    Returns the outcome and the mailbox as it was read (its lock fields name the holder).
+    """
+    with one_writer(), transaction.atomic():
+        mailbox = Mailbox.objects.select_for_update().get(pk=mailbox_id)
+        if not mailbox.lock_token:
+            return LockRelease.NOT_LOCKED, mailbox
+        if not lock_is_stale(mailbox):
+            return LockRelease.LIVE, mailbox
+        # Conditional on the token we judged: a session that took the lock meanwhile keeps it.
+        freed = Mailbox.objects.filter(pk=mailbox_id, lock_token=mailbox.lock_token).update(**FREE)
+    return (LockRelease.RELEASED if freed else LockRelease.LIVE), mailbox
