@@ -384,6 +384,51 @@ def test_a_database_error_is_451_for_that_recipient_alone_with_one_log_line(lmtp
     assert len(errors) == 1 and "451 4.3.0" in errors[0].getMessage() and errors[0].exc_info is None
 
 
+def test_a_database_error_at_rcpt_is_451_and_the_session_goes_on(lmtp, make_mailbox, caplog):
+    """A real database error (the address table renamed away) while a recipient is looked up."""
+    make_mailbox("alice", email="alice@example.org")
+    with lmtp.client() as client:
+        client.mail("s@x")
+        with connection.cursor() as cursor:
+            cursor.execute("ALTER TABLE popserver_address RENAME TO popserver_address_away")
+        try:
+            with caplog.at_level(logging.INFO, logger="popserver"):
+                reply = client.rcpt("alice@example.org")
+        finally:
+            with connection.cursor() as cursor:
+                cursor.execute("ALTER TABLE popserver_address_away RENAME TO popserver_address")
+        assert reply == (451, b"4.3.0 <alice@example.org> Temporary internal error")
+        assert client.rcpt("alice@example.org") == (250, b"2.1.5 OK")
+        assert client.data(MESSAGE)[0] == 250
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "RCPT TO:<alice@example.org> failed (451 4.3.0)" in errors[0].getMessage()
+    assert errors[0].exc_info is None
+    assert len(stored("alice")) == 1
+
+
+def test_an_idle_connection_is_closed_with_421(lmtp_factory):
+    with override_settings(POPSERVER_LMTP_TIMEOUT=1):
+        server = lmtp_factory()
+        with server.socket() as sock:
+            read_replies(sock, 1)
+            sock.sendall(b"LHLO c\r\n")
+            replies = read_replies(sock, 2)
+            assert replies[-1].startswith(b"421 4.4.2 ") and replies[-1].endswith(
+                b"Disconnected for inactivity"
+            )
+            assert sock.recv(100) == b""
+
+
+def test_a_full_server_turns_a_new_connection_away_with_421(lmtp_factory):
+    """The MTA's open connections are never dropped to make room: the newcomer waits (RFC 5321 s.3.8)."""
+    with override_settings(POPSERVER_MAX_SESSIONS=1):
+        server = lmtp_factory()
+        with server.client() as first:
+            with server.socket() as second:
+                assert read_replies(second, 1) == [b"421 4.3.2 Too many connections, try again later"]
+            assert first.noop()[0] == 250
+
+
 def test_starttls_then_delivery(lmtp_factory, make_mailbox, tmp_path):
     trustme = pytest.importorskip("trustme")
     ca = trustme.CA()
