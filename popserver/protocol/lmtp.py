@@ -512,8 +512,15 @@ class LmtpSession:
             return False
         rest = bytes(data[end + len(END_OF_DATA) :])
         oversize = self._data_oversize
-        message = b"" if oversize else bytes(data[: end + len(CRLF)]).replace(b"\n.", b"\n")[len(CRLF) :]
         self._data = None
+        message = b""
+        if not oversize:
+            # At most two copies of the message at a time (64 MiB messages, many connections).
+            del data[end + len(CRLF) :]  # the message ends with its last line's CRLF
+            if data.find(b"\n.") >= 0:
+                data = data.replace(b"\n.", b"\n")
+            message = bytes(memoryview(data)[len(CRLF) :])
+        del data
         self._buffer[:0] = rest  # what the client pipelined after the message (RFC 2920)
         yield from self._finish_data(message, oversize or len(message) > self.max_message_size)
         return True
