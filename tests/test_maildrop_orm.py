@@ -124,7 +124,7 @@ def test_commit_is_all_or_nothing(mailbox, monkeypatch):
         maildrop.mark_deleted(n)
     from popserver.storage import deletion as module
 
-    monkeypatch.setattr(module, "DELETE_BATCH", 1)
+    monkeypatch.setattr(module, "BATCH_SIZE", 1)
     calls = []
     original = module.Message.objects.filter
 
