@@ -100,6 +100,8 @@ class Server:
         for line in self.proc.stdout:
             if match := re.search(r"POP3 on 127\.0\.0\.1:(\d+)", line):
                 self.port = int(match.group(1))
+                tls = re.search(r"POP3S on 127\.0\.0\.1:(\d+)", line)  # with --tls-port
+                self.tls_port = int(tls.group(1)) if tls else None
                 break
         else:
             self.proc.wait(timeout=30)

@@ -4,6 +4,7 @@ Use ``get_setting("MAX_MESSAGE_SIZE")``; never read ``django.conf.settings.POPSE
 never write defaults into ``settings`` (tests change settings with ``override_settings``).
 """
 
+import socket
 from typing import Any
 
 from django.conf import settings
@@ -63,6 +64,10 @@ DEFAULTS: dict[str, Any] = {
     # Dovecot's pop3_client_workarounds: "outlook-no-nuls" (NUL sent as 0x80), "oe-ns-eoh" (a blank line
     # added to a message whose header has none; LIST sizes include it)
     "CLIENT_WORKAROUNDS": [],
+    # Several nodes behind a load balancer
+    "NODE_NAME": "",  # names this node in lock holders, logs and audit rows; empty: the host name
+    "PROXY_TRUSTED_NETWORKS": [],  # proxies whose PROXY headers runpop3 --proxy-protocol accepts (CIDR list)
+    "PROXY_HEADER_TIMEOUT": 3,  # seconds a trusted proxy has to send the PROXY header
     # LMTP (runlmtp): mail from the local MTA
     "LMTP_LISTEN": "127.0.0.1:8024",  # or "unix:/path/to/socket"
     "LMTP_TRUSTED_NETWORKS": ["127.0.0.0/8", "::1/128"],  # the only TCP peers runlmtp accepts
@@ -98,3 +103,8 @@ def get_setting(name: str) -> Any:
     if name not in DEFAULTS:
         raise KeyError(f"unknown popserver setting {name!r}")
     return getattr(settings, f"POPSERVER_{name}", DEFAULTS[name])
+
+
+def node_name() -> str:
+    """This node's name: POPSERVER_NODE_NAME, or the host name."""
+    return str(get_setting("NODE_NAME") or socket.gethostname())[:64]

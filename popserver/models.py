@@ -232,7 +232,15 @@ class LoginEvent(models.Model):
     username = models.CharField(max_length=255)
     mailbox = models.ForeignKey(Mailbox, on_delete=models.SET_NULL, null=True, blank=True)
     mechanism = models.CharField(max_length=16)
-    tls = models.BooleanField(default=False)
+    tls = models.BooleanField(default=False, help_text="The client used TLS, here or at a proxy.")
+    tls_at_proxy = models.BooleanField(
+        "TLS at proxy",
+        default=False,
+        help_text="TLS was terminated by a load balancer (PROXY protocol v2 SSL TLV).",
+    )
+    node = models.CharField(
+        max_length=64, blank=True, default="", help_text="The server node (POPSERVER_NODE_NAME)."
+    )
     outcome = models.CharField(max_length=16, choices=OUTCOMES, db_index=True)
     reason = models.CharField(max_length=64, blank=True, default="")
 
@@ -252,6 +260,9 @@ class SessionRecord(models.Model):
     started_at = models.DateTimeField(db_index=True)
     duration = models.FloatField(help_text="seconds")
     end_reason = models.CharField(max_length=64)
+    node = models.CharField(
+        max_length=64, blank=True, default="", help_text="The server node (POPSERVER_NODE_NAME)."
+    )
     retrieved_count = models.PositiveIntegerField(default=0)
     retrieved_bytes = models.PositiveBigIntegerField(default=0)
     deleted_count = models.PositiveIntegerField(default=0)
@@ -262,3 +273,22 @@ class SessionRecord(models.Model):
 
     def __str__(self) -> str:
         return f"{self.started_at:%Y-%m-%d %H:%M:%S} {self.username}"
+
+
+class Node(models.Model):
+    """A running ``runpop3`` node. It claims its name at start and keeps a heartbeat, so a second node that
+    starts with the name of a live one is stopped: lock holders are named by node, and a node frees the locks
+    of its own dead processes at once."""
+
+    name = models.CharField(max_length=64, unique=True)
+    host = models.CharField(max_length=255, help_text="The machine's host name.")
+    pid = models.PositiveIntegerField()
+    instance = models.CharField(max_length=32)
+    started_at = models.DateTimeField()
+    heartbeat = models.DateTimeField()
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name

@@ -73,9 +73,10 @@ def make_mailbox(db):
 class LiveServer:
     """A ``Pop3Server`` on 127.0.0.1 and a free port, serving from a thread of this test process."""
 
-    def __init__(self, tls=None, implicit_tls: bool = False, is_trusted=None):
+    def __init__(self, tls=None, implicit_tls: bool = False, is_trusted=None, proxy_protocol: bool = False):
         """``tls``: a TlsContextHolder (STLS, plus an implicit-TLS listener at ``tls_port`` if
-        ``implicit_tls``); ``is_trusted(ip)``: play a non-local peer while bound to 127.0.0.1."""
+        ``implicit_tls``); ``is_trusted(ip)``: play a non-local peer while bound to 127.0.0.1;
+        ``proxy_protocol``: every listener expects a PROXY header."""
         import threading
 
         from popserver.logins.authenticator import is_trusted_peer
@@ -88,6 +89,7 @@ class LiveServer:
             tls=tls,
             implicit_tls_addresses=[("127.0.0.1", 0)] if implicit_tls else [],
             is_trusted=is_trusted or is_trusted_peer,
+            proxy_protocol=proxy_protocol,
         )
         self.server, self.servers = servers[0], servers
         self.host, self.port = "127.0.0.1", self.server.port

@@ -109,11 +109,22 @@ class AuditAdmin(ReadOnlyAdmin):
 
 @admin.register(LoginEvent)
 class LoginEventAdmin(AuditAdmin):
-    list_display = ("time", "username_link", "peer_ip_link", "mechanism", "tls", "outcome", "reason")
-    list_filter = ("outcome", MechanismFilter, "tls", UsernameFilter, PeerIpFilter)
+    list_display = ("time", "username_link", "peer_ip_link", "mechanism", "tls", "outcome", "reason", "node")
+    list_filter = ("outcome", MechanismFilter, "tls", "tls_at_proxy", UsernameFilter, PeerIpFilter, "node")
     search_fields = ("username", "^peer_ip")
     date_hierarchy = "time"
-    fields = ("time", "username", "mailbox", "peer_ip", "mechanism", "tls", "outcome", "reason")
+    fields = (
+        "time",
+        "username",
+        "mailbox",
+        "peer_ip",
+        "mechanism",
+        "tls",
+        "tls_at_proxy",
+        "outcome",
+        "reason",
+        "node",
+    )
 
 
 class ActivityFilter(admin.SimpleListFilter):
@@ -143,8 +154,9 @@ class SessionRecordAdmin(AuditAdmin):
         "retrieved",
         "deleted",
         "end_reason",
+        "node",
     )
-    list_filter = (ActivityFilter, UsernameFilter, PeerIpFilter)
+    list_filter = (ActivityFilter, UsernameFilter, PeerIpFilter, "node")
     search_fields = ("username", "^peer_ip")
     date_hierarchy = "started_at"
     fields = (
@@ -158,6 +170,7 @@ class SessionRecordAdmin(AuditAdmin):
         "retrieved_bytes",
         "deleted_count",
         "deleted_bytes",
+        "node",
     )
 
     @admin.display(description="duration", ordering="duration")

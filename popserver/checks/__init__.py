@@ -18,6 +18,8 @@ Errors only where the server truly cannot run; everything else is a warning, so 
 | E011 | POPSERVER_CLIENT_WORKAROUNDS names a workaround this server does not have |
 | E012 | a count that must be a whole number (MAX_SESSIONS, LISTEN_BACKLOG, LOGIN_DELAY, ...) is a fraction |
 | E013 | POPSERVER_GREETING or POPSERVER_IMPLEMENTATION is not one line of text |
+| E014 | POPSERVER_PROXY_TRUSTED_NETWORKS is not a list of networks |
+| E015 | POPSERVER_NODE_NAME is not one printable word of at most 64 characters |
 | W001 | Argon2 is not the first password hasher |
 | W002 | POPSERVER_AUTOLOGOUT below RFC 1939's 10 minutes |
 | W003 | POPSERVER_BODY_CHUNK_SIZE over 8 MiB |
@@ -28,6 +30,6 @@ Errors only where the server truly cannot run; everything else is a warning, so 
 | W181 | an endpoint is published to mail clients without TLS on a non-loopback host |
 """
 
-from . import logins, numbers, paths
+from . import logins, nodes, numbers, paths
 
-__all__ = ["logins", "numbers", "paths"]
+__all__ = ["logins", "nodes", "numbers", "paths"]

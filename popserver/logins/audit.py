@@ -11,7 +11,7 @@ from datetime import timedelta
 
 from django.utils import timezone
 
-from popserver.conf import get_setting
+from popserver.conf import get_setting, node_name
 from popserver.models import LoginEvent, SessionRecord
 from popserver.signals import send_safely, session_closed
 from popserver.storage.writelock import one_writer
@@ -27,15 +27,26 @@ def _ip_or_none(ip: str) -> str | None:
 
 
 def record_login(
-    *, username: str, peer_ip: str, mechanism: str, tls: bool, outcome: str, reason: str = "", mailbox=None
+    *,
+    username: str,
+    peer_ip: str,
+    mechanism: str,
+    tls: bool,
+    outcome: str,
+    reason: str = "",
+    mailbox=None,
+    tls_at_proxy: bool = False,
 ) -> None:
+    """``tls``: the client used TLS, to this server or (``tls_at_proxy``) to the load balancer in front."""
     try:
         with one_writer():
             LoginEvent.objects.create(
                 username=username[:255],
                 peer_ip=_ip_or_none(peer_ip),
                 mechanism=mechanism[:16],
-                tls=tls,
+                tls=tls or tls_at_proxy,
+                tls_at_proxy=tls_at_proxy,
+                node=node_name(),
                 outcome=outcome,
                 reason=reason[:64],
                 mailbox=mailbox,
@@ -56,6 +67,7 @@ def record_session(
                 started_at=started_at,
                 duration=duration,
                 end_reason=end_reason[:64],
+                node=node_name(),
                 retrieved_count=stats.retr_count,
                 retrieved_bytes=stats.retr_bytes,
                 deleted_count=stats.deleted_count,

@@ -20,7 +20,7 @@ from collections.abc import Iterable
 from django.db import connections
 from django.utils import timezone
 
-from ..conf import get_setting
+from ..conf import get_setting, node_name
 from ..exceptions import TemporaryLoginFailure
 from ..logins.audit import session_ended
 from ..logins.authenticator import DjangoAuthenticator, printable
@@ -28,6 +28,7 @@ from ..logins.peers import plaintext_allowed
 from ..protocol.session import Pop3Session, State
 from ..protocol.wire import FLUSH
 from ..storage.retention import expire_before_login
+from .proxy_protocol import ProxyHeader, ProxyHeaderError, read_header
 from .tls import HANDSHAKE_TIMEOUT
 
 logger = logging.getLogger("popserver.server")
@@ -201,13 +202,17 @@ class Pop3Handler(ConnectionHandler):
     def setup(self) -> None:
         super().setup()
         self.session: Pop3Session | None = None
+        self.proxy_header: ProxyHeader | None = None
 
     # Main loop ------------------------------------------------------------------------------------------
     def handle(self) -> None:
+        if self.server.proxy_protocol and not self.take_proxy_header():
+            return
         self.authenticator = authenticator = DjangoAuthenticator(
             self.peer_ip, self.peer_port, self.server.stop_event, trusted=self.server.is_trusted(self.peer_ip)
         )
-        authenticator.tls = self.server.implicit_tls
+        authenticator.tls = self.server.implicit_tls or self.tls_at_proxy
+        authenticator.tls_at_proxy = self.tls_at_proxy
         # A failed login waits its delay as an idle connection: droppable again, like any other.
         authenticator.before_failure_delay = lambda: self.server.registry.end_login(
             self.request, logged_in=False
@@ -250,8 +255,54 @@ class Pop3Handler(ConnectionHandler):
             if self.sock is not self.request:
                 self.sock.close()  # the TLS wrapper; the server closes the accepted socket
 
+    @property
+    def tls_at_proxy(self) -> bool:
+        return self.proxy_header is not None and self.proxy_header.tls_at_proxy
+
+    @property
+    def health_check(self) -> bool:
+        return self.proxy_header is not None and self.proxy_header.local
+
+    def take_proxy_header(self) -> bool:
+        """Read the PROXY header, in this connection's thread, before the greeting and before a TLS handshake
+        (HAProxy sends it first and the ClientHello right after). From then on the client it names is the
+        peer everywhere: caps, throttles, the plaintext policy, the lock holder, logs and the audit. A health
+        check (v2 LOCAL, v1 UNKNOWN) or a header without an address keeps the proxy's own. False: the
+        connection is closed (one log line says why)."""
+        proxy = self.peer
+        try:
+            header = read_header(self.sock, get_setting("PROXY_HEADER_TIMEOUT"))
+        except ProxyHeaderError as exc:
+            if not self.server.stop_event.is_set():
+                logger.warning("closing %s: bad PROXY header (%s)", proxy, exc.reason)
+            return False
+        self.proxy_header = header
+        if header.source is not None:
+            self.peer_ip, self.peer_port = header.source
+            self.peer = f"{self.peer_ip}:{self.peer_port}"
+            if not self.server.registry.readdress(
+                self.request, self.peer_ip, trusted=self.server.is_trusted(self.peer_ip)
+            ):
+                logger.warning(
+                    "refusing %s (through %s): too many unauthenticated connections", self.peer, proxy
+                )
+                if not self.server.implicit_tls:
+                    self.send_quietly(b"-ERR [SYS/TEMP] Too many connections, try again later.\r\n")
+                return False
+        logger.debug(
+            "%s: PROXY v%d header from %s%s%s",
+            self.peer,
+            header.version,
+            proxy,
+            " (health check)" if header.local else "",
+            " (TLS at proxy)" if header.tls_at_proxy else "",
+        )
+        return True
+
     def make_session(self, authenticator: DjangoAuthenticator) -> Pop3Session:
-        tls_active = self.server.implicit_tls
+        # TLS terminated by the proxy counts as TLS: the client's own connection is encrypted (and STLS,
+        # which would nest TLS inside it, is not offered).
+        tls_active = self.server.implicit_tls or self.tls_at_proxy
 
         def authenticate(username: str, password: str | None, *, mechanism: str = "USER"):
             # While the password is checked the connection is not dropped to make room, and it counts as
@@ -304,16 +355,23 @@ class Pop3Handler(ConnectionHandler):
     # Session end ----------------------------------------------------------------------------------------
     def log_session_end(self, session: Pop3Session, reason: str, authenticator: DjangoAuthenticator) -> None:
         duration = time.monotonic() - self.connected_at
+        node = node_name()
         if session.username is None or authenticator.mailbox is None:
             # Like Dovecot's pop3-login: "Disconnected (auth failed, 1 attempts in 2 secs): user=<alice>, ..."
             attempts = authenticator.attempts
             if not attempts:
-                logger.info(
-                    "Disconnected: %s (no auth attempts) peer=%s duration=%.1fs", reason, self.peer, duration
+                # A load balancer's health check every few seconds would drown the log at INFO.
+                logger.log(
+                    logging.DEBUG if self.health_check else logging.INFO,
+                    "Disconnected: %s (no auth attempts) peer=%s duration=%.1fs node=%s",
+                    reason,
+                    self.peer,
+                    duration,
+                    node,
                 )
                 return
             logger.info(
-                "Disconnected: %s (%s, %d attempts) user=<%s> method=%s peer=%s duration=%.1fs",
+                "Disconnected: %s (%s, %d attempts) user=<%s> method=%s peer=%s duration=%.1fs node=%s",
                 reason,
                 authenticator.refusal,
                 attempts,
@@ -321,11 +379,12 @@ class Pop3Handler(ConnectionHandler):
                 authenticator.last_mechanism,
                 self.peer,
                 duration,
+                node,
             )
             return
         stats = session.stats
         logger.info(
-            "Disconnected: %s user=<%s> peer=%s duration=%.1fs top=%d/%d, retr=%d/%d, del=%d/%d, size=%d",
+            "Disconnected: %s user=<%s> peer=%s duration=%.1fs top=%d/%d, retr=%d/%d, del=%d/%d, size=%d node=%s",
             reason,
             session.username,
             self.peer,
@@ -337,6 +396,7 @@ class Pop3Handler(ConnectionHandler):
             stats.deleted_count,
             stats.messages,
             stats.mailbox_size,
+            node,
         )
         session_ended(
             mailbox=authenticator.mailbox,

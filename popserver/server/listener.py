@@ -22,8 +22,8 @@ from collections.abc import Callable
 
 from django.db import connections
 
-from ..conf import get_setting
-from ..logins.peers import is_trusted_peer, peer_group
+from ..conf import get_setting, node_name
+from ..logins.peers import is_trusted_peer, is_trusted_proxy, peer_group
 from ..storage.lock import refresh_heartbeats, release_all_live_locks, release_dead_locks
 from .handler import Pop3Handler
 from .tls import TlsContextHolder
@@ -87,12 +87,10 @@ class SessionRegistry:
         group = peer_group(peer_ip)
         evicted = None
         with self._guard:
-            waiting = self._unauthenticated_by_group.get(group, {})
-            logging_in = sum(1 for g in self._logging_in.values() if g == group) if not trusted else 0
-            if not trusted and len(waiting) + logging_in >= get_setting("MAX_UNAUTHENTICATED_PER_IP"):
-                if not waiting:
+            if not trusted and self._group_is_full(group):
+                evicted = self._oldest_idle(group)
+                if evicted is None:
                     return False
-                evicted = next(iter(waiting))
             elif len(self._sockets) - len(self._slot_free) >= get_setting("MAX_SESSIONS"):
                 if not self._unauthenticated:
                     return False
@@ -110,6 +108,40 @@ class SessionRegistry:
             logger.info("making room for %s: dropping the oldest idle unauthenticated connection", peer_ip)
             disconnect(cut)
         return True
+
+    def readdress(self, sock: socket.socket, peer_ip: str, *, trusted: bool = False) -> bool:
+        """The connection's real client is ``peer_ip`` (a PROXY header said so): count it under that IP from
+        now on, with that IP's cap (making room as ``admit`` does). False if there is no room, or if the
+        connection was dropped meanwhile."""
+        group = peer_group(peer_ip)
+        evicted = None
+        with self._guard:
+            if sock in self._dropped or sock not in self._sockets:
+                return False
+            self._forget_unauthenticated(sock)
+            if not trusted and self._group_is_full(group):
+                evicted = self._oldest_idle(group)
+                if evicted is None:
+                    self._slot_free.add(sock)  # refused: its slot is free, its thread ends at once
+                    return False
+                self._forget_unauthenticated(evicted)
+                self._dropped.add(evicted)
+                self._slot_free.add(evicted)
+                cut = self._sockets[evicted]
+            self._unauthenticated[sock] = group
+            self._unauthenticated_by_group.setdefault(group, OrderedDict())[sock] = None
+        if evicted is not None:
+            logger.info("making room for %s: dropping the oldest idle unauthenticated connection", peer_ip)
+            disconnect(cut)
+        return True
+
+    def _group_is_full(self, group: str) -> bool:
+        waiting = self._unauthenticated_by_group.get(group, {})
+        logging_in = sum(1 for g in self._logging_in.values() if g == group)
+        return len(waiting) + logging_in >= get_setting("MAX_UNAUTHENTICATED_PER_IP")
+
+    def _oldest_idle(self, group: str) -> socket.socket | None:
+        return next(iter(self._unauthenticated_by_group.get(group, {})), None)
 
     def _forget_unauthenticated(self, sock: socket.socket) -> None:
         group = self._unauthenticated.pop(sock, None)
@@ -217,14 +249,19 @@ class ThreadedServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
         is_trusted: Callable[[str], bool] = is_trusted_peer,
         registry: SessionRegistry | None = None,
         socket_mode: int | None = None,
+        proxy_protocol: bool = False,
+        is_trusted_proxy: Callable[[str], bool] = is_trusted_proxy,
     ):
         """``registry`` is shared by all listeners of a process (its limits are per process). ``tls`` enables
         STLS (or, with ``implicit_tls``, TLS from the first byte: RFC 8314); ``is_trusted(peer_ip)`` decides
         which peers count as local for the plaintext policy (tests inject it to play a remote peer while
-        binding to 127.0.0.1 only). ``socket_mode``: the permissions of a UNIX socket (e.g. ``0o660``)."""
+        binding to 127.0.0.1 only). ``socket_mode``: the permissions of a UNIX socket (e.g. ``0o660``). With
+        ``proxy_protocol`` every connection must come from a proxy (``is_trusted_proxy``) and start with a
+        PROXY header (``proxy_protocol.py``)."""
         if implicit_tls and tls is None:
             raise ValueError("implicit TLS needs a certificate")
         self.tls, self.implicit_tls, self.is_trusted = tls, implicit_tls, is_trusted
+        self.proxy_protocol, self.is_trusted_proxy = proxy_protocol, is_trusted_proxy
         self.socket_mode = socket_mode
         if isinstance(address, str):
             self.address_family = socket.AF_UNIX
@@ -279,9 +316,18 @@ class ThreadedServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
     def process_request(self, request, client_address) -> None:
         """Accept loop: admit or refuse at once (no blocking work here), then a thread per connection."""
         peer_ip, peer_port = self.peer_address(client_address)
-        if not self.registry.admit(
-            request, peer_ip, trusted=self.is_trusted(peer_ip), droppable=self.droppable
-        ):
+        if self.proxy_protocol:
+            if not self.is_trusted_proxy(peer_ip):
+                logger.info(
+                    "refusing %s: not in POPSERVER_PROXY_TRUSTED_NETWORKS (PROXY protocol listener)", peer_ip
+                )
+                self.shutdown_request(request)
+                return
+            # Not capped per IP until its header names the client (SessionRegistry.readdress).
+            trusted = True
+        else:
+            trusted = self.is_trusted(peer_ip)
+        if not self.registry.admit(request, peer_ip, trusted=trusted, droppable=self.droppable):
             logger.warning("refusing %s: no room (%d connections)", peer_ip, len(self.registry))
             if not self.implicit_tls:  # a TLS client could not read a plaintext line anyway
                 self.refuse(request, self.busy_reply)
@@ -396,12 +442,20 @@ def start_servers(
     tls: TlsContextHolder | None = None,
     implicit_tls_addresses: list[tuple[str, int]] = (),
     is_trusted: Callable[[str], bool] = is_trusted_peer,
+    proxy_protocol: bool = False,
 ) -> list[Pop3Server]:
-    """Free this host's dead locks, bind every listener, start their loops and the lock heartbeat."""
+    """Free this node's dead locks, bind every listener, start their loops and the lock heartbeat.
+    ``proxy_protocol`` applies to every listener (plain and implicit TLS)."""
     release_dead_locks()
     connections.close_all()
     registry = SessionRegistry()
-    options = {"stop_event": stop_event, "tls": tls, "is_trusted": is_trusted, "registry": registry}
+    options = {
+        "stop_event": stop_event,
+        "tls": tls,
+        "is_trusted": is_trusted,
+        "registry": registry,
+        "proxy_protocol": proxy_protocol,
+    }
     servers = [Pop3Server(a, **options) for a in addresses]
     servers += [Pop3Server(a, implicit_tls=True, **options) for a in implicit_tls_addresses]
     for server in servers:
@@ -412,6 +466,7 @@ def start_servers(
             name=f"pop3 listener {server.display_address}",
         ).start()
         kind = "POP3S (implicit TLS)" if server.implicit_tls else "POP3" + (" with STLS" if tls else "")
-        logger.info("%s server listening on %s", kind, server.display_address)
+        kind += " behind a proxy (PROXY protocol)" if proxy_protocol else ""
+        logger.info("%s server listening on %s (node %s)", kind, server.display_address, node_name())
     LockHeartbeat(stop_event).start()
     return servers

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from django.db import connections
 
 from ..conf import get_setting
-from ..logins.peers import in_networks
+from ..logins.peers import is_lmtp_peer
 from ..protocol.lmtp import DeliveryHandler, LmtpSession
 from .handler import ConnectionHandler, SessionEnded
 from .listener import LOCAL_PEER, SessionRegistry, ThreadedServer, parse_address
@@ -115,7 +115,7 @@ class LmtpServer(ThreadedServer):
     def verify_request(self, request, client_address) -> bool:
         """On TCP only POPSERVER_LMTP_TRUSTED_NETWORKS: anyone else could put mail in any mailbox."""
         peer_ip = self.peer_address(client_address)[0]
-        if peer_ip == LOCAL_PEER or in_networks(peer_ip, get_setting("LMTP_TRUSTED_NETWORKS")):
+        if peer_ip == LOCAL_PEER or is_lmtp_peer(peer_ip):
             return True
         logger.warning("LMTP: refusing %s: not in POPSERVER_LMTP_TRUSTED_NETWORKS", peer_ip)
         self.refuse(request, b"421 4.7.0 Access denied\r\n")

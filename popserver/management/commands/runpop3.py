@@ -5,9 +5,11 @@ import signal
 import threading
 
 from django.core.management.base import BaseCommand, CommandError
+from django.db import DatabaseError
 
 from popserver.conf import get_setting
 from popserver.server.listener import parse_address, start_servers, stop_servers
+from popserver.server.node import NodeHeartbeat, NodeNameInUse, claim_node_name, release_node_name
 from popserver.server.tls import TlsConfigError, TlsContextHolder
 
 ERRORS = {
@@ -28,6 +30,12 @@ class Command(BaseCommand):
             "--tls-port",
             help="also listen with implicit TLS (RFC 8314; 995 by convention) on PORT or ADDR:PORT.",
         )
+        parser.add_argument(
+            "--proxy-protocol",
+            action="store_true",
+            help="every listener expects a PROXY protocol header (v1 or v2, as HAProxy's send-proxy-v2 sends) "
+            "from the load balancers in POPSERVER_PROXY_TRUSTED_NETWORKS, and closes other connections.",
+        )
 
     def handle(self, *args, **options):
         try:
@@ -47,6 +55,18 @@ class Command(BaseCommand):
         elif tls_addresses or keyfile:
             raise CommandError("TLS: --tls-port and --keyfile need --certfile (or POPSERVER_TLS_CERTFILE).")
 
+        if options["proxy_protocol"] and not get_setting("PROXY_TRUSTED_NETWORKS"):
+            raise CommandError(
+                "--proxy-protocol: POPSERVER_PROXY_TRUSTED_NETWORKS is empty, so every connection would be "
+                'refused. Set it to your load balancers\' addresses, e.g. ["10.0.0.5/32"].'
+            )
+        try:
+            claim_node_name()  # before anything frees "this node's" dead locks
+        except NodeNameInUse as exc:
+            raise CommandError(str(exc)) from None
+        except DatabaseError as exc:
+            raise CommandError(f"Database: {exc} (has 'manage.py migrate' run?)") from None
+
         stop = threading.Event()
         # Signal handlers only set flags: shutdown() must run outside the serving threads.
         for signum in (signal.SIGINT, signal.SIGTERM):
@@ -55,9 +75,17 @@ class Command(BaseCommand):
         # SIGHUP (logrotate, systemctl reload) reloads the certificate; without TLS it is ignored, never fatal.
         signal.signal(signal.SIGHUP, lambda *_: reload_requested.set())
         try:
-            servers = start_servers([address], stop, tls=tls, implicit_tls_addresses=tls_addresses)
+            servers = start_servers(
+                [address],
+                stop,
+                tls=tls,
+                implicit_tls_addresses=tls_addresses,
+                proxy_protocol=options["proxy_protocol"],
+            )
         except OSError as exc:
+            release_node_name()
             raise CommandError(f"Error: {ERRORS.get(exc.errno, exc.strerror or exc)}") from None
+        NodeHeartbeat(stop).start()
         self.stdout.write(
             "popserver: "
             + ", ".join(f"{'POP3S' if s.implicit_tls else 'POP3'} on {s.display_address}" for s in servers)
@@ -70,6 +98,7 @@ class Command(BaseCommand):
                 if tls is not None:
                     tls.reload()
         stop_servers(servers)
+        release_node_name()
         self.stdout.write("popserver: stopped.")
 
     @staticmethod
