@@ -72,6 +72,14 @@ DEFAULTS: dict[str, Any] = {
     "NODE_NAME": "",  # names this node in lock holders, logs and audit rows; empty: the host name
     "PROXY_TRUSTED_NETWORKS": [],  # proxies whose PROXY headers runpop3 --proxy-protocol accepts (CIDR list)
     "PROXY_HEADER_TIMEOUT": 3,  # seconds a trusted proxy has to send the PROXY header
+    # LMTP (runlmtp): mail from the local MTA
+    "LMTP_LISTEN": "127.0.0.1:8024",  # or "unix:/path/to/socket"
+    "LMTP_TRUSTED_NETWORKS": ["127.0.0.0/8", "::1/128"],  # the only TCP peers runlmtp accepts
+    "LMTP_MAX_RECIPIENTS": 50,  # per transaction; more get 452 4.5.3 and the MTA sends them again
+    "LMTP_TIMEOUT": 300,  # seconds without a command, or without DATA bytes (RFC 5321 s.4.5.3.2.7: 5 min)
+    "LMTP_HOSTNAME": "",  # in the greeting and the LHLO reply; "" is this host's name
+    "LMTP_ADD_RETURN_PATH": True,  # "Return-Path: <MAIL FROM>" on top of each copy, as Dovecot's LMTP
+    "LMTP_ADD_DELIVERED_TO": True,  # "Delivered-To: <RCPT TO>" below it, as Dovecot's LMTP
     # Protocol
     "GREETING": "popserver ready.",
     "IMPLEMENTATION": "popserver",

@@ -6,7 +6,7 @@ Errors only where the server truly cannot run; everything else is a warning, so 
 | id | rule |
 |---|---|
 | E001 | a setting that must be a positive number is not |
-| E002 | POPSERVER_TRUSTED_NETWORKS is not a list of networks |
+| E002 | POPSERVER_TRUSTED_NETWORKS or POPSERVER_LMTP_TRUSTED_NETWORKS is not a list of networks |
 | E003 | POPSERVER_PLAINTEXT_AUTH is not one of its values |
 | E004 | POPSERVER_THROTTLE_CACHE names a cache CACHES lacks |
 | E005 | POPSERVER_ACCEPTED_PASSWORDS is not one of its values |

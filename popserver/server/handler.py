@@ -2,7 +2,9 @@
 session-end log line.
 
 The protocol lives in ``popserver.protocol.session``; logins, their policy and the audit in
-``popserver.logins``. This module moves bytes between them and the socket.
+``popserver.logins``. This module moves bytes between them and the socket. ``ConnectionHandler`` is what any
+protocol's connection needs (reads with a deadline, batched writes, the TLS handshake); LMTP's handler
+(``popserver.server.lmtp``) builds on it too.
 """
 
 from __future__ import annotations
@@ -79,20 +81,128 @@ class SessionEnded(Exception):
         self.reason = reason
 
 
-class Pop3Handler(socketserver.BaseRequestHandler):
-    """Runs one ``Pop3Session`` over one socket, in the connection's own thread."""
+class ConnectionHandler(socketserver.BaseRequestHandler):
+    """One connection of any protocol, in its own thread: reads with deadlines (giving the database connection
+    back while idle), batched writes, the TLS handshake."""
 
-    server: Pop3Server  # noqa: F821 (popserver.server.listener)
+    server: ThreadedServer  # noqa: F821 (popserver.server.listener)
 
     def setup(self) -> None:
         self.sock: socket.socket = self.request
-        self.peer_ip, self.peer_port = self.client_address[0], self.client_address[1]
-        self.peer = f"{self.peer_ip}:{self.peer_port}"
+        self.peer_ip, self.peer_port = self.server.peer_address(self.client_address)
+        self.peer = f"{self.peer_ip}:{self.peer_port}" if self.peer_port else self.peer_ip
         self.connected_at = time.monotonic()
         self.started_at = timezone.now()
+        set_socket_options(self.sock)
+
+    # TLS ------------------------------------------------------------------------------------------------
+    def handshake(self) -> None:
+        """Wrap the socket in TLS, in this session's thread, with a deadline (never in the accept loop)."""
+        context = self.server.tls.context
+        # One deadline for the whole handshake, not per recv(): a byte every few seconds gains nothing.
+        deadline = time.monotonic() + min(HANDSHAKE_TIMEOUT, get_setting("LOGIN_TIMEOUT"))
+        try:
+            self.sock = context.wrap_socket(self.sock, server_side=True, do_handshake_on_connect=False)
+            if not self.server.registry.rewrap(self.request, self.sock):
+                raise SessionEnded("Dropped to make room")  # cut while being wrapped: the cut missed it
+            self.sock.setblocking(False)
+            while True:
+                try:
+                    self.sock.do_handshake()
+                    break
+                except ssl.SSLWantReadError:
+                    wait = ([self.sock], [])
+                except ssl.SSLWantWriteError:
+                    wait = ([], [self.sock])
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not any(select.select(*wait, [], remaining)[:2]):
+                    raise SessionEnded("TLS handshake timed out")
+            self.sock.setblocking(True)
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            raise SessionEnded(f"TLS handshake failed: {exc.__class__.__name__}") from None
+
+    # Input ----------------------------------------------------------------------------------------------
+    def read(self, deadline: float, timeout_reply: bytes) -> bytes:
+        """Bytes from the client by ``deadline`` (monotonic), else ``timeout_reply`` is sent and the session
+        ends. A connection idle for DB_IDLE_CLOSE gives its database connection back meanwhile."""
+        idle_since = time.monotonic()
+        db_released = False
+        while True:
+            now = time.monotonic()
+            if self.server.stop_event.is_set():
+                raise SessionEnded("Server shutting down")
+            remaining = deadline - now
+            if remaining <= 0:
+                self.send_quietly(timeout_reply)
+                raise SessionEnded("Inactivity")
+            wait = remaining if db_released else min(remaining, max(0.0, idle_since + DB_IDLE_CLOSE - now))
+            self.sock.settimeout(max(wait, 0.001))
+            try:
+                data = self.sock.recv(RECV_SIZE)
+            except TimeoutError:
+                if not db_released:
+                    connections.close_all()  # idle: give the database connection back
+                    db_released = True
+                continue
+            if not data:
+                raise SessionEnded("Connection closed")
+            return data
+
+    # Output ---------------------------------------------------------------------------------------------
+    def write_timeout(self) -> float:
+        """Seconds a write may wait for a client that does not read before the session is dropped."""
+        return get_setting("AUTOLOGOUT")
+
+    def send(self, chunks: Iterable[bytes]) -> int:
+        """Write everything ``chunks`` yields in few large writes (Nagle: see PITFALLS); returns octets sent.
+
+        Output is gathered up to WRITE_COALESCE octets, and written early at the session's ``FLUSH`` mark."""
+        self.sock.settimeout(self.write_timeout())  # a client that stops reading is dropped in time
+        pending: list[bytes] = []
+        pending_size = total = 0
+        for chunk in chunks:
+            if chunk is FLUSH:
+                if pending:
+                    self.write(pending)
+                    total += pending_size
+                    pending, pending_size = [], 0
+                continue
+            if chunk:
+                pending.append(chunk)
+                pending_size += len(chunk)
+                if pending_size >= WRITE_COALESCE:
+                    self.write(pending)
+                    total += pending_size
+                    pending, pending_size = [], 0
+        if pending:
+            self.write(pending)
+            total += pending_size
+        return total
+
+    def write(self, buffers: list[bytes]) -> None:
+        """Send ``buffers`` whole: one ``sendmsg`` gather-write where the socket has it (no join), else joined."""
+        if len(buffers) == 1:
+            self.sock.sendall(buffers[0])
+        elif isinstance(self.sock, ssl.SSLSocket):
+            self.sock.sendall(b"".join(buffers))
+        else:
+            send_buffers(self.sock, buffers)
+
+    def send_quietly(self, data: bytes) -> None:
+        try:
+            self.sock.settimeout(1.0)
+            self.sock.sendall(data)
+        except OSError:
+            pass
+
+
+class Pop3Handler(ConnectionHandler):
+    """Runs one ``Pop3Session`` over one socket, in the connection's own thread."""
+
+    def setup(self) -> None:
+        super().setup()
         self.session: Pop3Session | None = None
         self.proxy_header: ProxyHeader | None = None
-        set_socket_options(self.sock)
 
     # Main loop ------------------------------------------------------------------------------------------
     def handle(self) -> None:
@@ -225,31 +335,6 @@ class Pop3Handler(socketserver.BaseRequestHandler):
         return plaintext_allowed(tls_active=tls_active, trusted=self.authenticator.trusted)
 
     # TLS ------------------------------------------------------------------------------------------------
-    def handshake(self) -> None:
-        """Wrap the socket in TLS, in this session's thread, with a deadline (never in the accept loop)."""
-        context = self.server.tls.context
-        # One deadline for the whole handshake, not per recv(): a byte every few seconds gains nothing.
-        deadline = time.monotonic() + min(HANDSHAKE_TIMEOUT, get_setting("LOGIN_TIMEOUT"))
-        try:
-            self.sock = context.wrap_socket(self.sock, server_side=True, do_handshake_on_connect=False)
-            if not self.server.registry.rewrap(self.request, self.sock):
-                raise SessionEnded("Dropped to make room")  # cut while being wrapped: the cut missed it
-            self.sock.setblocking(False)
-            while True:
-                try:
-                    self.sock.do_handshake()
-                    break
-                except ssl.SSLWantReadError:
-                    wait = ([self.sock], [])
-                except ssl.SSLWantWriteError:
-                    wait = ([], [self.sock])
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or not any(select.select(*wait, [], remaining)[:2]):
-                    raise SessionEnded("TLS handshake timed out")
-            self.sock.setblocking(True)
-        except (ssl.SSLError, OSError, ValueError) as exc:
-            raise SessionEnded(f"TLS handshake failed: {exc.__class__.__name__}") from None
-
     def start_tls(self, session: Pop3Session) -> None:
         """RFC 2595 s.4: after "+OK Begin TLS negotiation now." the session's pipelined plaintext has already
         been discarded by the engine; handshake, then a fresh AUTHORIZATION state."""
@@ -262,75 +347,10 @@ class Pop3Handler(socketserver.BaseRequestHandler):
     def receive(self, session: Pop3Session, line_deadline: float) -> bytes:
         """Bytes from the client, within the deadline that applies: before login the whole login time
         (Dovecot: 3 minutes), after it the autologout per line (RFC 1939 s.3), not per ``recv()``."""
-        idle_since = time.monotonic()
-        db_released = False
-        while True:
-            now = time.monotonic()
-            if self.server.stop_event.is_set():
-                raise SessionEnded("Server shutting down")
-            if session.state is State.AUTHORIZATION:
-                deadline = min(line_deadline, self.connected_at + get_setting("LOGIN_TIMEOUT"))
-            else:
-                deadline = line_deadline
-            remaining = deadline - now
-            if remaining <= 0:
-                self.send_quietly(b"-ERR Disconnected for inactivity.\r\n")
-                raise SessionEnded("Inactivity")
-            wait = remaining if db_released else min(remaining, max(0.0, idle_since + DB_IDLE_CLOSE - now))
-            self.sock.settimeout(max(wait, 0.001))
-            try:
-                data = self.sock.recv(RECV_SIZE)
-            except TimeoutError:
-                if not db_released:
-                    connections.close_all()  # idle: give the database connection back
-                    db_released = True
-                continue
-            if not data:
-                raise SessionEnded("Connection closed")
-            return data
-
-    # Output ---------------------------------------------------------------------------------------------
-    def send(self, chunks: Iterable[bytes]) -> int:
-        """Write everything ``chunks`` yields in few large writes (Nagle: see PITFALLS); returns octets sent.
-
-        Output is gathered up to WRITE_COALESCE octets, and written early at the session's ``FLUSH`` mark."""
-        self.sock.settimeout(get_setting("AUTOLOGOUT"))  # a client that stops reading is dropped in time
-        pending: list[bytes] = []
-        pending_size = total = 0
-        for chunk in chunks:
-            if chunk is FLUSH:
-                if pending:
-                    self.write(pending)
-                    total += pending_size
-                    pending, pending_size = [], 0
-                continue
-            if chunk:
-                pending.append(chunk)
-                pending_size += len(chunk)
-                if pending_size >= WRITE_COALESCE:
-                    self.write(pending)
-                    total += pending_size
-                    pending, pending_size = [], 0
-        if pending:
-            self.write(pending)
-            total += pending_size
-        return total
-
-    def write(self, buffers: list[bytes]) -> None:
-        """Send ``buffers`` whole: one ``sendmsg`` gather-write where the socket has it (no join), else joined."""
-        if len(buffers) == 1:
-            self.sock.sendall(buffers[0])
-        elif isinstance(self.sock, ssl.SSLSocket):
-            self.sock.sendall(b"".join(buffers))
-        else:
-            send_buffers(self.sock, buffers)
-
-    def send_quietly(self, data: bytes) -> None:
-        try:
-            self.sock.settimeout(1.0)
-            self.sock.sendall(data)
-        except OSError:
-            pass
+        deadline = line_deadline
+        if session.state is State.AUTHORIZATION:
+            deadline = min(line_deadline, self.connected_at + get_setting("LOGIN_TIMEOUT"))
+        return self.read(deadline, b"-ERR Disconnected for inactivity.\r\n")
 
     # Session end ----------------------------------------------------------------------------------------
     def log_session_end(self, session: Pop3Session, reason: str, authenticator: DjangoAuthenticator) -> None:
