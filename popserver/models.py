@@ -80,6 +80,9 @@ class Message(models.Model):
     mailbox = models.ForeignKey(Mailbox, on_delete=models.CASCADE, related_name="messages")
     uid = models.CharField("unique id", max_length=70)  # RFC 1939 s.7: 1-70 chars in 0x21-0x7E
     size = models.PositiveBigIntegerField(help_text="Octets as sent by RETR, before dot-stuffing.")
+    # How many MessageChunk rows hold the body, kept here so that the snapshot knows it and a read is one
+    # plain indexed query per chunk. 0: not known (rows written without a body store) and counted at read.
+    chunk_count = models.PositiveIntegerField(default=0, editable=False)
     arrived_at = models.DateTimeField(auto_now_add=True, db_index=True)
     subject = models.TextField(blank=True, default="")
     sender = models.TextField(blank=True, default="")

@@ -48,7 +48,7 @@ def presented(raw: bytes) -> bytes:
 
 
 def stored_bytes(message: Message) -> bytes:
-    return b"".join(get_body_store().read_chunks(message.pk))
+    return b"".join(get_body_store().read_chunks(message))
 
 
 def check_stored(message: Message, path) -> None:

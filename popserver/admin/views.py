@@ -80,7 +80,7 @@ class MessageContentViews:
 # The raw download ---------------------------------------------------------------------------------------------
 def message_download(message: Message):
     """The message's bytes as the server presents them, streamed from the body store chunk by chunk."""
-    chunks = get_body_store().read_chunks(message.pk)
+    chunks = get_body_store().read_chunks(message)
     try:
         first = next(chunks)  # read before the status line goes out: a message removed meanwhile is a 404
     except (MessageExpunged, StopIteration):

@@ -152,7 +152,7 @@ def store_prepared(
             next_uid, uid_validity = _keep_generated_ids_apart(mailbox.pk, uid, next_uid, uid_validity)
         mailbox.next_uid, mailbox.uid_validity = next_uid, uid_validity
         headers = prepared.headers
-        message = Message.objects.create(
+        message = Message(
             mailbox=mailbox,
             uid=uid,
             size=prepared.size,
@@ -160,7 +160,7 @@ def store_prepared(
             sender=headers.sender,
             date=headers.date,
         )
-        get_body_store().save(message, prepared.data)
+        get_body_store().save(message, prepared.data)  # saves the row with its body's location
         if send_signal:
             transaction.on_commit(
                 partial(signals.send_safely, signals.message_delivered, mailbox=mailbox, message=message)

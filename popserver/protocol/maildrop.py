@@ -70,6 +70,13 @@ class Maildrop:
         """
         raise NotImplementedError
 
+    def prefetch(self, numbers: Sequence[int]) -> int:
+        """A hint: these messages (valid, not deleted) will be read next, in this order (pipelined RETR and
+        TOP already received). A maildrop may read several in one go. Returns how many of ``numbers`` it
+        has dealt with (read ahead or passed over); the session names the rest again later. The default
+        does nothing and takes them all."""
+        return len(numbers)
+
     def commit(self) -> None:
         """UPDATE: delete the marked messages and release the lock, all or nothing.
 

@@ -49,6 +49,7 @@ PLAINTEXT_DISALLOWED = "[AUTH] Plaintext authentication disallowed on non-secure
 INTERNAL_ERROR = "[SYS/TEMP] Internal error occurred. Refer to server log for more information."
 COMMIT_FAILED = "[SYS/TEMP] Deleting the marked messages failed; none were deleted."
 
+_READS = (b"RETR", b"TOP ")  # the first four octets of the lines worth a read-ahead
 ECHOABLE_VERB = re.compile(rb"[A-Za-z][A-Za-z0-9-]{0,15}")  # what an unknown-command reply may quote
 
 
@@ -101,6 +102,7 @@ class Pop3Session:
     unterminated_line_limit = 8192  # this much without a line end closes the session
     max_bad_commands_before_login = 3  # in a row, as Dovecot's pop3-login
     max_bad_commands_after_login = 20  # in a row, as Dovecot's pop3
+    read_ahead_lines = 128  # pipelined lines looked at for RETR/TOP to announce to the maildrop
 
     # Engine features announced by CAPA (RFC 2449 s.6.4, s.6.6; RFC 3206 s.6): what the session does for
     # every verb rather than a verb of its own.
@@ -148,6 +150,7 @@ class Pop3Session:
         self._continuation: Callable[[bytes], Reply] | None = None  # the pending SASL step
         self._sasl_username: bytes = b""
         self._bad_commands = 0
+        self._read_ahead_to = 0  # buffer offset up to which pipelined RETR/TOP were announced
 
     # The server's side -------------------------------------------------------------------------------
     @property
@@ -218,6 +221,13 @@ class Pop3Session:
                     break
                 raw = bytes(buffer[start : end + 1])
                 start = end + 1
+                if (
+                    start > self._read_ahead_to
+                    and raw[:4].upper() in _READS
+                    and self._maildrop is not None
+                    and buffer.find(b"\n", start) >= 0  # another command is waiting
+                ):
+                    self._read_ahead_to = self._read_ahead(buffer, start - len(raw))
                 yield from self._handle_line(raw)
         finally:
             if self.closed or self.wants_tls:
@@ -225,6 +235,39 @@ class Pop3Session:
                 buffer.clear()
             else:
                 del buffer[:start]
+            self._read_ahead_to = 0
+
+    def _read_ahead(self, buffer: bytearray, start: int) -> int:
+        """Tell the maildrop which messages the RETR and TOP commands waiting in ``buffer`` from ``start`` on
+        will read (RFC 2449 PIPELINING), so it can read small ones together; returns where the scan ended.
+
+        Looks at most ``read_ahead_lines`` complete lines, up to a QUIT. Only numbers valid now are named; the
+        commands themselves are checked again when they run. The scan counts as done up to the line of the
+        last number the maildrop took, so the next RETR after those announces the following ones."""
+        maildrop = self._maildrop
+        assert maildrop is not None
+        count = len(maildrop)
+        numbers: list[int] = []
+        ends: list[int] = []  # where the line of each number ends
+        position = start
+        for _ in range(self.read_ahead_lines):
+            end = buffer.find(b"\n", position, position + self.command_line_limit)
+            if end < 0:
+                break
+            words = buffer[position:end].split(None, 2)
+            position = end + 1
+            verb = words[0].upper() if words else b""
+            if verb == b"QUIT":
+                break
+            if verb in (b"RETR", b"TOP") and len(words) > 1 and words[1].isdigit() and len(words[1]) <= 10:
+                number = int(words[1])
+                if 0 < number <= count and not maildrop.is_deleted(number):
+                    numbers.append(number)
+                    ends.append(position)
+        if len(numbers) < 2:
+            return position
+        taken = maildrop.prefetch(numbers)
+        return ends[taken - 1] if 0 < taken < len(numbers) else position
 
     def _handle_line(self, raw: bytes) -> Iterator[bytes]:
         # PASS takes the rest of the line, and Django allows long passwords: it gets the continuation limit.

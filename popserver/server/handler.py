@@ -56,11 +56,20 @@ def set_socket_options(sock: socket.socket) -> None:
             pass
 
 
-def send_buffers(sock: socket.socket, buffers: list[bytes]) -> None:
-    """``sendall`` for a list of buffers, with ``sendmsg`` (partial writes resumed where they stopped)."""
+def send_buffers(sock: socket.socket, buffers: list[bytes], wait_writable=None) -> None:
+    """``sendall`` for a list of buffers, with ``sendmsg`` (partial writes resumed where they stopped).
+
+    A non-blocking socket needs ``wait_writable()``: called when the socket takes nothing, it returns once
+    it may take more or raises ``TimeoutError``."""
     views = [memoryview(buffer) for buffer in buffers]
     while views:
-        sent = sock.sendmsg(views[:MAX_IOVEC])
+        try:
+            sent = sock.sendmsg(views[:MAX_IOVEC])
+        except BlockingIOError:
+            if wait_writable is None:
+                raise
+            wait_writable()
+            continue
         while sent and views:
             if sent >= len(views[0]):
                 sent -= len(views.pop(0))
@@ -89,7 +98,24 @@ class Pop3Handler(socketserver.BaseRequestHandler):
         self.connected_at = time.monotonic()
         self.started_at = timezone.now()
         self.session: Pop3Session | None = None
+        # Read once per connection, not per command.
+        self.autologout = get_setting("AUTOLOGOUT")
+        self.login_timeout = get_setting("LOGIN_TIMEOUT")
         set_socket_options(self.sock)
+        self.use_poll(self.sock)
+
+    def use_poll(self, sock: socket.socket) -> None:
+        """Plaintext: a non-blocking socket and a poll object of our own, so that a read or write that can go
+        ahead at once is one system call (a socket with a timeout polls before every call and has its timeout
+        set before each). TLS (``poller`` None) keeps the socket's timeout: decrypted bytes may wait inside
+        the TLS object, where poll cannot see them."""
+        self.readable = self.writable = None
+        if isinstance(sock, ssl.SSLSocket):
+            return
+        sock.setblocking(False)
+        self.readable, self.writable = select.poll(), select.poll()
+        self.readable.register(sock, select.POLLIN)
+        self.writable.register(sock, select.POLLOUT)
 
     # Main loop ------------------------------------------------------------------------------------------
     def handle(self) -> None:
@@ -107,12 +133,12 @@ class Pop3Handler(socketserver.BaseRequestHandler):
             if self.server.implicit_tls:
                 self.handshake()
             self.send([session.greeting()])
-            line_deadline = time.monotonic() + get_setting("AUTOLOGOUT")
+            line_deadline = time.monotonic() + self.autologout
             while not session.closed:
                 data = self.receive(session, line_deadline)
                 produced = self.send(session.receive(data))
                 if produced:
-                    line_deadline = time.monotonic() + get_setting("AUTOLOGOUT")
+                    line_deadline = time.monotonic() + self.autologout
                 if session.wants_tls:
                     self.start_tls(session)
             if session.state is State.UPDATE:
@@ -172,8 +198,9 @@ class Pop3Handler(socketserver.BaseRequestHandler):
     def handshake(self) -> None:
         """Wrap the socket in TLS, in this session's thread, with a deadline (never in the accept loop)."""
         context = self.server.tls.context
+        self.readable = self.writable = None  # from here on the TLS socket's own timeouts
         # One deadline for the whole handshake, not per recv(): a byte every few seconds gains nothing.
-        deadline = time.monotonic() + min(HANDSHAKE_TIMEOUT, get_setting("LOGIN_TIMEOUT"))
+        deadline = time.monotonic() + min(HANDSHAKE_TIMEOUT, self.login_timeout)
         try:
             self.sock = context.wrap_socket(self.sock, server_side=True, do_handshake_on_connect=False)
             if not self.server.registry.rewrap(self.request, self.sock):
@@ -206,14 +233,28 @@ class Pop3Handler(socketserver.BaseRequestHandler):
     def receive(self, session: Pop3Session, line_deadline: float) -> bytes:
         """Bytes from the client, within the deadline that applies: before login the whole login time
         (Dovecot: 3 minutes), after it the autologout per line (RFC 1939 s.3), not per ``recv()``."""
-        idle_since = time.monotonic()
+        readable = self.readable
+        now = time.monotonic()
+        in_time = now < line_deadline and (
+            session.state is not State.AUTHORIZATION or now < self.connected_at + self.login_timeout
+        )
+        if readable is not None and in_time:  # what pipelining clients sent is often here already: one recv()
+            try:
+                data = self.sock.recv(RECV_SIZE)
+            except BlockingIOError:
+                pass
+            else:
+                if not data:
+                    raise SessionEnded("Connection closed")
+                return data
+        idle_since = now
         db_released = False
         while True:
             now = time.monotonic()
             if self.server.stop_event.is_set():
                 raise SessionEnded("Server shutting down")
             if session.state is State.AUTHORIZATION:
-                deadline = min(line_deadline, self.connected_at + get_setting("LOGIN_TIMEOUT"))
+                deadline = min(line_deadline, self.connected_at + self.login_timeout)
             else:
                 deadline = line_deadline
             remaining = deadline - now
@@ -221,9 +262,16 @@ class Pop3Handler(socketserver.BaseRequestHandler):
                 self.send_quietly(b"-ERR Disconnected for inactivity.\r\n")
                 raise SessionEnded("Inactivity")
             wait = remaining if db_released else min(remaining, max(0.0, idle_since + DB_IDLE_CLOSE - now))
-            self.sock.settimeout(max(wait, 0.001))
             try:
-                data = self.sock.recv(RECV_SIZE)
+                if readable is None:
+                    self.sock.settimeout(max(wait, 0.001))
+                    data = self.sock.recv(RECV_SIZE)
+                elif readable.poll(max(wait * 1000, 1)):
+                    data = self.sock.recv(RECV_SIZE)
+                else:
+                    raise TimeoutError
+            except BlockingIOError:  # a wake-up without data
+                continue
             except TimeoutError:
                 if not db_released:
                     connections.close_all()  # idle: give the database connection back
@@ -238,7 +286,6 @@ class Pop3Handler(socketserver.BaseRequestHandler):
         """Write everything ``chunks`` yields in few large writes (Nagle: see PITFALLS); returns octets sent.
 
         Output is gathered up to WRITE_COALESCE octets, and written early at the session's ``FLUSH`` mark."""
-        self.sock.settimeout(get_setting("AUTOLOGOUT"))  # a client that stops reading is dropped in time
         pending: list[bytes] = []
         pending_size = total = 0
         for chunk in chunks:
@@ -261,13 +308,17 @@ class Pop3Handler(socketserver.BaseRequestHandler):
         return total
 
     def write(self, buffers: list[bytes]) -> None:
-        """Send ``buffers`` whole: one ``sendmsg`` gather-write where the socket has it (no join), else joined."""
-        if len(buffers) == 1:
-            self.sock.sendall(buffers[0])
-        elif isinstance(self.sock, ssl.SSLSocket):
-            self.sock.sendall(b"".join(buffers))
-        else:
-            send_buffers(self.sock, buffers)
+        """Send ``buffers`` whole: one ``sendmsg`` gather-write (no join), joined under TLS. A client that
+        stops reading is dropped after the autologout time without progress."""
+        if self.writable is not None:
+            send_buffers(self.sock, buffers, self.wait_writable)
+            return
+        self.sock.settimeout(self.autologout)
+        self.sock.sendall(buffers[0] if len(buffers) == 1 else b"".join(buffers))
+
+    def wait_writable(self) -> None:
+        if not self.writable.poll(self.autologout * 1000):
+            raise TimeoutError("the client stopped reading")
 
     def send_quietly(self, data: bytes) -> None:
         try:

@@ -6,7 +6,7 @@ The lock itself is ``popserver.storage.lock.MailboxLock``; deletion is ``popserv
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 from django.db import transaction
 
@@ -14,12 +14,17 @@ from ..exceptions import CommitFailed
 from ..models import Mailbox, Message
 from ..protocol.maildrop import Maildrop, MessageInfo
 from ..signals import messages_deleted, send_safely
-from .bodies import get_body_store
+from .bodies import REF_FIELDS, BodyRef, read_body, read_small_bodies
 from .deletion import delete_messages
 from .lock import MailboxLock
 from .writelock import one_writer
 
 logger = logging.getLogger("popserver.storage")
+
+# Read-ahead for pipelined RETR/TOP: bodies read in one query, per batch.
+PREFETCH_MESSAGES = 64
+PREFETCH_OCTETS = 1024 * 1024
+SMALL_MESSAGE = 256 * 1024  # larger ones are never read ahead
 
 
 def open_maildrop(mailbox_id: int, peer: str = "") -> OrmMaildrop:
@@ -28,9 +33,11 @@ def open_maildrop(mailbox_id: int, peer: str = "") -> OrmMaildrop:
     Raises MailboxInUse if another live session holds the lock.
     """
 
-    def snapshot() -> list[tuple[int, int, str]]:
+    def snapshot() -> list[tuple]:
         return list(
-            Message.objects.filter(mailbox_id=mailbox_id).order_by("id").values_list("id", "size", "uid")
+            Message.objects.filter(mailbox_id=mailbox_id)
+            .order_by("id")
+            .values_list("size", "uid", *REF_FIELDS)
         )
 
     lock, rows = MailboxLock.take(mailbox_id, peer, then=snapshot)
@@ -38,13 +45,19 @@ def open_maildrop(mailbox_id: int, peer: str = "") -> OrmMaildrop:
 
 
 class OrmMaildrop(Maildrop):
-    """A locked mailbox's snapshot; bodies streamed from the body store chunk by chunk."""
+    """A locked mailbox's snapshot; bodies streamed from the store that holds them, chunk by chunk."""
 
-    def __init__(self, lock: MailboxLock, rows: list[tuple[int, int, str]]):
-        super().__init__([MessageInfo(size=size, uid=uid) for _, size, uid in rows])
+    def __init__(self, lock: MailboxLock, rows: list[tuple]):
+        """``rows``: (size, uid, *REF_FIELDS) of each message, in order."""
+        super().__init__([MessageInfo(size=row[0], uid=row[1]) for row in rows])
         self.lock = lock
         self.mailbox_id = lock.mailbox_id
-        self.message_ids = [message_id for message_id, _, _ in rows]
+        self.refs = [BodyRef(*row[2:]) for row in rows]
+        self._prefetched: dict[int, bytes] = {}  # number -> body, read ahead for pipelined commands
+
+    @property
+    def message_ids(self) -> list[int]:
+        return [ref.message_id for ref in self.refs]
 
     @property
     def token(self) -> str:
@@ -56,13 +69,40 @@ class OrmMaildrop(Maildrop):
 
     def read(self, number: int) -> Iterator[bytes]:
         # Each chunk is its own short query: no transaction is open while the caller writes to a socket.
-        return get_body_store().read_chunks(self.message_ids[number - 1])
+        body = self._prefetched.pop(number, None)
+        if body is not None:
+            return iter((body,))
+        return read_body(self.refs[number - 1])
+
+    def prefetch(self, numbers: Sequence[int]) -> int:
+        """Read the next small bodies in one query: at most ``PREFETCH_MESSAGES`` of them and
+        ``PREFETCH_OCTETS`` in all, so a session's read-ahead stays small whatever the client sends; large
+        ones are passed over (streamed as usual). What was read ahead and not used is dropped here."""
+        self._prefetched.clear()
+        chosen: list[BodyRef] = []
+        by_id: dict[int, int] = {}
+        octets = taken = 0
+        for number in numbers:
+            size = self.messages[number - 1].size
+            if size <= SMALL_MESSAGE:
+                if octets + size > PREFETCH_OCTETS or len(chosen) >= PREFETCH_MESSAGES:
+                    break
+                ref = self.refs[number - 1]
+                if ref.message_id not in by_id:
+                    by_id[ref.message_id] = number
+                    chosen.append(ref)
+                    octets += size
+            taken += 1
+        if len(chosen) > 1:
+            bodies = read_small_bodies(chosen)
+            self._prefetched = {by_id[message_id]: body for message_id, body in bodies.items()}
+        return taken
 
     def commit(self) -> None:
         """RFC 1939 s.6 UPDATE: delete the marked messages and release the lock in ONE transaction, after
         checking the lock is still ours. On any failure nothing is deleted."""
         numbers = sorted(self.deleted)
-        ids = [self.message_ids[n - 1] for n in numbers]
+        ids = [self.refs[n - 1].message_id for n in numbers]
         octets = sum(self.info(n).size for n in numbers)
         with one_writer(), transaction.atomic():
             if not self.lock.is_held():
