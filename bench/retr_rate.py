@@ -158,6 +158,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.store:
         os.environ["POPSERVER_BODY_STORE"] = args.store
+    # room for --large-mib 200 (the memory check of issue 15)
+    os.environ["POPSERVER_MAX_MESSAGE_SIZE"] = str(max(64, args.large_mib + 1) * 1024 * 1024)
     env = setup_django(fast_hasher=True)
     from django.db import connection
 

@@ -9,11 +9,12 @@ Implementations: ``popserver.storage.maildrop.OrmMaildrop`` (the database) and `
 """
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 
-@dataclass(frozen=True, slots=True)
-class MessageInfo:
+class MessageInfo(NamedTuple):
+    """One message of the snapshot. A named tuple: a snapshot of 100,000 messages makes 100,000 of them."""
+
     size: int  # octets in the presented form (CRLF line endings), before dot-stuffing
     uid: str  # RFC 1939 s.7 unique id: 1-70 characters in 0x21-0x7E
 

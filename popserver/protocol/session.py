@@ -300,9 +300,10 @@ class Pop3Session:
                 reply = cmd.handler(self, *args)
             for piece in (reply,) if isinstance(reply, bytes) else reply:
                 if not started:
-                    started, first = True, piece
+                    started, first = True, piece[:8]
                     self._log_reply(piece)
                 yield piece
+                del piece  # not kept while the next piece is made
         except CommandError as exc:
             self._continuation = None
             if started:  # a handler must not refuse after output began
@@ -466,10 +467,14 @@ class Pop3Session:
         first_read = True
         chunks = self._opened().read(number)
         try:
+            # The names are dropped before the next read, so a large message's previous chunk is not kept
+            # alive while the next one is read (memory stays at about one chunk and its stuffed form).
             for chunk in chunks:
                 data = truncator.feed(chunk) if truncator is not None else chunk
+                del chunk
                 sent += len(data)
                 stuffed = stuffer.feed(data)
+                del data
                 if held is not None and not first_read:
                     yield from held
                     held = None
@@ -479,6 +484,7 @@ class Pop3Session:
                         held.append(stuffed)
                     else:
                         yield stuffed
+                del stuffed
                 if truncator is not None and truncator.done:
                     break
         except MessageExpunged:

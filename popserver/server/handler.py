@@ -298,6 +298,7 @@ class Pop3Handler(socketserver.BaseRequestHandler):
             if chunk:
                 pending.append(chunk)
                 pending_size += len(chunk)
+                del chunk  # written data is not kept while the session makes the next piece
                 if pending_size >= WRITE_COALESCE:
                     self.write(pending)
                     total += pending_size

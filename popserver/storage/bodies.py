@@ -206,9 +206,10 @@ class DatabaseBodyStore(BodyStore):
             row = run_query(alias, by_seq, (message_id, seq))
             if row is None:  # gone: before the first chunk, or (after +OK was sent) in the middle
                 raise MessageExpunged(message_id)
-            data = row[0]
-            row = None  # one reference to the chunk's bytes only
-            yield _as_bytes(data)
+            data = _as_bytes(row[0])
+            del row
+            yield data
+            del data  # not kept while the next chunk is read
 
     def read_small(self, refs: Sequence[BodyRef]) -> dict[int, bytes]:
         ids = [ref.message_id for ref in refs if ref.chunk_count == 1]

@@ -49,15 +49,19 @@ class OrmMaildrop(Maildrop):
 
     def __init__(self, lock: MailboxLock, rows: list[tuple]):
         """``rows``: (size, uid, *REF_FIELDS) of each message, in order."""
-        super().__init__([MessageInfo(size=row[0], uid=row[1]) for row in rows])
+        super().__init__(list(map(MessageInfo._make, (row[:2] for row in rows))))
         self.lock = lock
         self.mailbox_id = lock.mailbox_id
-        self.refs = [BodyRef(*row[2:]) for row in rows]
+        self._rows = rows  # BodyRefs are made when a body is read, not 100,000 of them at login
         self._prefetched: dict[int, bytes] = {}  # number -> body, read ahead for pipelined commands
+
+    def ref(self, number: int) -> BodyRef:
+        """Where the body of message ``number`` is, as the snapshot saw it."""
+        return BodyRef._make(self._rows[number - 1][2:])
 
     @property
     def message_ids(self) -> list[int]:
-        return [ref.message_id for ref in self.refs]
+        return [row[2] for row in self._rows]
 
     @property
     def token(self) -> str:
@@ -72,7 +76,7 @@ class OrmMaildrop(Maildrop):
         body = self._prefetched.pop(number, None)
         if body is not None:
             return iter((body,))
-        return read_body(self.refs[number - 1])
+        return read_body(self.ref(number))
 
     def prefetch(self, numbers: Sequence[int]) -> int:
         """Read the next small bodies in one query: at most ``PREFETCH_MESSAGES`` of them and
@@ -87,7 +91,7 @@ class OrmMaildrop(Maildrop):
             if size <= SMALL_MESSAGE:
                 if octets + size > PREFETCH_OCTETS or len(chosen) >= PREFETCH_MESSAGES:
                     break
-                ref = self.refs[number - 1]
+                ref = self.ref(number)
                 if ref.message_id not in by_id:
                     by_id[ref.message_id] = number
                     chosen.append(ref)
@@ -102,7 +106,7 @@ class OrmMaildrop(Maildrop):
         """RFC 1939 s.6 UPDATE: delete the marked messages and release the lock in ONE transaction, after
         checking the lock is still ours. On any failure nothing is deleted."""
         numbers = sorted(self.deleted)
-        ids = [self.refs[n - 1].message_id for n in numbers]
+        ids = [self._rows[n - 1][2] for n in numbers]
         octets = sum(self.info(n).size for n in numbers)
         with one_writer(), transaction.atomic():
             if not self.lock.is_held():
