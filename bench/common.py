@@ -86,9 +86,10 @@ def bulk_messages(mailbox, count: int, body: bytes) -> None:
 class Server:
     """runpop3 on 127.0.0.1 and a free port."""
 
-    def __init__(self, env: dict[str, str]):
+    def __init__(self, env: dict[str, str], args: list[str] | tuple[str, ...] = (), stderr=None):
+        """``args`` are passed to runpop3 after the address; ``stderr`` (a file) takes the server's log."""
         code = (
-            "import os, sys; sys.argv=['manage.py','runpop3','127.0.0.1:0'];"
+            f"import os, sys; sys.argv=['manage.py','runpop3','127.0.0.1:0',*{list(args)!r}];"
             "os.environ.setdefault('DJANGO_SETTINGS_MODULE','project.settings');"
             "import django; django.setup();"
             "from django.conf import settings;"
@@ -97,14 +98,16 @@ class Server:
             "from django.core.management import execute_from_command_line; execute_from_command_line(sys.argv)"
         )
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", code], cwd=REPO, env=env, stdout=subprocess.PIPE, text=True
+            [sys.executable, "-c", code], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True
         )
         for line in self.proc.stdout:
             if match := re.search(r"POP3 on 127\.0\.0\.1:(\d+)", line):
                 self.port = int(match.group(1))
                 break
         else:
-            raise RuntimeError("runpop3 did not start")
+            self.proc.wait(timeout=30)
+            said = Path(stderr.name).read_text()[-2000:].strip() if hasattr(stderr, "name") else ""
+            raise RuntimeError(f"runpop3 did not start (exit status {self.proc.returncode}) {said}")
 
     def rss_kib(self) -> int:
         return _status_kib(self.proc.pid, "VmRSS")
@@ -115,6 +118,67 @@ class Server:
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(timeout=30)
+
+
+def reset_peak(pid: int) -> bool:
+    """Reset the process's VmHWM (peak RSS) to its current RSS (Linux, root or the owner); False if refused."""
+    try:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def sample_message(size: int, subject: str = "bench") -> bytes:
+    """A plain-text message of exactly ``size`` octets (CRLF line endings, body lines of 75 octets)."""
+    head = (
+        f"From: Sender <sender@example.org>\r\nTo: Bench <bench@example.org>\r\nSubject: {subject}\r\n"
+        "Date: Mon, 01 Dec 2025 12:00:00 +0000\r\nMessage-ID: <bench@example.org>\r\n"
+        "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=us-ascii\r\n\r\n"
+    ).encode()
+    line = b"Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod..\r\n"
+    body = line * ((size - len(head)) // len(line) + 1)
+    body = body[: size - len(head) - 2]
+    if body.endswith(b"\r"):  # never a CR before the final CRLF
+        body = body[:-1] + b"x"
+    message = head + body + b"\r\n"
+    assert len(message) == size
+    return message
+
+
+def _stat_fields(pid: int) -> list[str]:
+    """/proc/PID/stat as [comm, state, ppid, ...]: [2] is the parent, [12:16] utime, stime, cutime, cstime."""
+    text = Path(f"/proc/{pid}/stat").read_text()
+    return [text[text.index("(") + 1 : text.rindex(")")], *text[text.rindex(")") + 2 :].split()]
+
+
+def children(pid: int, name: str | None = None) -> list[int]:
+    """The live child processes of ``pid`` (whose command name is ``name``, if given)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = _stat_fields(int(entry.name))
+            except OSError:
+                continue
+            if int(fields[2]) == pid and (name is None or fields[0] == name):
+                found.append(int(entry.name))
+    return found
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) used so far by a process, its live children and the children it has reaped.
+
+    For a server that forks (Dovecot's master, runpop3 with workers) the difference between two readings is
+    what the whole server used in between (10 ms ticks: fine over seconds of load).
+    """
+    total = 0
+    for p in [pid, *children(pid)]:
+        try:
+            total += sum(int(x) for x in _stat_fields(p)[12:16])  # utime, stime, cutime, cstime
+        except OSError:
+            continue  # reaped meanwhile: its time is in the parent's cutime now
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def _status_kib(pid: int, field: str) -> int:

@@ -1,4 +1,5 @@
 from django.apps import AppConfig
+from django.core.checks import register
 
 
 class PopserverConfig(AppConfig):
@@ -9,3 +10,6 @@ class PopserverConfig(AppConfig):
 
     def ready(self) -> None:
         from . import checks  # noqa: F401  (registers the system checks)
+        from .clientconfig.checks import check_client_configuration
+
+        register(check_client_configuration)

@@ -57,9 +57,31 @@ DEFAULTS: dict[str, Any] = {
     # Mailbox lock
     "LOCK_HEARTBEAT": 30,  # seconds between a live session's lock heartbeats
     "LOCK_STALE_AFTER": 120,  # a lock whose heartbeat is older than this is free (a crashed server's)
+    # What becomes of deleted and retrieved mail (a mailbox's own fields override these; popexpire applies them)
+    "KEEP_DELETED_DAYS": 0,  # 0: DELE+QUIT deletes; N: hidden at once, restorable in the admin, purged after N days
+    "EXPIRE_RETRIEVED_DAYS": None,  # None: never; N: delete messages N days after their first RETR (CAPA EXPIRE)
+    # Dovecot's pop3_client_workarounds: "outlook-no-nuls" (NUL sent as 0x80), "oe-ns-eoh" (a blank line
+    # added to a message whose header has none; LIST sizes include it)
+    "CLIENT_WORKAROUNDS": [],
     # Protocol
     "GREETING": "popserver ready.",
     "IMPLEMENTATION": "popserver",
+    # What mail clients are told (popserver.clientconfig: autoconfig, autodiscover, mobileconfig, popdns).
+    # Published as configured, never guessed from requests. Empty hostname: nothing is published.
+    "PUBLIC_HOSTNAME": "",  # the POP3 server's name as clients reach it, e.g. "mail.example.com"
+    # In order of preference; "security": "tls" (implicit TLS, RFC 8314), "starttls" (STLS) or "none".
+    # An endpoint may name its own "host".
+    "PUBLIC_ENDPOINTS": [{"port": 995, "security": "tls"}, {"port": 110, "security": "starttls"}],
+    # None: every domain of a mailbox address (or of a login name that is an address). Else a list of
+    # domains, or a dict domain -> overrides ("hostname", "endpoints", "outgoing_server", "provider_name").
+    "DOMAINS": None,
+    # popserver sends no mail; clients are told of an SMTP server only when one is given here:
+    # {"host": "smtp.example.com", "port": 587, "security": "starttls", "authentication": "password"}.
+    "OUTGOING_SERVER": None,
+    "PROVIDER_NAME": "",  # the name clients show for the account's provider; empty: the mail domain
+    # Tell clients to leave messages on the server (Thunderbird's pop3 block)? None: as the retention policy
+    # says (yes, for EXPIRE_RETRIEVED_DAYS days, when retrieved mail expires after N > 0 days; else no).
+    "LEAVE_MESSAGES_ON_SERVER": None,
 }
 
 

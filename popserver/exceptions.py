@@ -84,7 +84,7 @@ class AuthenticationFailed(LoginRefused):
 
 
 class MailboxInUse(LoginRefused):
-    """RFC 1939 s.8 / RFC 2449 s.8.1.1: the exclusive lock is held by another session."""
+    """RFC 1939 s.8 / RFC 2449 s.8.1.2 IN-USE: the exclusive lock is held by another session."""
 
     reply = "[IN-USE] Mailbox is locked by another POP3 session."
     close_connection = True  # as Dovecot does
@@ -97,7 +97,7 @@ class LoginLockedOut(LoginRefused):
 
 
 class LoginTooSoon(LoginRefused):
-    """RFC 2449 s.8.1.2 LOGIN-DELAY: the mailbox logged in less than POPSERVER_LOGIN_DELAY seconds ago."""
+    """RFC 2449 s.8.1.1 LOGIN-DELAY: the mailbox logged in less than POPSERVER_LOGIN_DELAY seconds ago."""
 
     reply = "[LOGIN-DELAY] Logged in too recently, try again later."
 

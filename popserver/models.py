@@ -39,6 +39,30 @@ class Mailbox(models.Model):
         help_text="Messages the mailbox may hold. Empty: the site default; 0: unlimited.",
     )
 
+    # What becomes of deleted and of retrieved mail (popserver.storage.retention): empty = the site's default.
+    keep_deleted_days = models.PositiveIntegerField(
+        "keep deleted messages (days)",
+        null=True,
+        blank=True,
+        help_text="Messages deleted through POP3 disappear at once but are kept, restorable, for this many days. "
+        "Empty: the site default; 0: deleted at once.",
+    )
+    expire_policy = models.CharField(
+        "expire retrieved messages",
+        max_length=8,
+        blank=True,
+        default="",
+        choices=[("", "site default"), ("never", "never"), ("days", "after the days below")],
+        help_text="Delete messages some days after their first retrieval (RETR), as announced by CAPA's EXPIRE.",
+    )
+    expire_days = models.PositiveIntegerField(
+        "expire after (days)",
+        null=True,
+        blank=True,
+        help_text="With 'after the days below': days after the first retrieval; 0 deletes retrieved messages "
+        "when the session ends with QUIT.",
+    )
+
     # The exclusive lock: empty token = free. Heartbeats let other hosts expire a crashed server's lock.
     lock_token = models.CharField(max_length=32, blank=True, default="", editable=False)
     lock_host = models.CharField(max_length=255, blank=True, default="", editable=False)
@@ -55,6 +79,14 @@ class Mailbox(models.Model):
     def __str__(self) -> str:
         return str(self.user)
 
+    def clean(self):
+        from django.core.exceptions import ValidationError
+
+        if self.expire_policy == "days" and self.expire_days is None:
+            raise ValidationError(
+                {"expire_days": "Give the number of days (0 deletes retrieved messages at QUIT)."}
+            )
+
 
 class Address(models.Model):
     """An address that delivers into a mailbox; unique, compared case-insensitively."""
@@ -68,6 +100,15 @@ class Address(models.Model):
 
     def __str__(self) -> str:
         return self.address
+
+
+class MessageQuerySet(models.QuerySet):
+    def visible(self):
+        """Messages POP3 shows: not deleted into the keep-deleted retention (``deleted_at`` empty)."""
+        return self.filter(deleted_at__isnull=True)
+
+    def recently_deleted(self):
+        return self.filter(deleted_at__isnull=False)
 
 
 class Message(models.Model):
@@ -87,6 +128,13 @@ class Message(models.Model):
     subject = models.TextField(blank=True, default="")
     sender = models.TextField(blank=True, default="")
     date = models.DateTimeField(null=True, blank=True)
+    # False for a message whose header has no blank line after it (Dovecot's oe-ns-eoh workaround adds one).
+    has_header_end = models.BooleanField(default=True, editable=False)
+    first_retrieved_at = models.DateTimeField(null=True, blank=True, editable=False)
+    # Set by a QUIT under a keep-deleted policy: hidden from POP3, restorable until purged.
+    deleted_at = models.DateTimeField(null=True, blank=True, editable=False)
+
+    objects = MessageQuerySet.as_manager()
 
     class Meta:
         ordering = ["id"]
@@ -99,6 +147,8 @@ class Message(models.Model):
             models.Index(fields=["mailbox", "id"], name="popserver_message_mbox_idx"),
             # A mailbox's total size (quota checks, the admin's list) from the index alone.
             models.Index(fields=["mailbox", "size"], name="popserver_message_size_idx"),
+            models.Index(fields=["first_retrieved_at"], name="popserver_message_retr_idx"),
+            models.Index(fields=["deleted_at"], name="popserver_message_deleted_idx"),
         ]
 
     def __str__(self) -> str:

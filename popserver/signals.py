@@ -3,7 +3,8 @@
 message_delivered(mailbox, message)
     sent after a delivery has been committed.
 messages_deleted(mailbox, count, octets)
-    sent after QUIT's UPDATE has been committed.
+    sent after QUIT's UPDATE has been committed (the messages deleted, or hidden under a keep-deleted
+    policy), and after popexpire deleted retrieved messages past their days (not for purges of hidden ones).
 session_closed(mailbox, peer, stats)
     sent when a logged-in POP3 session ends, however it ends; ``stats`` is a dict of counters.
 login_failed(username, peer, mechanism, reason)

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 
 from popserver.exceptions import AuthenticationFailed, LoginRefused, MessageExpunged
 from popserver.protocol.maildrop import Maildrop, MessageInfo
-from popserver.protocol.wire import normalize_line_endings
+from popserver.protocol.wire import has_header_end, normalize_line_endings
 
 __all__ = ["MemoryAuthenticator", "MemoryMaildrop"]
 
@@ -50,7 +50,12 @@ class MemoryMaildrop(Maildrop):
             uids = [f"mem{number:08d}" for number in range(1, len(self.bodies) + 1)]
         if len(uids) != len(self.bodies):
             raise ValueError("one uid per message")
-        super().__init__([MessageInfo(size=len(body), uid=uid) for body, uid in zip(self.bodies, uids)])
+        super().__init__(
+            [
+                MessageInfo(len(body), uid, has_header_end(body))
+                for body, uid in zip(self.bodies, uids, strict=True)
+            ]
+        )
         self.chunk_size = chunk_size
         self.commit_error = commit_error
         self.expunged: dict[int, int] = {}  # number -> chunks yielded before MessageExpunged
@@ -84,7 +89,7 @@ class MemoryMaildrop(Maildrop):
         self.commit_calls += 1
         if self.commit_error is not None:
             raise self.commit_error
-        self.committed = tuple(sorted(self.deleted))
+        self.committed = tuple(sorted(self.numbers_to_remove()))
 
     def release(self) -> None:
         self.release_calls += 1

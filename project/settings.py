@@ -144,6 +144,11 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # POP3 settings (see popserver/conf.py for every name and default). Any POPSERVER_* variable in the
 # environment is passed through, parsed as JSON where it looks like JSON (numbers, lists, true/false).
+# What mail clients are told (autoconfig, autodiscover, the set-up page): the demo's plain port on localhost.
+# A real site sets its public name and TLS endpoints, e.g. POPSERVER_PUBLIC_HOSTNAME=mail.example.com and
+# POPSERVER_PUBLIC_ENDPOINTS='[{"port": 995, "security": "tls"}, {"port": 110, "security": "starttls"}]'.
+POPSERVER_PUBLIC_HOSTNAME = "localhost"
+POPSERVER_PUBLIC_ENDPOINTS = [{"port": 8110, "security": "none"}]
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # No connection limit to stay under (the app's default, 64, leaves room in PostgreSQL's 100): allow
     # Dovecot's default of 100 concurrent POP3 processes.

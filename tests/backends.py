@@ -20,3 +20,14 @@ class RequestRequiredBackend(ModelBackend):
         if request is None or not request.META.get("REMOTE_ADDR"):
             raise ValueError("this backend needs a request with REMOTE_ADDR")
         return super().authenticate(request, username=username, password=password, **kwargs)
+
+
+seen_addresses: list[str] = []
+
+
+class AddressRecordingBackend(ModelBackend):
+    """ModelBackend that records the client address each request carried (REMOTE_ADDR)."""
+
+    def authenticate(self, request, username=None, password=None, **kwargs):
+        seen_addresses.append(request.META.get("REMOTE_ADDR") if request is not None else None)
+        return super().authenticate(request, username=username, password=password, **kwargs)

@@ -1,10 +1,13 @@
 """End to end in headless Chromium: log into the admin, upload an .eml into a mailbox, find it listed with its
-subject, open its text view, and see that the message's scripts did not run.
+subject, open its text view, and see that the message's scripts did not run. An ordinary user manages app
+passwords and downloads the Apple profile from the mail-client set-up page.
 
 Uses Debian's ``chromium`` and ``chromium-driver`` (``.ci/run`` installs them); skipped where they are absent.
 """
 
+import plistlib
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -70,6 +73,11 @@ def browser(tmp_path):
     for flag in CHROMIUM_FLAGS:
         options.add_argument(flag)
     options.add_argument(f"--user-data-dir={tmp_path / 'profile'}")  # a fresh profile every time
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    options.add_experimental_option(
+        "prefs", {"download.default_directory": str(downloads), "download.prompt_for_download": False}
+    )
     service = Service(executable_path=str(CHROMEDRIVER), log_output=str(tmp_path / "chromedriver.log"))
     driver = webdriver.Chrome(options=options, service=service)
     driver.set_page_load_timeout(WAIT)
@@ -163,3 +171,55 @@ def test_user_creates_and_revokes_an_app_password(browser, live_server, make_mai
     wait_for(browser, EC.element_to_be_clickable((By.XPATH, "//button[text()='Revoke']"))).click()
     wait_for(browser, EC.text_to_be_present_in_element((By.TAG_NAME, "body"), "revoked"))
     assert check_app_password(mailbox, secret) is None
+
+
+def downloaded_file(directory: Path, name: str, timeout: float = WAIT) -> Path:
+    """The finished download ``name`` in ``directory``, polled until ``timeout`` (Chromium writes a
+    ``.crdownload`` file and renames it when complete; no event tells a test when)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        path = directory / name
+        if path.exists() and not list(directory.glob("*.crdownload")):
+            return path
+        time.sleep(0.1)  # sync-ok: bounded poll for a file another process writes
+    pytest.fail(
+        f"no {name} in {directory} after {timeout} s; found {sorted(p.name for p in directory.iterdir())}"
+    )
+
+
+def test_user_sets_up_a_mail_client_and_downloads_the_apple_profile(
+    browser, live_server, make_mailbox, settings, tmp_path
+):
+    settings.POPSERVER_PUBLIC_HOSTNAME = "mail.example.org"
+    settings.POPSERVER_PUBLIC_ENDPOINTS = [
+        {"port": 995, "security": "tls"},
+        {"port": 110, "security": "starttls"},
+    ]
+    settings.POPSERVER_OUTGOING_SERVER = {"host": "smtp.example.org", "port": 587, "security": "starttls"}
+    make_mailbox("dave", "dave-password", email="dave@example.org")  # not staff: an ordinary user of the site
+
+    browser.get(f"{live_server.url}/mail/setup/")
+    wait_for(browser, EC.presence_of_element_located((By.NAME, "username"))).send_keys("dave")
+    browser.find_element(By.NAME, "password").send_keys("dave-password")
+    browser.find_element(By.CSS_SELECTOR, "input[type=submit]").click()
+    servers = wait_for(browser, EC.visibility_of_element_located((By.ID, "servers")))
+    rows = [
+        [cell.text for cell in row.find_elements(By.TAG_NAME, "td")]
+        for row in servers.find_elements(By.CSS_SELECTOR, "tbody tr")
+    ]
+    assert rows == [
+        ["mail.example.org", "995", "SSL/TLS", "dave@example.org", "normal password"],
+        ["mail.example.org", "110", "STARTTLS", "dave@example.org", "normal password"],
+    ]
+    assert "smtp.example.org" in browser.find_element(By.ID, "outgoing").text
+
+    browser.find_element(By.ID, "mobileconfig").click()
+    profile = plistlib.loads(
+        downloaded_file(tmp_path / "downloads", "example.org-pop3.mobileconfig").read_bytes()
+    )
+    (mail,) = profile["PayloadContent"]
+    assert mail["PayloadType"] == "com.apple.mail.managed" and mail["EmailAccountType"] == "EmailTypePOP"
+    assert mail["IncomingMailServerHostName"] == "mail.example.org"
+    assert mail["IncomingMailServerPortNumber"] == 995 and mail["IncomingMailServerUseSSL"] is True
+    assert mail["IncomingMailServerUsername"] == "dave@example.org" == mail["EmailAddress"]
+    assert mail["OutgoingMailServerHostName"] == "smtp.example.org"

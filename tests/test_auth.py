@@ -2,6 +2,8 @@
 
 from datetime import UTC, datetime, timedelta
 
+import os
+
 import pytest
 from django.contrib.auth import authenticate
 from django.core.management import call_command
@@ -72,8 +74,14 @@ def test_login_opens_the_maildrop_and_audits(alice):
     )
 
 
-def test_login_by_address(alice):
-    login("ALICE@Example.com", "right").release()
+def test_login_by_address(alice, make_mailbox):
+    bob = make_mailbox("bob", "right", email="bob@example.com")
+    maildrop = login("ALICE@Example.com", "right")
+    assert maildrop.mailbox_id == alice.pk
+    maildrop.release()
+    maildrop = login("bob@EXAMPLE.com", "right")
+    assert maildrop.mailbox_id == bob.pk
+    maildrop.release()
 
 
 def test_failures_are_audited_and_signalled_without_the_password(alice):
@@ -264,7 +272,19 @@ def test_login_delay(alice, settings):
 
 def test_backend_that_needs_a_request(alice, settings):
     settings.AUTHENTICATION_BACKENDS = ["tests.backends.RequestRequiredBackend"]
-    login("alice", "right").release()
+    maildrop = login("alice", "right")
+    assert maildrop.mailbox_id == alice.pk
+    maildrop.release()
+
+
+@pytest.mark.parametrize("ip", ["203.0.113.5", "2001:db8::7", "198.51.100.20"])
+def test_the_backend_gets_the_clients_own_address(alice, settings, ip):
+    settings.AUTHENTICATION_BACKENDS = ["tests.backends.AddressRecordingBackend"]
+    backends.seen_addresses.clear()
+    login("alice", "right", ip=ip).release()
+    with pytest.raises(AuthenticationFailed):
+        login("alice", "wrong", ip=ip)
+    assert backends.seen_addresses == [ip, ip]
 
 
 def test_inactive_user_and_switched_off_mailbox(alice):
@@ -385,7 +405,10 @@ def redis_answers() -> bool:
         return False
 
 
-@pytest.mark.skipif(not redis_answers(), reason="no Redis at 127.0.0.1:6379")
+@pytest.mark.skipif(
+    os.environ.get("POPSERVER_REQUIRE_REDIS") != "1" and not redis_answers(),
+    reason="no Redis at 127.0.0.1:6379",
+)
 @override_settings(
     CACHES={
         "default": {
@@ -410,6 +433,41 @@ def test_cache_throttle_on_redis(alice, clock):
         login("alice", "right", throttle=throttle)
     clock.advance(601)
     login("alice", "right", throttle=throttle).release()
+    cache.clear()
+
+
+@pytest.mark.skipif(
+    os.environ.get("POPSERVER_REQUIRE_REDIS") != "1" and not redis_answers(),
+    reason="no Redis at 127.0.0.1:6379",
+)
+@override_settings(
+    CACHES={
+        "default": {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": "redis://127.0.0.1:6379/15",
+            "KEY_PREFIX": "popserver-tests-cmd",
+        }
+    },
+    POPSERVER_THROTTLE="popserver.logins.throttle.CacheThrottle",
+    POPSERVER_THROTTLE_ACCOUNT_FAILURES=2,
+)
+def test_poplockouts_with_the_cache_throttle(alice, capsys):
+    from django.core.cache import cache
+    from django.core.management.base import CommandError
+
+    cache.clear()
+    for _ in range(2):
+        with pytest.raises(AuthenticationFailed):
+            login("alice", "wrong")
+    with pytest.raises(LoginLockedOut):
+        login("alice", "right")
+    with pytest.raises(CommandError, match="cannot be listed"):
+        call_command("poplockouts")
+    with pytest.raises(CommandError, match="database throttle"):
+        call_command("poplockouts", "--clear-all")
+    call_command("poplockouts", "--clear", "alice|203.0.113.5")
+    assert "cleared 1" in capsys.readouterr().out
+    login("alice", "right").release()
     cache.clear()
 
 

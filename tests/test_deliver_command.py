@@ -202,8 +202,6 @@ def test_unreachable_database_exits_75(tmp_path):
 
 def test_busy_database_exits_75(make_mailbox, tmp_path):
     mailbox = make_mailbox("alice")
-    if connection.vendor not in ("sqlite", "postgresql"):
-        pytest.skip(f"no short lock wait set up for {connection.vendor}")
     write_module(
         tmp_path,
         "busysettings.py",
@@ -213,6 +211,8 @@ def test_busy_database_exits_75(make_mailbox, tmp_path):
 
         if DATABASES["default"]["ENGINE"].endswith("sqlite3"):
             DATABASES["default"]["OPTIONS"]["timeout"] = 0.2
+        elif DATABASES["default"]["ENGINE"].endswith("mysql"):  # MariaDB's shortest row-lock wait
+            DATABASES["default"].setdefault("OPTIONS", {})["init_command"] = "SET SESSION innodb_lock_wait_timeout=1"
         else:
             DATABASES["default"].setdefault("OPTIONS", {})["options"] = "-c lock_timeout=200"
     """,
@@ -221,6 +221,8 @@ def test_busy_database_exits_75(make_mailbox, tmp_path):
         if connection.vendor == "postgresql":
             with connection.cursor() as cursor:
                 cursor.execute(f"LOCK TABLE {Mailbox._meta.db_table} IN EXCLUSIVE MODE")
+        elif connection.vendor == "mysql":  # the row lock delivery waits for
+            Mailbox.objects.select_for_update().get(pk=mailbox.pk)
         else:  # an IMMEDIATE transaction holds SQLite's one write lock
             Mailbox.objects.filter(pk=mailbox.pk).update(pop3_enabled=True)
         result = deliver_command("alice", cwd=tmp_path, env=settings_env(tmp_path, "busysettings"))

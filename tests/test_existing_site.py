@@ -72,7 +72,19 @@ def run(args, cwd, env, **kwargs):
 def wheel(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
     run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), str(REPO)],
+        # No build isolation: the venv's own setuptools (requirements.txt) builds it, with no index needed.
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(out),
+            str(REPO),
+        ],
         cwd=out,
         env=os.environ,
     )
@@ -110,7 +122,8 @@ def site(wheel, tmp_path):
 
     if connection.vendor != "sqlite":  # the same server as this run, in a database of its own
         url = os.environ.get("DATABASE_URL", "")
-        env["SITE_DATABASE_URL"] = re.sub(r"/[^/]*$", "/popserver_site", url)
+        # One database per test process, as the rest of the suite names its own: parallel runs never collide.
+        env["SITE_DATABASE_URL"] = re.sub(r"/[^/]*$", f"/popserver_site_{os.getpid()}", url)
         _recreate_database(env["SITE_DATABASE_URL"])
     (tmp_path / "site").mkdir()
     run(
@@ -221,6 +234,11 @@ def test_startproject_site_with_email_login_serves_pop3(site):
         client.quit()
     finally:
         server.terminate()
-        assert server.wait(timeout=30) == 0
+        try:
+            exit_code = server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            exit_code = server.wait(timeout=30)
         server.stdout.close()
         server.stderr.close()
+    assert exit_code == 0  # outside finally: a failure above is reported as itself

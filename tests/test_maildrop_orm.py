@@ -124,7 +124,7 @@ def test_commit_is_all_or_nothing(mailbox, monkeypatch):
         maildrop.mark_deleted(n)
     from popserver.storage import deletion as module
 
-    monkeypatch.setattr(module, "DELETE_BATCH", 1)
+    monkeypatch.setattr(module, "BATCH_SIZE", 1)
     calls = []
     original = module.Message.objects.filter
 
@@ -211,7 +211,11 @@ def test_heartbeat_and_release_all(mailbox):
 def test_select_for_update_needs_no_outer_transaction(mailbox):
     # PostgreSQL raises if select_for_update runs outside atomic(); open_maildrop must bring its own.
     maildrop = open_maildrop(mailbox.pk)
+    assert reload(mailbox).lock_token == maildrop.token
+    maildrop.mark_deleted(2)
     maildrop.commit()
+    assert not reload(mailbox).lock_token
+    assert sorted(Message.objects.filter(mailbox=mailbox).values_list("uid", flat=True)) == ["UID1", "UID3"]
 
 
 def test_unique_ids_compare_as_bytes_on_every_database(make_mailbox):
@@ -336,7 +340,7 @@ def test_the_migration_counts_the_chunks_of_existing_messages(mailbox, settings)
     store(mailbox, b"0123456789" * 10, "BIG")
     Message.objects.create(mailbox=mailbox, uid="NONE", size=0)
     Message.objects.update(chunk_count=0)
-    migration = importlib.import_module("popserver.migrations.0006_message_chunk_count")
+    migration = importlib.import_module("popserver.migrations.0007_message_chunk_count")
 
     class Editor:
         connection = connection

@@ -631,3 +631,26 @@ def test_sessions_and_logins_are_audited(pop3_server, alice):
     assert record.retrieved_bytes > 0 and record.deleted_bytes > 0 and record.peer_ip == "127.0.0.1"
     outcomes = list(LoginEvent.objects.order_by("time", "id").values_list("outcome", flat=True))
     assert outcomes == ["failed", "success"]
+
+
+def test_the_clients_own_address_reaches_the_backend_and_the_audit(pop3_server, alice, settings):
+    """README: POP3 logins call authenticate() with a request carrying the client's address."""
+    from popserver.models import LoginEvent
+    from tests import backends
+
+    settings.AUTHENTICATION_BACKENDS = ["tests.backends.AddressRecordingBackend"]
+    backends.seen_addresses.clear()
+    for source in ("127.0.0.2", "127.0.0.3"):
+        sock = socket.socket()
+        sock.settimeout(10)
+        sock.bind((source, 0))  # any loopback address is ours: the server sees this one as the peer
+        sock.connect(("127.0.0.1", pop3_server.port))
+        assert read_lines(sock, 1)[0].startswith(b"+OK")
+        sock.sendall(b"USER alice\r\nPASS secret\r\nQUIT\r\n")
+        assert read_lines(sock, 3)[1:] == [b"+OK Logged in.", b"+OK Logging out."]
+        sock.close()
+    assert backends.seen_addresses == ["127.0.0.2", "127.0.0.3"]
+    peers = wait_for(
+        lambda: list(LoginEvent.objects.order_by("id").values_list("peer_ip", flat=True)) or None
+    )
+    assert peers == ["127.0.0.2", "127.0.0.3"]

@@ -24,7 +24,7 @@ def test_capa_before_login_like_dovecot():
     c = Client(tls_available=True)
     assert c.send(b"CAPA\r\n") == (
         b"+OK\r\nCAPA\r\nTOP\r\nUIDL\r\nRESP-CODES\r\nPIPELINING\r\nAUTH-RESP-CODE\r\nSTLS\r\nUSER\r\n"
-        b"SASL PLAIN LOGIN\r\nIMPLEMENTATION popserver\r\n.\r\n"
+        b"SASL PLAIN LOGIN\r\nUTF8 USER\r\nIMPLEMENTATION popserver\r\n.\r\n"
     )
 
 
@@ -32,7 +32,7 @@ def test_capa_without_tls():
     c = Client()
     assert c.send(b"capa\r\n") == (
         b"+OK\r\nCAPA\r\nTOP\r\nUIDL\r\nRESP-CODES\r\nPIPELINING\r\nAUTH-RESP-CODE\r\nUSER\r\n"
-        b"SASL PLAIN LOGIN\r\nIMPLEMENTATION popserver\r\n.\r\n"
+        b"SASL PLAIN LOGIN\r\nUTF8 USER\r\nIMPLEMENTATION popserver\r\n.\r\n"
     )
 
 
@@ -48,14 +48,15 @@ def test_capa_when_plaintext_is_disallowed():
     c = Client(plaintext_allowed=False, tls_available=True)
     assert c.send(b"CAPA\r\n") == (
         b"+OK\r\nCAPA\r\nTOP\r\nUIDL\r\nRESP-CODES\r\nPIPELINING\r\nAUTH-RESP-CODE\r\nSTLS\r\n"
-        b"IMPLEMENTATION popserver\r\n.\r\n"
+        b"UTF8\r\nIMPLEMENTATION popserver\r\n.\r\n"
     )
 
 
 def test_capa_on_a_tls_connection():
     c = Client(tls_available=True, tls_active=True, implementation="")
     assert c.send(b"CAPA\r\n") == (
-        b"+OK\r\nCAPA\r\nTOP\r\nUIDL\r\nRESP-CODES\r\nPIPELINING\r\nAUTH-RESP-CODE\r\nUSER\r\nSASL PLAIN LOGIN\r\n.\r\n"
+        b"+OK\r\nCAPA\r\nTOP\r\nUIDL\r\nRESP-CODES\r\nPIPELINING\r\nAUTH-RESP-CODE\r\nUSER\r\nSASL PLAIN LOGIN\r\n"
+        b"UTF8 USER\r\n.\r\n"
     )
 
 
@@ -72,6 +73,7 @@ def test_every_verb_is_in_the_registry_with_a_named_handler():
         "USER",
         "PASS",
         "AUTH",
+        "UTF8",
         "QUIT",
         "STAT",
         "LIST",
@@ -176,7 +178,7 @@ def test_stls():
     assert c.session.state is State.AUTHORIZATION
     assert c.send(b"CAPA\r\n") == (
         b"+OK\r\nCAPA\r\nTOP\r\nUIDL\r\nRESP-CODES\r\nPIPELINING\r\nAUTH-RESP-CODE\r\nUSER\r\n"
-        b"SASL PLAIN LOGIN\r\nIMPLEMENTATION popserver\r\n.\r\n"
+        b"SASL PLAIN LOGIN\r\nUTF8 USER\r\nIMPLEMENTATION popserver\r\n.\r\n"
     )
     assert c.send(b"STLS\r\n") == b"-ERR TLS is already active.\r\n"
 

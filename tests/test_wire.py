@@ -213,6 +213,29 @@ def test_dot_stuffing_property(parts, cuts):
     assert stuff_chunks(split_at(data, *positions)) == reference_body(data)
 
 
+@st.composite
+def dots_at_chunk_boundaries(draw):
+    """Data with at least one line that starts with "." and chunk cuts placed at, just before and just
+    after such dots and at line starts: the places where stuffing across chunks goes wrong."""
+    parts = draw(st.lists(st.sampled_from([b".", b"\r\n", b"a", b"..", b"\r"]), max_size=25))
+    at = draw(st.integers(min_value=0, max_value=len(parts)))
+    data = b"".join([*parts[:at], b"\r\n.", *parts[at:]])
+    line_starts = [0] + [i + 1 for i, octet in enumerate(data) if octet == 0x0A]
+    dots = [i for i in line_starts if data[i : i + 1] == b"."]
+    places = sorted({p for d in dots for p in (d - 1, d, d + 1)} | set(line_starts))
+    places = [p for p in places if 0 <= p <= len(data)]
+    forced = draw(st.sampled_from(dots))  # always cut right before one line-start dot
+    cuts = draw(st.lists(st.sampled_from(places), max_size=6))
+    return data, [forced, *cuts]
+
+
+@given(dots_at_chunk_boundaries())
+@settings(max_examples=200, deadline=None)
+def test_dot_stuffing_at_generated_chunk_boundaries(case):
+    data, cuts = case
+    assert stuff_chunks(split_at(data, *cuts)) == reference_body(data)
+
+
 # TOP -------------------------------------------------------------------------------------------------
 TOP_MESSAGE = b"A: 1\r\nB: 2\r\n\r\nline 1\r\n\r\n.line 3\r\nline 4"
 

@@ -93,11 +93,16 @@ class MailboxAdmin(admin_views.MailboxUploadView, admin.ModelAdmin):
         "uid_validity",
         "next_uid",
         "quota_usage",
+        "recently_deleted",
     )
     fieldsets = (
         (None, {"fields": ("user", "pop3_enabled")}),
         ("Messages", {"fields": ("message_summary",)}),
         ("Quota", {"fields": ("quota_usage", "quota_bytes", "quota_messages")}),
+        (
+            "Deleted and retrieved mail",
+            {"fields": ("recently_deleted", "keep_deleted_days", "expire_policy", "expire_days")},
+        ),
         ("Lock", {"fields": ("lock_holder", "locked_at", "lock_heartbeat")}),
         ("History", {"fields": ("last_login", "created_at", "uid_validity", "next_uid")}),
     )
@@ -106,11 +111,22 @@ class MailboxAdmin(admin_views.MailboxUploadView, admin.ModelAdmin):
     def get_search_fields(self, request):
         return [*user_search_fields(), "addresses__address"]
 
+    @admin.display(description="recently deleted")
+    def recently_deleted(self, mailbox):
+        """Messages a QUIT hid under the keep-deleted policy: restorable from the message list."""
+        count = Message.objects.recently_deleted().filter(mailbox=mailbox).count()
+        if not count:
+            return "none"
+        url = f"{_message_list_url(mailbox.pk)}&{urlencode({'state': 'deleted'})}"
+        return format_html(
+            '<a href="{}">{}</a> (select them there and restore)', url, counted(count, "message")
+        )
+
     def get_fieldsets(self, request, obj=None):
         return self.fieldsets if obj is not None else self.add_fieldsets
 
     def get_queryset(self, request):
-        messages_of = Message.objects.filter(mailbox=OuterRef("pk")).order_by().values("mailbox")
+        messages_of = Message.objects.visible().filter(mailbox=OuterRef("pk")).order_by().values("mailbox")
         return (
             super()
             .get_queryset(request)
@@ -181,6 +197,15 @@ class MailboxAdmin(admin_views.MailboxUploadView, admin.ModelAdmin):
             path("<path:object_id>/upload/", upload, name="popserver_mailbox_upload"),
             *super().get_urls(),
         ]
+
+    def save_model(self, request, obj, form, change):
+        """Save only what the form changed: the counters and the lock fields belong to deliveries and
+        sessions, which may have moved them since the page was loaded (a stale next_uid would make every
+        later delivery collide)."""
+        if change:
+            obj.save(update_fields=[name for name in form.changed_data if name in form.fields])
+        else:
+            obj.save()
 
     def change_view(self, request, object_id, form_url="", extra_context=None):
         extra_context = dict(extra_context or {})

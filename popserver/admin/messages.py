@@ -1,7 +1,7 @@
 """The admin of messages: read-only rows (they arrive through delivery), their contents for staff with
 ``view_message_content``, deletion through the one delete path (bodies included)."""
 
-from django.contrib import admin
+from django.contrib import admin, messages
 from django.db.models import Exists, OuterRef
 from django.template.defaultfilters import filesizeformat
 from django.urls import path, reverse
@@ -11,6 +11,7 @@ from popserver.admin import views as admin_views
 from popserver.admin.mixins import USERNAME_LOOKUP
 from popserver.models import Mailbox, Message
 from popserver.storage.deletion import delete_messages
+from popserver.storage.retention import restore_messages
 
 
 class MailboxFilter(admin.SimpleListFilter):
@@ -38,10 +39,41 @@ class MailboxFilter(admin.SimpleListFilter):
         return queryset.filter(mailbox_id=int(value))
 
 
+class StateFilter(admin.SimpleListFilter):
+    """Messages POP3 shows, or those a keep-deleted QUIT hid (restorable until ``popexpire`` purges them)."""
+
+    title = "state"
+    parameter_name = "state"
+
+    def lookups(self, request, model_admin):
+        return [("deleted", "recently deleted"), ("all", "all")]
+
+    def choices(self, changelist):
+        yield {
+            "selected": self.value() is None,
+            "query_string": changelist.get_query_string(remove=[self.parameter_name]),
+            "display": "in the mailbox",
+        }
+        for lookup, title in self.lookup_choices:
+            yield {
+                "selected": self.value() == lookup,
+                "query_string": changelist.get_query_string({self.parameter_name: lookup}),
+                "display": title,
+            }
+
+    def queryset(self, request, queryset):
+        if self.value() == "deleted":
+            return queryset.recently_deleted()
+        if self.value() == "all":
+            return queryset
+        return queryset.visible()
+
+
 @admin.register(Message)
 class MessageAdmin(admin_views.MessageContentViews, admin.ModelAdmin):
     list_display = ("subject_line", "sender", "date", "size_display", "uid", "arrived_at", "mailbox")
-    list_filter = (MailboxFilter,)
+    list_filter = (StateFilter, MailboxFilter)
+    actions = ("restore_messages",)
     list_select_related = ("mailbox__user",)
     search_fields = ("subject", "sender")
     ordering = ("-id",)
@@ -86,6 +118,17 @@ class MessageAdmin(admin_views.MessageContentViews, admin.ModelAdmin):
                 (reverse("admin:popserver_message_download", args=[message.pk]), "download"),
             ],
         )
+
+    @admin.action(
+        permissions=["restore_messages"],
+        description="Restore the selected deleted messages (with their unique ids)",
+    )
+    def restore_messages(self, request, queryset):
+        restored = restore_messages(list(queryset.recently_deleted().values_list("pk", flat=True)))
+        self.message_user(request, f"Restored {restored} message(s).", messages.SUCCESS)
+
+    def has_restore_messages_permission(self, request):
+        return request.user.has_perm("popserver.delete_message")
 
     # Read-only: messages come in through delivery, never edited by hand.
     def has_add_permission(self, request):

@@ -14,11 +14,18 @@ Errors only where the server truly cannot run; everything else is a warning, so 
 | E007 | a delay that must be a number >= 0 is not |
 | E008 | a quota that must be a whole number >= 0 is not |
 | E009 | a dotted-path setting (BODY_STORE, THROTTLE) cannot be imported or is not the right kind |
+| E010 | POPSERVER_KEEP_DELETED_DAYS or POPSERVER_EXPIRE_RETRIEVED_DAYS is not a whole number >= 0 (or None) |
+| E011 | POPSERVER_CLIENT_WORKAROUNDS names a workaround this server does not have |
+| E012 | a count that must be a whole number (MAX_SESSIONS, LISTEN_BACKLOG, LOGIN_DELAY, ...) is a fraction |
+| E013 | POPSERVER_GREETING or POPSERVER_IMPLEMENTATION is not one line of text |
 | W001 | Argon2 is not the first password hasher |
 | W002 | POPSERVER_AUTOLOGOUT below RFC 1939's 10 minutes |
 | W003 | POPSERVER_BODY_CHUNK_SIZE over 8 MiB |
 | W004 | POPSERVER_PLAINTEXT_AUTH = "always" |
 | W005 | the throttle cache is not shared between processes |
+| E180 | a mail-client configuration setting cannot be read (``popserver/clientconfig/checks.py``) |
+| W180 | ``popserver.clientconfig.urls`` is installed but nothing is published |
+| W181 | an endpoint is published to mail clients without TLS on a non-loopback host |
 """
 
 from . import logins, numbers, paths

@@ -96,3 +96,39 @@ def check_throttle_cache(app_configs=None, **kwargs):
             )
         ]
     return []
+
+
+@register()
+def check_client_workarounds(app_configs=None, **kwargs):
+    from popserver.protocol.session import CLIENT_WORKAROUNDS
+
+    value = get_setting("CLIENT_WORKAROUNDS")
+    if not isinstance(value, list | tuple | set | frozenset) or not all(
+        isinstance(item, str) for item in value
+    ):
+        return [Error("POPSERVER_CLIENT_WORKAROUNDS must be a list of names.", id="popserver.E011")]
+    if unknown := sorted(set(value) - set(CLIENT_WORKAROUNDS)):
+        return [
+            Error(
+                f"POPSERVER_CLIENT_WORKAROUNDS has unknown workarounds: {', '.join(unknown)}.",
+                hint=f"Known: {', '.join(CLIENT_WORKAROUNDS)}.",
+                id="popserver.E011",
+            )
+        ]
+    return []
+
+
+@register()
+def check_protocol_texts(app_configs=None, **kwargs):
+    """The greeting and the CAPA IMPLEMENTATION tag go on the wire as they are: one line of text."""
+    messages = []
+    for name in ("GREETING", "IMPLEMENTATION"):
+        value = get_setting(name)
+        if not isinstance(value, str) or any(ch in value for ch in "\r\n\0") or len(value) > 200:
+            messages.append(
+                Error(
+                    f"POPSERVER_{name} must be one line of text (at most 200 characters), not {value!r}.",
+                    id="popserver.E013",
+                )
+            )
+    return messages

@@ -20,6 +20,14 @@ POSITIVE_NUMBERS = (
     "THROTTLE_IP_FAILURES",
     "THROTTLE_LOCKOUT",
     "AUDIT_RETENTION_DAYS",
+    "SHUTDOWN_GRACE",
+)
+WHOLE_NUMBERS = (
+    "MAX_SESSIONS",
+    "MAX_UNAUTHENTICATED_PER_IP",
+    "LISTEN_BACKLOG",
+    "MAX_PASSWORD_CHECKS",
+    "LOGIN_DELAY",
 )
 NON_NEGATIVE_NUMBERS = ("AUTH_FAILURE_DELAY", "LOGIN_DELAY")
 QUOTAS = ("QUOTA_BYTES", "QUOTA_MESSAGES")  # whole numbers; 0 is unlimited
@@ -40,6 +48,15 @@ def check_positive_numbers(app_configs=None, **kwargs):
         )
         for name in POSITIVE_NUMBERS
         if not _is_number(value := get_setting(name)) or value <= 0
+    ]
+
+
+@register()
+def check_whole_numbers(app_configs=None, **kwargs):
+    return [
+        Error(f"POPSERVER_{name} must be a whole number, not {value!r}.", id="popserver.E012")
+        for name in WHOLE_NUMBERS
+        if _is_number(value := get_setting(name)) and not isinstance(value, int)
     ]
 
 
@@ -88,3 +105,24 @@ def check_chunk_size(app_configs=None, **kwargs):
             )
         ]
     return []
+
+
+@register()
+def check_retention(app_configs=None, **kwargs):
+    messages = []
+    keep = get_setting("KEEP_DELETED_DAYS")
+    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 0:
+        messages.append(
+            Error(
+                f"POPSERVER_KEEP_DELETED_DAYS must be a whole number >= 0, not {keep!r}.", id="popserver.E010"
+            )
+        )
+    expire = get_setting("EXPIRE_RETRIEVED_DAYS")
+    if expire is not None and (isinstance(expire, bool) or not isinstance(expire, int) or expire < 0):
+        messages.append(
+            Error(
+                f"POPSERVER_EXPIRE_RETRIEVED_DAYS must be None (never) or a whole number >= 0, not {expire!r}.",
+                id="popserver.E010",
+            )
+        )
+    return messages

@@ -30,7 +30,7 @@ from popserver.exceptions import (
 from popserver.mailin import quota
 from popserver.mailin.mailboxes import find_mailbox
 from popserver.models import Mailbox, Message, new_uid_validity
-from popserver.protocol.wire import normalize_line_endings
+from popserver.protocol.wire import has_header_end, normalize_line_endings
 from popserver.storage.bodies import get_body_store
 
 logger = logging.getLogger(__name__)
@@ -159,6 +159,7 @@ def store_prepared(
             subject=headers.subject,
             sender=headers.sender,
             date=headers.date,
+            has_header_end=has_header_end(prepared.data),
         )
         get_body_store().save(message, prepared.data)  # saves the row with its body's location
         if send_signal:

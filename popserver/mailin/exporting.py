@@ -29,7 +29,12 @@ def export_mbox(
     With ``x_uidl`` each message starts with an ``X-UIDL: <unique id>`` line, for ``importmail --x-uidl``.
     The message list is read first; a message deleted while the export runs (a POP3 QUIT) is left out.
     """
-    rows = list(Message.objects.filter(mailbox=mailbox).order_by("id").values_list("pk", "uid", "arrived_at"))
+    rows = list(
+        Message.objects.visible()
+        .filter(mailbox=mailbox)
+        .order_by("id")
+        .values_list("pk", "uid", "arrived_at")
+    )
     store = get_body_store()
     written = gone = 0
     for done, (pk, uid, arrived_at) in enumerate(rows, start=1):

@@ -45,7 +45,11 @@ def usage(mailbox_id: int) -> tuple[int, int]:
     """(messages, octets) the mailbox holds now: one aggregate over the (mailbox, size) index."""
     from popserver.models import Message
 
-    totals = Message.objects.filter(mailbox_id=mailbox_id).aggregate(count=Count("pk"), octets=Sum("size"))
+    totals = (
+        Message.objects.visible()
+        .filter(mailbox_id=mailbox_id)
+        .aggregate(count=Count("pk"), octets=Sum("size"))
+    )
     return totals["count"], totals["octets"] or 0
 
 

@@ -17,6 +17,7 @@ class MessageInfo(NamedTuple):
 
     size: int  # octets in the presented form (CRLF line endings), before dot-stuffing
     uid: str  # RFC 1939 s.7 unique id: 1-70 characters in 0x21-0x7E
+    header_end: bool = True  # False: no blank line after the header (the oe-ns-eoh workaround adds one)
 
 
 class Maildrop:
@@ -26,11 +27,23 @@ class Maildrop:
     snapshot (the session checks them first).
     """
 
+    # RFC 2449 s.6.7 EXPIRE for this mailbox: days after which retrieved messages are deleted, None: never.
+    expire_days: int | None = None
+
     def __init__(self, messages: Sequence[MessageInfo]):
         self.messages: tuple[MessageInfo, ...] = tuple(messages)
         self.deleted: set[int] = set()
+        self.retrieved: set[int] = set()  # RETR'd in this session (not TOP): recorded when the session ends
         self.total_size = sum(info.size for info in self.messages)
         self.deleted_size = 0
+
+    def add_missing_header_ends(self) -> None:
+        """Dovecot's oe-ns-eoh workaround: a message without a blank line after its header is sent with one,
+        so its size counts the CRLF too (LIST and RETR must agree). Call before anything is listed."""
+        self.messages = tuple(
+            info if info.header_end else MessageInfo(info.size + 2, info.uid, False) for info in self.messages
+        )
+        self.total_size = sum(info.size for info in self.messages)
 
     # Snapshot ----------------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -58,6 +71,17 @@ class Maildrop:
             self.deleted.add(number)
             self.deleted_size += self.info(number).size
 
+    def mark_retrieved(self, number: int) -> None:
+        """RETR sent the whole message: its first retrieval is recorded at the end of the session."""
+        self.retrieved.add(number)
+
+    def numbers_to_remove(self) -> set[int]:
+        """What UPDATE removes: the marked messages, and under EXPIRE 0 (RFC 2449 s.6.7: the server keeps no
+        retrieved message) the retrieved ones too."""
+        if self.expire_days == 0:
+            return self.deleted | self.retrieved
+        return set(self.deleted)
+
     def reset(self) -> None:
         self.deleted.clear()
         self.deleted_size = 0
@@ -79,7 +103,8 @@ class Maildrop:
         return len(numbers)
 
     def commit(self) -> None:
-        """UPDATE: delete the marked messages and release the lock, all or nothing.
+        """UPDATE: remove ``numbers_to_remove()`` (deleted, or hidden under a keep-deleted policy) and release
+        the lock, all or nothing.
 
         Raises ``CommitFailed`` (or any error) if nothing was deleted.
         """

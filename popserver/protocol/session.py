@@ -9,7 +9,7 @@ RFC 3206 ``[AUTH]``/``[SYS/TEMP]``. Where the RFCs leave a choice we do what Dov
 
 Verbs, by state:
     both:           CAPA, QUIT
-    AUTHORIZATION:  STLS, USER, PASS, AUTH
+    AUTHORIZATION:  STLS, USER, PASS, AUTH, UTF8
     TRANSACTION:    STAT, LIST, RETR, TOP, DELE, RSET, NOOP, UIDL
 """
 
@@ -46,6 +46,8 @@ log = logging.getLogger("popserver.protocol")
 Reply = bytes | Iterator[bytes]
 
 PLAINTEXT_DISALLOWED = "[AUTH] Plaintext authentication disallowed on non-secure (SSL/TLS) connections."
+# Dovecot's pop3_client_workarounds that this server implements (POPSERVER_CLIENT_WORKAROUNDS).
+CLIENT_WORKAROUNDS = ("outlook-no-nuls", "oe-ns-eoh")
 INTERNAL_ERROR = "[SYS/TEMP] Internal error occurred. Refer to server log for more information."
 COMMIT_FAILED = "[SYS/TEMP] Deleting the marked messages failed; none were deleted."
 
@@ -126,11 +128,21 @@ class Pop3Session:
         tls_available: bool = False,
         tls_active: bool = False,
         login_delay: int = 0,
+        expire: str | Callable[[], str] | None = None,
+        client_workarounds: frozenset[str] = frozenset(),
     ) -> None:
         """``login_delay``: seconds the server enforces between logins of a mailbox; announced in CAPA as
         ``LOGIN-DELAY`` (RFC 2449 s.6.5) when not 0 (the authenticator enforces it with [LOGIN-DELAY])."""
         self.authenticate = authenticate
         self.login_delay = login_delay
+        # RFC 2449 s.6.7: the EXPIRE tag before login (a callable is asked only when CAPA needs it); after
+        # login the maildrop's own value. None: not announced.
+        self.expire_before_login = expire
+        unknown = set(client_workarounds) - set(CLIENT_WORKAROUNDS)
+        if unknown:
+            raise ValueError(f"unknown client workarounds: {sorted(unknown)}")
+        self.client_workarounds = frozenset(client_workarounds)
+        self.utf8 = False  # RFC 6856: the client sent UTF8
         self.peer = peer
         self.greeting_text = greeting
         self.implementation = implementation
@@ -188,6 +200,7 @@ class Pop3Session:
         self._user = None
         self._continuation = None
         self._bad_commands = 0
+        self.utf8 = False  # RFC 2595 s.4: the client starts afresh
 
     def abandon(self) -> None:
         """The connection ended without QUIT (drop, timeout, shutdown): release, never commit (RFC 1939 s.6).
@@ -202,7 +215,19 @@ class Pop3Session:
     def capabilities(self) -> list[str]:
         """CAPA's tags for the current state, derived from the verb registry."""
         extensions = self.extensions + ((f"LOGIN-DELAY {self.login_delay}",) if self.login_delay else ())
+        if expire := self._expire_tag():
+            extensions += (f"EXPIRE {expire}",)
         return capability_tags(self.commands, self, extensions, self.implementation)
+
+    def _expire_tag(self) -> str | None:
+        """RFC 2449 s.6.7: after login the mailbox's own policy; before it what the server was given (the
+        most restrictive value, with USER where mailboxes differ)."""
+        if self.expire_before_login is None:  # the server states no policy (an engine without one)
+            return None
+        if self._maildrop is not None:
+            return wire.expire_value(self._maildrop.expire_days)
+        value = self.expire_before_login
+        return value() if callable(value) else value
 
     # Framing -----------------------------------------------------------------------------------------
     def _process_buffer(self) -> Iterator[bytes]:
@@ -444,6 +469,8 @@ class Pop3Session:
         if not name:
             secret = None
         maildrop = self.authenticate(name, secret, mechanism=mechanism)
+        if "oe-ns-eoh" in self.client_workarounds:
+            maildrop.add_missing_header_ends()
         self._maildrop = maildrop
         self.state = State.TRANSACTION
         self.username = name
@@ -462,6 +489,7 @@ class Pop3Session:
         """
         stuffer = wire.DotStuffer()
         truncator = wire.TopTruncator(top_lines) if top_lines is not None else None
+        no_nuls = "outlook-no-nuls" in self.client_workarounds
         sent = 0
         held: list[bytes] | None = [status]
         first_read = True
@@ -472,6 +500,8 @@ class Pop3Session:
             for chunk in chunks:
                 data = truncator.feed(chunk) if truncator is not None else chunk
                 del chunk
+                if no_nuls:  # Dovecot's outlook-no-nuls: Outlook stops at a NUL; same size
+                    data = data.replace(b"\0", b"\x80")
                 sent += len(data)
                 stuffed = stuffer.feed(data)
                 del data
@@ -498,6 +528,12 @@ class Pop3Session:
                 close()
         if held is not None:
             yield from held
+        if "oe-ns-eoh" in self.client_workarounds and not self._opened().info(number).header_end:
+            # Dovecot's oe-ns-eoh: the blank line that ends the header (counted in LIST's size); an
+            # unterminated last line gets its CRLF first, uncounted as always.
+            blank_line = wire.CRLF if stuffer.ends_line else wire.CRLF + wire.CRLF
+            yield stuffer.feed(blank_line)
+            sent += 2
         yield stuffer.finish()
         return sent
 
@@ -570,7 +606,7 @@ class Pop3Session:
             return wire.multiline(wire.ok(), self.sasl_mechanisms)
         name = mechanism.upper().decode("ascii", "replace")
         if name not in self.sasl_mechanisms:
-            raise CommandError("[AUTH] Unsupported authentication mechanism.")  # RFC 3206 s.4, as Dovecot
+            raise CommandError("[AUTH] Unsupported authentication mechanism.")  # RFC 3206 s.5, as Dovecot
         if name == "PLAIN":
             if initial_response is None:
                 self._continuation = self._auth_plain_response
@@ -591,7 +627,7 @@ class Pop3Session:
         try:
             return base64.b64decode(padded, validate=True)
         except (binascii.Error, ValueError):
-            # Dovecot's words, with [AUTH] (RFC 3206 s.4)
+            # Dovecot's words, with [AUTH] (RFC 3206 s.5)
             where = "initial" if initial else "continued"
             raise CommandError(f"[AUTH] Invalid base64 data in {where} response") from None
 
@@ -617,6 +653,16 @@ class Pop3Session:
         username, self._sasl_username = self._sasl_username, b""
         return self._login(username, password, "LOGIN")
 
+    @command(
+        "UTF8", states=AUTHORIZATION_ONLY, capability=lambda s: "UTF8 USER" if s.plaintext_allowed else "UTF8"
+    )
+    def pop_UTF8(self) -> Reply:
+        """RFC 6856 s.2: UTF-8 mode. User names and passwords are taken as UTF-8 whether or not it is sent
+        (the USER argument says so where USER/PASS may be used); messages are served as stored: this server
+        does not downgrade (s.4 leaves that to the server)."""
+        self.utf8 = True
+        return wire.ok("UTF8 enabled")
+
     @command("QUIT", states=BOTH_STATES, flush_before=True)
     def pop_QUIT(self) -> Reply:
         """RFC 1939 s.6: from TRANSACTION, UPDATE: commit the deletions; ``+OK`` only if that succeeded.
@@ -627,14 +673,14 @@ class Pop3Session:
             self._close()
             return wire.ok("Logging out")
         maildrop = self._opened()
-        self.state = State.UPDATE
-        deleted = sorted(maildrop.deleted)
+        deleted = sorted(maildrop.numbers_to_remove())
         try:
             maildrop.commit()
         except Exception:
             log.exception("%s: QUIT: committing %d deletions failed", self.peer, len(deleted))
-            self._close()  # releases the lock; nothing was deleted
+            self._close()  # releases the lock; nothing was deleted; the state stays TRANSACTION
             return wire.err(COMMIT_FAILED)
+        self.state = State.UPDATE
         self._maildrop = None  # commit() released the lock
         self.stats.deleted_count = len(deleted)
         self.stats.deleted_bytes = sum(maildrop.info(number).size for number in deleted)
@@ -666,6 +712,7 @@ class Pop3Session:
         n = self._message_number(number)
         status = wire.ok(f"{self._opened().info(n).size} octets")
         sent = yield from self._send_message(n, status, top_lines=None)
+        self._opened().mark_retrieved(n)
         self.stats.retr_count += 1
         self.stats.retr_bytes += sent
 

@@ -87,6 +87,16 @@ def normalize_line_endings(data: bytes) -> bytes:
     return data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
 
 
+def expire_value(days: int | None) -> str:
+    """RFC 2449 s.6.7: the EXPIRE capability's policy, days or NEVER."""
+    return "NEVER" if days is None else str(days)
+
+
+def has_header_end(data: bytes) -> bool:
+    """True if the header of CRLF ``data`` is followed by a blank line (RFC 5322 s.2.1), or it starts with one."""
+    return data.startswith(CRLF) or b"\r\n\r\n" in data
+
+
 class DotStuffer:
     """Byte-stuffs a stream of chunks for a multi-line response (RFC 1939 s.3) and ends it.
 
@@ -114,6 +124,11 @@ class DotStuffer:
         self._at_line_start = chunk[-1:] == b"\n"
         self._tail = (self._tail + chunk[-2:])[-2:]
         return stuffed
+
+    @property
+    def ends_line(self) -> bool:
+        """True when the data so far is empty or ends with CRLF."""
+        return not self._tail or self._tail == CRLF
 
     def finish(self) -> bytes:
         """CRLF if the data's last line had none, then ``.CRLF``. Empty data has no lines: just ``.CRLF``."""

@@ -25,6 +25,7 @@ from ..logins.authenticator import DjangoAuthenticator, printable
 from ..logins.peers import plaintext_allowed
 from ..protocol.session import Pop3Session, State
 from ..protocol.wire import FLUSH
+from ..storage.retention import expire_before_login
 from .tls import HANDSHAKE_TIMEOUT
 
 logger = logging.getLogger("popserver.server")
@@ -143,8 +144,10 @@ class Pop3Handler(socketserver.BaseRequestHandler):
                     self.start_tls(session)
             if session.state is State.UPDATE:
                 reason = "Logged out"
-            elif session.quit_received:  # QUIT before login (Dovecot's words)
+            elif session.quit_received and session.username is None:  # QUIT before login (Dovecot's words)
                 reason = "Aborted login by logging out"
+            elif session.quit_received:
+                reason = "Logout failed, nothing deleted"
             else:
                 reason = "Closed by server"
         except SessionEnded as ended:
@@ -189,6 +192,8 @@ class Pop3Handler(socketserver.BaseRequestHandler):
             tls_available=self.server.tls is not None and not tls_active,
             tls_active=tls_active,
             login_delay=int(get_setting("LOGIN_DELAY")),
+            expire=expire_before_login,
+            client_workarounds=frozenset(get_setting("CLIENT_WORKAROUNDS")),
         )
 
     def plaintext_allowed(self, tls_active: bool) -> bool:

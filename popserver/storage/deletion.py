@@ -17,8 +17,8 @@ from .bodies import get_body_store
 
 T = TypeVar("T")
 
-# Well under SQLite's 32,766 bound parameters, and small enough to keep each statement quick.
-DELETE_BATCH = 500
+# Ids per statement: well under SQLite's 32,766 bound parameters, and small enough to keep each one quick.
+BATCH_SIZE = 500
 
 
 def batched(items: Iterable[T], size: int) -> Iterator[list[T]]:
@@ -37,11 +37,12 @@ def delete_messages(message_ids: Iterable[int], *, mailbox_id: int | None = None
     store = get_body_store()
     deleted = 0
     with transaction.atomic():
-        for batch in batched(message_ids, DELETE_BATCH):
-            store.delete(batch)
+        for batch in batched(message_ids, BATCH_SIZE):
             rows = Message.objects.filter(id__in=batch)
-            if mailbox_id is not None:
+            if mailbox_id is not None:  # never another mailbox's messages, nor their bodies
                 rows = rows.filter(mailbox_id=mailbox_id)
+                batch = list(rows.values_list("id", flat=True))
+            store.delete(batch)
             _, per_model = rows.delete()
             deleted += per_model.get(Message._meta.label, 0)
     return deleted

@@ -26,7 +26,7 @@ from django.utils import timezone
 from ..conf import get_setting
 from ..exceptions import MailboxInUse
 from ..models import Mailbox
-from .deletion import batched
+from .deletion import BATCH_SIZE, batched
 from .writelock import one_writer
 
 logger = logging.getLogger("popserver.storage")
@@ -43,7 +43,6 @@ FREE = {
     "locked_at": None,
     "lock_heartbeat": None,
 }
-HEARTBEAT_BATCH = 500  # tokens per heartbeat UPDATE
 
 
 @dataclass(frozen=True)
@@ -103,10 +102,14 @@ class MailboxLock:
         self.released = False
 
     @classmethod
-    def take(cls, mailbox_id: int, peer: str, then: Callable[[], T]) -> tuple[MailboxLock, T]:
-        """Take the lock and run ``then()`` in the same transaction (the snapshot sees what the lock saw).
+    def take(
+        cls, mailbox_id: int, peer: str, then: Callable[[Mailbox], T], *, stamp_login: bool = True
+    ) -> tuple[MailboxLock, T]:
+        """Take the lock and run ``then(mailbox)`` in the same transaction, with the mailbox row as the lock
+        read it (the snapshot sees what the lock saw).
 
-        Stamps ``last_login``. Raises ``MailboxInUse`` if a live session holds the lock.
+        Stamps ``last_login`` (unless ``stamp_login`` is false: maintenance, not a login). Raises
+        ``MailboxInUse`` if a live session holds the lock.
         """
         me = this_process()
         lock = cls(mailbox_id, secrets.token_hex(16))
@@ -115,7 +118,7 @@ class MailboxLock:
         with _live_guard:
             _live[lock.token] = None
         try:
-            result = lock._take(peer, me, then)
+            result = lock._take(peer, me, then, stamp_login)
         except BaseException:
             with _live_guard:
                 _live.pop(lock.token, None)
@@ -124,7 +127,7 @@ class MailboxLock:
             _live[lock.token] = lock
         return lock, result
 
-    def _take(self, peer: str, me: ProcessIdentity, then: Callable[[], T]) -> T:
+    def _take(self, peer: str, me: ProcessIdentity, then: Callable[[Mailbox], T], stamp_login: bool) -> T:
         now = timezone.now()
         with one_writer(), transaction.atomic():
             mailbox = Mailbox.objects.select_for_update().get(pk=self.mailbox_id)
@@ -138,7 +141,7 @@ class MailboxLock:
                 lock_peer=peer[:64],
                 locked_at=now,
                 lock_heartbeat=now,
-                last_login=now,
+                **({"last_login": now} if stamp_login else {}),
             )
             if taken != 1:
                 raise MailboxInUse()
@@ -149,7 +152,7 @@ class MailboxLock:
                     mailbox.lock_host,
                     mailbox.lock_pid,
                 )
-            return then()
+            return then(mailbox)
 
     def is_held(self) -> bool:
         """Inside a transaction: True if the row still carries our token (and, where possible, row-locked)."""
@@ -183,7 +186,7 @@ def refresh_heartbeats() -> int:
         tokens = list(_live)
     touched = 0
     now = timezone.now()
-    for batch in batched(tokens, HEARTBEAT_BATCH):
+    for batch in batched(tokens, BATCH_SIZE):
         with one_writer():
             touched += Mailbox.objects.filter(lock_token__in=batch).update(lock_heartbeat=now)
     return touched

@@ -1,6 +1,7 @@
 """The ORM maildrop: a locked mailbox's snapshot, streamed reads and UPDATE at QUIT (RFC 1939 s.4-6).
 
-The lock itself is ``popserver.storage.lock.MailboxLock``; deletion is ``popserver.storage.deletion``.
+The lock itself is ``popserver.storage.lock.MailboxLock``; deletion is ``popserver.storage.deletion``; what a
+QUIT does with deleted and retrieved messages follows the mailbox's policy (``popserver.storage.retention``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from ..signals import messages_deleted, send_safely
 from .bodies import REF_FIELDS, BodyRef, read_body, read_small_bodies
 from .deletion import delete_messages
 from .lock import MailboxLock
+from .retention import RetentionPolicy, hide_messages, policy_of_mailbox, record_first_retrievals
 from .writelock import one_writer
 
 logger = logging.getLogger("popserver.storage")
@@ -33,35 +35,32 @@ def open_maildrop(mailbox_id: int, peer: str = "") -> OrmMaildrop:
     Raises MailboxInUse if another live session holds the lock.
     """
 
-    def snapshot() -> list[tuple]:
-        return list(
-            Message.objects.filter(mailbox_id=mailbox_id)
-            .order_by("id")
-            .values_list("size", "uid", *REF_FIELDS)
-        )
+    def snapshot(mailbox: Mailbox) -> tuple[RetentionPolicy, list[tuple]]:
+        policy = policy_of_mailbox(mailbox)
+        messages = Message.objects.visible().filter(mailbox_id=mailbox_id).order_by("id")
+        return policy, list(messages.values_list("size", "uid", "has_header_end", *REF_FIELDS))
 
-    lock, rows = MailboxLock.take(mailbox_id, peer, then=snapshot)
-    return OrmMaildrop(lock, rows)
+    lock, (policy, rows) = MailboxLock.take(mailbox_id, peer, then=snapshot)
+    return OrmMaildrop(lock, rows, policy)
 
 
 class OrmMaildrop(Maildrop):
     """A locked mailbox's snapshot; bodies streamed from the store that holds them, chunk by chunk."""
 
-    def __init__(self, lock: MailboxLock, rows: list[tuple]):
-        """``rows``: (size, uid, *REF_FIELDS) of each message, in order."""
-        super().__init__(list(map(MessageInfo._make, (row[:2] for row in rows))))
+    def __init__(self, lock: MailboxLock, rows: list[tuple], policy: RetentionPolicy | None = None):
+        """``rows``: (size, uid, has_header_end, *REF_FIELDS) of each message, in order."""
+        super().__init__(list(map(MessageInfo._make, (row[:3] for row in rows))))
         self.lock = lock
         self.mailbox_id = lock.mailbox_id
         self._rows = rows  # BodyRefs are made when a body is read, not 100,000 of them at login
+        self.message_ids = [row[3] for row in rows]
+        self.policy = policy or RetentionPolicy(keep_deleted_days=0, expire_days=None)
+        self.expire_days = self.policy.expire_days
         self._prefetched: dict[int, bytes] = {}  # number -> body, read ahead for pipelined commands
 
     def ref(self, number: int) -> BodyRef:
         """Where the body of message ``number`` is, as the snapshot saw it."""
-        return BodyRef._make(self._rows[number - 1][2:])
-
-    @property
-    def message_ids(self) -> list[int]:
-        return [row[2] for row in self._rows]
+        return BodyRef._make(self._rows[number - 1][3:])
 
     @property
     def token(self) -> str:
@@ -104,15 +103,26 @@ class OrmMaildrop(Maildrop):
 
     def commit(self) -> None:
         """RFC 1939 s.6 UPDATE: delete the marked messages and release the lock in ONE transaction, after
-        checking the lock is still ours. On any failure nothing is deleted."""
-        numbers = sorted(self.deleted)
-        ids = [self._rows[n - 1][2] for n in numbers]
+        checking the lock is still ours; the first retrievals are recorded in it too. On any failure nothing
+        is deleted.
+
+        Under a keep-deleted policy the marked messages are hidden instead (restorable); under EXPIRE 0 the
+        retrieved messages go as if marked."""
+        marked = self.numbers_to_remove()
+        numbers = sorted(marked)
+        ids = [self.message_ids[n - 1] for n in numbers]
         octets = sum(self.info(n).size for n in numbers)
+        retrieved = [self.message_ids[n - 1] for n in sorted(self.retrieved - marked)]
         with one_writer(), transaction.atomic():
             if not self.lock.is_held():
                 raise CommitFailed("the mailbox lock was lost")
-            delete_messages(ids, mailbox_id=self.mailbox_id)
+            if self.policy.keep_deleted_days:
+                hide_messages(ids, self.mailbox_id)
+            else:
+                delete_messages(ids, mailbox_id=self.mailbox_id)
+            record_first_retrievals(retrieved)
             self.lock.free()
+        self.retrieved.clear()
         self.lock.forget()
         if ids:
             mailbox_id = self.mailbox_id
@@ -121,6 +131,17 @@ class OrmMaildrop(Maildrop):
             transaction.on_commit(lambda: _announce_deleted(mailbox_id, len(ids), octets), robust=True)
 
     def release(self) -> None:
+        """No UPDATE (RFC 1939 s.6), but what was retrieved was retrieved: its first retrieval is recorded."""
+        if self.retrieved and not self.lock.released:
+            ids = [self.message_ids[n - 1] for n in sorted(self.retrieved)]
+            self.retrieved.clear()
+            try:
+                with one_writer():
+                    record_first_retrievals(ids)
+            except Exception:  # the lock must still go; the retrieval time is only lost
+                logger.exception(
+                    "mailbox %s: could not record %d first retrievals", self.mailbox_id, len(ids)
+                )
         self.lock.release()
 
 

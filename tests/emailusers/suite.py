@@ -14,6 +14,10 @@ from django.contrib.auth import get_user_model
 from django.core.exceptions import FieldDoesNotExist
 from django.core.management import CommandError, call_command
 
+from popserver.clientconfig.logins import account_of, login_for_address
+from popserver.clientconfig.published import served_domains
+from popserver.exceptions import AuthenticationFailed
+from popserver.logins.authenticator import DjangoAuthenticator
 from popserver.mailin.delivery import deliver
 from popserver.models import Address, Mailbox, Message
 from tests.conftest import manage_py_command, subprocess_env
@@ -116,3 +120,28 @@ def test_the_commands_in_subprocesses(tmp_path):
         timeout=100,
     )
     assert unknown.returncode == 67 and unknown.stderr.count(b"\n") == 1
+
+
+def logs_in(username: str, password: str) -> bool:
+    try:
+        DjangoAuthenticator("127.0.0.1", 40000, trusted=True)(username, password).release()
+    except AuthenticationFailed:
+        return False
+    return True
+
+
+def test_mail_clients_are_told_the_login_that_works():
+    """The email is the login name (its case kept); an alias is an address and logs in as itself."""
+    createmailbox("Ann@Example.ORG", "--email", "alias@example.net", "--password-stdin", password="pw\n")
+    assert login_for_address("ann@example.org") == "Ann@example.org"
+    assert login_for_address("ANN+news@example.org") == "Ann@example.org"
+    assert login_for_address("ALIAS@example.net") == "ALIAS@example.net"
+    assert login_for_address("nobody@example.org") == "nobody@example.org"
+    assert logs_in("Ann@example.org", "pw") and logs_in("ALIAS@example.net", "pw")
+    assert served_domains() == ["example.net", "example.org"]
+    account = account_of(Mailbox.objects.get())
+    assert (account.address, account.username, account.other_logins) == (
+        "alias@example.net",
+        "alias@example.net",
+        ["Ann@example.org"],
+    )

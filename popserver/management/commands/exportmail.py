@@ -37,7 +37,9 @@ class Command(BaseCommand):
             mailbox = resolve_mailbox(recipient)
         except UnknownRecipient as exc:
             raise CommandError(str(exc)) from exc
-        progress = Progress(self.stderr, Message.objects.filter(mailbox=mailbox).count(), "exporting")
+        progress = Progress(
+            self.stderr, Message.objects.visible().filter(mailbox=mailbox).count(), "exporting"
+        )
         try:
             if path == "-":
                 written, gone = export_mbox(

@@ -29,6 +29,12 @@ class Command(BaseCommand):
                 count = throttle.clear(key=options["clear"]) if options["clear"] else throttle.clear()
             self.stdout.write(f"cleared {count}")
             return
+        if not isinstance(throttle, DatabaseThrottle):
+            # A cache cannot be listed by prefix portably (Redis, Memcached): say so rather than "no lock-outs".
+            raise CommandError(
+                f"{type(throttle).__name__} keeps lock-outs in a cache, which cannot be listed; lift one with "
+                '--clear IP or --clear "name|IP" (the database throttle lists them).'
+            )
         now = timezone.now()
         rows = LoginThrottle.objects.filter(locked_until__gt=now).order_by("locked_until")
         if not rows:

@@ -24,7 +24,7 @@ def count_chunks(apps, schema_editor):
 
 
 class Migration(migrations.Migration):
-    dependencies = [("popserver", "0005_quotas")]
+    dependencies = [("popserver", "0006_retention")]
     operations = [
         migrations.AddField(
             model_name="message",
