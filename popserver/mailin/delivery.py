@@ -126,6 +126,8 @@ def store_prepared(
     """
     if uid is not None:
         validate_uid(uid)
+    store = get_body_store()
+    staged = store.stage(prepared.data)  # an object store writes the object now, before any row refers to it
     with transaction.atomic():
         # The row lock serialises deliveries and imports into one mailbox: the quota sum and the counter
         # below see every message committed before it (READ COMMITTED on PostgreSQL and MariaDB; SQLite's
@@ -161,7 +163,7 @@ def store_prepared(
             date=headers.date,
             has_header_end=has_header_end(prepared.data),
         )
-        get_body_store().save(message, prepared.data)  # saves the row with its body's location
+        store.save(message, prepared.data, staged)  # saves the row with its body's location
         if send_signal:
             transaction.on_commit(
                 partial(signals.send_safely, signals.message_delivered, mailbox=mailbox, message=message)

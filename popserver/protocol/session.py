@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import ClassVar, Protocol
 
-from popserver.exceptions import LoginRefused, MessageExpunged
+from popserver.exceptions import BodyUnavailable, LoginRefused, MessageExpunged
 from popserver.protocol import wire
 from popserver.protocol.commands import (
     AUTHORIZATION_ONLY,
@@ -353,6 +353,13 @@ class Pop3Session:
             if not started:
                 yield wire.err(INTERNAL_ERROR)
             self._close()
+        except BodyUnavailable as exc:
+            # Before any output, RETR and TOP answer -ERR [SYS/TEMP] themselves; in the middle, only closing
+            # tells the client the message is incomplete.
+            log.error("%s: a message body failed while it was being sent; closing: %s", self.peer, exc)
+            if not started:
+                yield wire.err(INTERNAL_ERROR)
+            self._close()
         except Exception:
             log.exception("%s: internal error in command %s", self.peer, printable(line.split(b" ", 1)[0]))
             self._continuation = None
@@ -522,6 +529,12 @@ class Pop3Session:
                 raise
             log.warning("%s: message %d was expunged by something else", self.peer, number)
             raise CommandError(f"Message {number} expunged.") from None
+        except BodyUnavailable as exc:
+            if held is None:
+                raise
+            # One line, no traceback; the message stays (nothing is deleted or hidden for it).
+            log.error("%s: message %d cannot be read now: %s", self.peer, number, exc)
+            raise CommandError(INTERNAL_ERROR) from None
         finally:
             close = getattr(chunks, "close", None)
             if close is not None:
