@@ -148,7 +148,10 @@ STORAGES = {
     # files under the data folder (never MEDIA_ROOT); django-storages' S3Storage etc. in production.
     "popserver": {
         "BACKEND": "django.core.files.storage.FileSystemStorage",
-        "OPTIONS": {"location": str(DATA_DIR / "bodies"), "file_permissions_mode": 0o640},
+        "OPTIONS": {
+            "location": env.str("BODIES_DIR", default=str(DATA_DIR / "bodies")),
+            "file_permissions_mode": 0o640,
+        },
     },
 }
 

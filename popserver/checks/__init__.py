@@ -18,6 +18,9 @@ Errors only where the server truly cannot run; everything else is a warning, so 
 | E011 | POPSERVER_CLIENT_WORKAROUNDS names a workaround this server does not have |
 | E012 | a count that must be a whole number (MAX_SESSIONS, LISTEN_BACKLOG, LOGIN_DELAY, ...) is a fraction |
 | E013 | POPSERVER_GREETING or POPSERVER_IMPLEMENTATION is not one line of text |
+| E014 | bodies in a Django storage (POPSERVER_BODY_STORE, or objects already stored) but STORAGES lacks the alias |
+| E015 | the body storage is, or shares its place with, the site's public storages or MEDIA_ROOT/STATIC_ROOT |
+| E016 | the body storage cannot take and give back an object (``check --deploy``; ``runpop3`` refuses to start) |
 | W001 | Argon2 is not the first password hasher |
 | W002 | POPSERVER_AUTOLOGOUT below RFC 1939's 10 minutes |
 | W003 | POPSERVER_BODY_CHUNK_SIZE over 8 MiB |
@@ -28,6 +31,6 @@ Errors only where the server truly cannot run; everything else is a warning, so 
 | W181 | an endpoint is published to mail clients without TLS on a non-loopback host |
 """
 
-from . import logins, numbers, paths
+from . import bodies, logins, numbers, paths
 
-__all__ = ["logins", "numbers", "paths"]
+__all__ = ["bodies", "logins", "numbers", "paths"]

@@ -359,7 +359,7 @@ class DjangoStorageBodyStore(BodyStore):
 def write_object(storage, name: str, data: bytes) -> None:
     """Write an object whole. On a local file system: a temporary file, fsync, then an atomic rename, so a
     reader never sees it half written (and two writers of the same content cannot clash)."""
-    path = _local_path(storage, name)
+    path = local_path(storage, name)
     if path is not None:
         directory = os.path.dirname(path)
         os.makedirs(directory, exist_ok=True)
@@ -407,7 +407,7 @@ def read_object(storage, name: str, size: int, piece: int) -> Iterator[bytes]:
             del data
 
 
-def _local_path(storage, name: str) -> str | None:
+def local_path(storage, name: str) -> str | None:
     from django.core.files.storage import FileSystemStorage
 
     return storage.path(name) if isinstance(storage, FileSystemStorage) else None
@@ -422,11 +422,30 @@ def _fsync_directory(directory: str) -> None:
             os.close(fd)
 
 
+def probe_body_storage() -> str:
+    """Write, read back and delete a probe object in the body storage; returns what failed ("" if nothing)."""
+    import secrets
+
+    name = f"probe/.popserver-probe-{secrets.token_hex(8)}"
+    data = b"popserver probe\r\n"
+    try:
+        storage = body_storage()
+        write_object(storage, name, data)
+        try:
+            if b"".join(read_object(storage, name, len(data), 1024)) != data:
+                return f"{name} did not read back as written"
+        finally:
+            storage.delete(name)
+    except Exception as exc:  # the storage's own errors: permissions, credentials, network
+        return f"{exc.__class__.__name__}: {exc}"
+    return ""
+
+
 # Deleting ------------------------------------------------------------------------------------------------
 def release_bodies(message_ids: list[int]) -> None:
     """Before these message rows are deleted, in the same transaction: drop their chunks and count their
     stored bodies' references down; objects left with none are removed once the transaction commits."""
-    from popserver.models import Message, MessageChunk, StoredBody
+    from popserver.models import Message, MessageChunk
 
     if not message_ids:
         return
@@ -435,21 +454,28 @@ def release_bodies(message_ids: list[int]) -> None:
             "stored_body_id", flat=True
         )
     )
-    if counts:
-        # Row locks in one order, so two deletions sharing bodies cannot deadlock.
-        list(StoredBody.objects.select_for_update().filter(pk__in=sorted(counts)).order_by("pk").values("pk"))
-        by_count: dict[int, list[int]] = defaultdict(list)
-        for pk, count in counts.items():
-            by_count[count].append(pk)
-        for count, pks in by_count.items():
-            # Never below 0, whatever other code did; popgc recounts.
-            StoredBody.objects.filter(pk__in=pks).update(refs=Greatest(F("refs") - count, Value(0)))
-        unreferenced = list(
-            StoredBody.objects.filter(pk__in=list(counts), refs=0).values_list("pk", flat=True)
-        )
-        if unreferenced:
-            transaction.on_commit(partial(remove_unreferenced, unreferenced), robust=True)
+    count_down(counts)
     MessageChunk.objects.filter(message_id__in=message_ids).delete()
+
+
+def count_down(counts: Counter[int] | dict[int, int]) -> None:
+    """Take ``counts[pk]`` references off each of these stored bodies, inside the caller's transaction;
+    those left with none are removed once it commits (``remove_unreferenced``)."""
+    from popserver.models import StoredBody
+
+    if not counts:
+        return
+    # Row locks in one order, so two deletions sharing bodies cannot deadlock.
+    list(StoredBody.objects.select_for_update().filter(pk__in=sorted(counts)).order_by("pk").values("pk"))
+    by_count: dict[int, list[int]] = defaultdict(list)
+    for pk, count in counts.items():
+        by_count[count].append(pk)
+    for count, pks in by_count.items():
+        # Never below 0, whatever other code did; popgc recounts.
+        StoredBody.objects.filter(pk__in=pks).update(refs=Greatest(F("refs") - count, Value(0)))
+    unreferenced = list(StoredBody.objects.filter(pk__in=list(counts), refs=0).values_list("pk", flat=True))
+    if unreferenced:
+        transaction.on_commit(partial(remove_unreferenced, unreferenced), robust=True)
 
 
 def release_mailbox_bodies(sender, instance, using, **kwargs) -> None:
