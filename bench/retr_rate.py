@@ -12,6 +12,7 @@ POPSERVER_BODY_STORE for the delivery and the server. Figures beside Dovecot: be
 import argparse
 import os
 import socket
+import tempfile
 import threading
 import time
 
@@ -158,6 +159,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.store:
         os.environ["POPSERVER_BODY_STORE"] = args.store
+        os.environ["BODIES_DIR"] = tempfile.mkdtemp(prefix="bench-bodies-")  # the storage store's objects
     # room for --large-mib 200 (the memory check of issue 15)
     os.environ["POPSERVER_MAX_MESSAGE_SIZE"] = str(max(64, args.large_mib + 1) * 1024 * 1024)
     env = setup_django(fast_hasher=True)
