@@ -504,3 +504,15 @@ def test_s3_missing_object_popgc_and_probe(s3_store, make_mailbox):
     assert s3_keys(s3_store) == []
     assert connection.vendor  # the database is untouched by the S3 errors
     assert isinstance(body_storage().__class__.__name__, str)
+
+
+@pytest.mark.django_db
+def test_the_admin_says_503_for_a_missing_object(storage_store, make_mailbox, admin_client):
+    make_mailbox("alice")
+    message = deliver("alice", BODY)
+    object_path(storage_store, BODY).unlink()
+    from django.urls import reverse
+
+    for view in ("download", "text"):
+        response = admin_client.get(reverse(f"admin:popserver_message_{view}", args=[message.pk]))
+        assert response.status_code == 503, view

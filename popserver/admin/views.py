@@ -8,6 +8,7 @@ text or listed as an attachment, under a Content-Security-Policy that forbids sc
 from __future__ import annotations
 
 import codecs
+import logging
 from dataclasses import dataclass, field
 from email import policy
 from email.errors import HeaderParseError
@@ -19,7 +20,7 @@ from itertools import chain
 from django import forms
 from django.contrib import messages
 from django.core.exceptions import PermissionDenied
-from django.http import Http404, HttpResponseRedirect, StreamingHttpResponse
+from django.http import Http404, HttpResponse, HttpResponseRedirect, StreamingHttpResponse
 from django.shortcuts import get_object_or_404
 from django.template.defaultfilters import filesizeformat
 from django.template.response import TemplateResponse
@@ -27,10 +28,12 @@ from django.urls import reverse
 from django.utils.http import urlencode
 
 from popserver.conf import get_setting
-from popserver.exceptions import DeliveryError, MessageExpunged, MessageTooLarge
+from popserver.exceptions import BodyUnavailable, DeliveryError, MessageExpunged, MessageTooLarge
 from popserver.mailin.delivery import deliver
 from popserver.models import Mailbox, Message
 from popserver.storage.bodies import get_body_store
+
+logger = logging.getLogger("popserver.admin")
 
 CONTENT_PERMISSION = "popserver.view_message_content"
 UPLOAD_PERMISSION = "popserver.add_message"
@@ -85,9 +88,19 @@ def message_download(message: Message):
         first = next(chunks)  # read before the status line goes out: a message removed meanwhile is a 404
     except (MessageExpunged, StopIteration):
         raise Http404("That message has been removed.") from None
+    except BodyUnavailable as exc:
+        return body_unavailable(exc)
     response = StreamingHttpResponse(chain([first], chunks), content_type="message/rfc822")
     response["Content-Disposition"] = f'attachment; filename="message-{message.pk}.eml"'
     return _content_headers(response, DOWNLOAD_CSP)
+
+
+def body_unavailable(exc: BodyUnavailable) -> HttpResponse:
+    """A body in a storage that cannot be read now (its object missing, the storage down): 503, one log line."""
+    logger.error("admin: %s", exc)
+    return HttpResponse(
+        "This message's body cannot be read now; see the server log.", status=503, content_type="text/plain"
+    )
 
 
 # The text view ------------------------------------------------------------------------------------------------
@@ -193,6 +206,8 @@ def message_text_view(request, message: Message):
         data = read_head(message.pk, TEXT_VIEW_MAX_OCTETS)
     except MessageExpunged:
         raise Http404("That message has been removed.") from None
+    except BodyUnavailable as exc:
+        return body_unavailable(exc)
     context = {
         "title": message.subject or f"Message {message.pk}",
         "message": message,

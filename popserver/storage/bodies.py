@@ -28,7 +28,7 @@ from functools import partial
 from itertools import islice
 from typing import NamedTuple
 
-from django.db import DEFAULT_DB_ALIAS, IntegrityError, connections, transaction
+from django.db import DEFAULT_DB_ALIAS, connections, transaction
 from django.db.models import F, Value
 from django.db.models.functions import Greatest
 from django.utils.module_loading import import_string
@@ -309,20 +309,18 @@ class DjangoStorageBodyStore(BodyStore):
 
         if not isinstance(staged, Staged):
             staged = self.stage(data)
-        row = StoredBody.objects.select_for_update().filter(sha256=staged.sha256).values_list("pk", "refs")
-        found = row.first()
-        if found is None:
-            try:
-                with transaction.atomic():  # a savepoint: another delivery may create the same row first
-                    body = StoredBody.objects.create(sha256=staged.sha256, size=staged.size, refs=1)
-                found, fresh = (body.pk, 0), True
-            except IntegrityError:
-                found = row.get()
-                fresh = False
-        else:
-            fresh = False
-        if not fresh:
-            StoredBody.objects.filter(pk=found[0]).update(refs=F("refs") + 1)
+        # Make sure the row exists (INSERT ... ON CONFLICT DO NOTHING / INSERT IGNORE: no error, and no gap
+        # lock for two deliveries of the same new content to deadlock on), then lock it and count.
+        StoredBody.objects.bulk_create(
+            [StoredBody(sha256=staged.sha256, size=staged.size, refs=0)], ignore_conflicts=True
+        )
+        found = (
+            StoredBody.objects.select_for_update()
+            .filter(sha256=staged.sha256)
+            .values_list("pk", "refs")
+            .get()
+        )
+        StoredBody.objects.filter(pk=found[0]).update(refs=F("refs") + 1)
         if found[1] == 0:
             # No reference before this one: its object may have been removed (or its removal crashed).
             storage = body_storage()

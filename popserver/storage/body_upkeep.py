@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 
-from django.db import IntegrityError, transaction
+from django.db import transaction
 from django.db.models import Count, F
 from django.utils import timezone
 
@@ -135,17 +135,15 @@ def _modified(storage, name: str):
 
 def _remove_orphan(storage, sha256: str, name: str) -> bool:
     """Remove an object that has no row, under a row made for the purpose (refs 0): a delivery of the same
-    content waits for it, then finds no row and writes the object again."""
+    content waits for that row, then finds none and writes the object again; a delivery that came first has
+    counted its reference, and the object stays."""
     with one_writer(), transaction.atomic():
-        if StoredBody.objects.select_for_update().filter(sha256=sha256).exists():
+        StoredBody.objects.bulk_create([StoredBody(sha256=sha256, size=0, refs=0)], ignore_conflicts=True)
+        row = StoredBody.objects.select_for_update().filter(sha256=sha256).values_list("pk", "refs").get()
+        if row[1]:
             return False  # a delivery referred to it meanwhile
-        try:
-            with transaction.atomic():
-                tombstone = StoredBody.objects.create(sha256=sha256, size=0, refs=0)
-        except IntegrityError:
-            return False
         storage.delete(name)
-        StoredBody.objects.filter(pk=tombstone.pk, refs=0).delete()
+        StoredBody.objects.filter(pk=row[0], refs=0).delete()
     return True
 
 
