@@ -516,3 +516,33 @@ def test_the_admin_says_503_for_a_missing_object(storage_store, make_mailbox, ad
     for view in ("download", "text"):
         response = admin_client.get(reverse(f"admin:popserver_message_{view}", args=[message.pk]))
         assert response.status_code == 503, view
+
+
+@pytest.mark.django_db(transaction=True)
+def test_concurrent_deliveries_of_the_same_new_content_share_one_object(storage_store, make_mailbox):
+    import threading
+
+    from django.db import connections
+
+    for n in range(8):
+        make_mailbox(f"user{n}")
+    start = threading.Barrier(8)
+    errors = []
+
+    def deliver_one(n: int) -> None:
+        try:
+            start.wait(timeout=30)
+            deliver(f"user{n}", BODY)
+        except Exception as exc:  # noqa: BLE001 - collected and asserted below
+            errors.append(exc)
+        finally:
+            connections.close_all()
+
+    threads = [threading.Thread(target=deliver_one, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert errors == [] and Message.objects.count() == 8
+    assert list(StoredBody.objects.values_list("refs", flat=True)) == [8]
+    assert objects_in(storage_store) == [object_path(storage_store, BODY)]

@@ -305,22 +305,10 @@ class DjangoStorageBodyStore(BodyStore):
         return staged
 
     def save(self, message, data: bytes, staged: object = None) -> None:
-        from popserver.models import StoredBody
-
         if not isinstance(staged, Staged):
             staged = self.stage(data)
-        # Make sure the row exists (INSERT ... ON CONFLICT DO NOTHING / INSERT IGNORE: no error, and no gap
-        # lock for two deliveries of the same new content to deadlock on), then lock it and count.
-        StoredBody.objects.bulk_create(
-            [StoredBody(sha256=staged.sha256, size=staged.size, refs=0)], ignore_conflicts=True
-        )
-        found = (
-            StoredBody.objects.select_for_update()
-            .filter(sha256=staged.sha256)
-            .values_list("pk", "refs")
-            .get()
-        )
-        StoredBody.objects.filter(pk=found[0]).update(refs=F("refs") + 1)
+        pk, refs = upsert_body(staged.sha256, staged.size, add=1)
+        found = (pk, refs - 1)  # the references it had before this one
         if found[1] == 0:
             # No reference before this one: its object may have been removed (or its removal crashed).
             storage = body_storage()
@@ -352,6 +340,35 @@ class DjangoStorageBodyStore(BodyStore):
             raise BodyUnavailable(
                 f"stored body {name} of message {ref.message_id}: {sent} octets, not {size}"
             )
+
+
+def upsert_body(sha256: str, size: int, *, add: int, using: str = DEFAULT_DB_ALIAS) -> tuple[int, int]:
+    """Create the ``StoredBody`` row of this content with ``add`` references, or add them to the existing
+    one, in one statement that leaves the row locked until the transaction ends; returns (pk, refs now).
+
+    One upsert (PostgreSQL and SQLite: ``ON CONFLICT ... DO UPDATE``; MariaDB: ``ON DUPLICATE KEY UPDATE``)
+    rather than a look-up and an insert: two deliveries of the same new content then queue on the row's
+    lock instead of deadlocking on gap locks or on shared locks taken by a duplicate-key check."""
+    from django.utils import timezone
+
+    from popserver.models import StoredBody
+
+    connection = connections[using]
+    quote = connection.ops.quote_name
+    meta = StoredBody._meta
+    table = quote(meta.db_table)
+    sha, size_, refs, created = (
+        quote(meta.get_field(n).column) for n in ("sha256", "size", "refs", "created_at")
+    )
+    insert = f"INSERT INTO {table} ({sha}, {size_}, {refs}, {created}) VALUES (%s, %s, %s, %s) "
+    if connection.vendor == "mysql":
+        insert += f"ON DUPLICATE KEY UPDATE {refs} = {refs} + %s"
+    else:
+        insert += f"ON CONFLICT ({sha}) DO UPDATE SET {refs} = {table}.{refs} + %s"
+    now = connection.ops.adapt_datetimefield_value(timezone.now())
+    with connection.cursor() as cursor:
+        cursor.execute(insert, [sha256, size, add, now, add])
+    return StoredBody.objects.using(using).filter(sha256=sha256).values_list("pk", "refs").get()
 
 
 def write_object(storage, name: str, data: bytes) -> None:

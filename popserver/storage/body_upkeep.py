@@ -37,6 +37,7 @@ from .bodies import (
     object_name,
     read_body,
     remove_unreferenced,
+    upsert_body,
 )
 from .lock import MailboxLock
 from .writelock import one_writer
@@ -138,12 +139,11 @@ def _remove_orphan(storage, sha256: str, name: str) -> bool:
     content waits for that row, then finds none and writes the object again; a delivery that came first has
     counted its reference, and the object stays."""
     with one_writer(), transaction.atomic():
-        StoredBody.objects.bulk_create([StoredBody(sha256=sha256, size=0, refs=0)], ignore_conflicts=True)
-        row = StoredBody.objects.select_for_update().filter(sha256=sha256).values_list("pk", "refs").get()
-        if row[1]:
+        pk, refs = upsert_body(sha256, 0, add=0)  # the row, made or found, locked
+        if refs:
             return False  # a delivery referred to it meanwhile
         storage.delete(name)
-        StoredBody.objects.filter(pk=row[0], refs=0).delete()
+        StoredBody.objects.filter(pk=pk, refs=0).delete()
     return True
 
 
