@@ -546,3 +546,22 @@ def test_concurrent_deliveries_of_the_same_new_content_share_one_object(storage_
     assert errors == [] and Message.objects.count() == 8
     assert list(StoredBody.objects.values_list("refs", flat=True)) == [8]
     assert objects_in(storage_store) == [object_path(storage_store, BODY)]
+
+
+@pytest.mark.django_db
+def test_pipelined_small_stored_bodies_are_named_in_one_query(
+    storage_store, make_mailbox, django_assert_num_queries
+):
+    mailbox = make_mailbox("alice")
+    bodies = [f"Subject: {n}\r\n\r\nbody {n}\r\n".encode() for n in range(5)]
+    for data in bodies:
+        deliver("alice", data)
+    object_path(storage_store, bodies[3]).unlink()
+    maildrop = open_maildrop(mailbox.pk)
+    session = session_on(maildrop)
+    with django_assert_num_queries(2):  # the read-ahead; then message 4's own read, which finds it missing
+        out = b"".join(session.receive(b"".join(b"RETR %d\r\n" % n for n in range(1, 6))))
+    replies = [f"+OK {len(d)} octets\r\n".encode() + d + b".\r\n" for d in bodies]
+    replies[3] = b"-ERR [SYS/TEMP] Internal error occurred. Refer to server log for more information.\r\n"
+    assert out == b"".join(replies)
+    maildrop.release()
