@@ -17,6 +17,10 @@ DEFAULTS: dict[str, Any] = {
     "AUTO_CREATE_MAILBOX": False,  # create a user's mailbox on first delivery or first POP3 login
     "BODY_STORE": "popserver.storage.bodies.DatabaseBodyStore",
     "BODY_CHUNK_SIZE": 1 * MiB,  # rows of message bytes; MariaDB's default packet limit is 16 MiB
+    # The STORAGES alias that holds bodies with popserver.storage.bodies.DjangoStorageBodyStore (and those
+    # moved there by popmovebodies); never the default storage, whose files a site may serve.
+    "BODY_STORAGE": "popserver",
+    "BODY_GC_GRACE": 3600,  # seconds: popgc leaves an object nothing refers to alone this long (a delivery)
     # Quotas, for every mailbox whose own limit is empty (a mailbox's 0 means unlimited). 0: unlimited.
     "QUOTA_BYTES": 0,  # octets of all a mailbox's messages (sizes as LIST shows them)
     "QUOTA_MESSAGES": 0,  # messages in a mailbox

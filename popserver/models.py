@@ -111,6 +111,28 @@ class MessageQuerySet(models.QuerySet):
         return self.filter(deleted_at__isnull=False)
 
 
+class StoredBody(models.Model):
+    """A message body held by a Django storage (``DjangoStorageBodyStore``), once per content.
+
+    The object's name is derived from the SHA-256 of its bytes, so identical bodies (one message to many local
+    recipients, a re-import) share one object. ``refs`` counts the messages that reference it; it changes in
+    the same transaction as those message rows. At 0 the object is removed after the commit (or by
+    ``popgc``); an object whose row says 0 may already be gone.
+    """
+
+    sha256 = models.CharField(max_length=64, unique=True, editable=False)  # lower-case hex
+    size = models.PositiveBigIntegerField(editable=False)
+    refs = models.PositiveIntegerField(default=0, editable=False)
+    created_at = models.DateTimeField(auto_now_add=True, editable=False)
+
+    class Meta:
+        verbose_name = "stored body"
+        indexes = [models.Index(fields=["refs"], name="popserver_storedbody_refs_idx")]
+
+    def __str__(self) -> str:
+        return self.sha256
+
+
 class Message(models.Model):
     """A message in the form the server presents it (bare LF as CRLF; every other byte unchanged).
 
@@ -121,6 +143,13 @@ class Message(models.Model):
     mailbox = models.ForeignKey(Mailbox, on_delete=models.CASCADE, related_name="messages")
     uid = models.CharField("unique id", max_length=70)  # RFC 1939 s.7: 1-70 chars in 0x21-0x7E
     size = models.PositiveBigIntegerField(help_text="Octets as sent by RETR, before dot-stuffing.")
+    # How many MessageChunk rows hold the body, kept here so that the snapshot knows it and a read is one
+    # plain indexed query per chunk. 0: not known (rows written without a body store) and counted at read.
+    chunk_count = models.PositiveIntegerField(default=0, editable=False)
+    # Set when the body is in a Django storage instead (then chunk_count is 0 and there are no chunks).
+    stored_body = models.ForeignKey(
+        StoredBody, null=True, blank=True, editable=False, on_delete=models.PROTECT, related_name="messages"
+    )
     arrived_at = models.DateTimeField(auto_now_add=True, db_index=True)
     subject = models.TextField(blank=True, default="")
     sender = models.TextField(blank=True, default="")

@@ -14,6 +14,9 @@ from popserver.storage.bodies import get_body_store
 from popserver.exceptions import QuotaExceeded, RecipientsRefused
 from popserver.models import Message
 
+# Part of the delivery suite: runs against both body stores (issue 21).
+pytestmark = pytest.mark.usefixtures("body_store")
+
 BACKEND = "popserver.mailin.email_backend.LocalDeliveryBackend"
 LOCMEM = "django.core.mail.backends.locmem.EmailBackend"
 

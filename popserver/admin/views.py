@@ -8,6 +8,7 @@ text or listed as an attachment, under a Content-Security-Policy that forbids sc
 from __future__ import annotations
 
 import codecs
+import logging
 import re
 from dataclasses import dataclass, field
 from email import policy
@@ -20,19 +21,21 @@ from itertools import chain
 from django import forms
 from django.contrib import messages
 from django.core.exceptions import PermissionDenied
-from django.http import Http404, HttpResponseRedirect, StreamingHttpResponse
+from django.http import Http404, HttpResponse, HttpResponseRedirect, StreamingHttpResponse
 from django.shortcuts import get_object_or_404
 from django.template.response import TemplateResponse
 from django.urls import reverse
 from django.utils.http import urlencode
 
 from popserver.conf import get_setting
-from popserver.exceptions import DeliveryError, MessageExpunged, MessageTooLarge
+from popserver.exceptions import BodyUnavailable, DeliveryError, MessageExpunged, MessageTooLarge
 from popserver.mailin.delivery import deliver
 from popserver.mailin.quota import format_octets
 from popserver.models import Mailbox, Message
 from popserver.storage.bodies import get_body_store
 from popserver.storage.maildrop import position_in_listing
+
+logger = logging.getLogger("popserver.admin")
 
 CONTENT_PERMISSION = "popserver.view_message_content"
 UPLOAD_PERMISSION = "popserver.add_message"
@@ -85,16 +88,26 @@ class MessageContentViews:
 # The raw download ---------------------------------------------------------------------------------------------
 def message_download(message: Message):
     """The message's bytes as the server presents them, streamed from the body store chunk by chunk."""
-    chunks = get_body_store().read_chunks(message.pk)
+    chunks = get_body_store().read_chunks(message)
     try:
         first = next(chunks)  # read before the status line goes out: a message removed meanwhile is a 404
     except (MessageExpunged, StopIteration):
         raise Http404("That message has been removed.") from None
+    except BodyUnavailable as exc:
+        return body_unavailable(exc)
     response = StreamingHttpResponse(chain([first], chunks), content_type="message/rfc822")
     # Named by its unique id, as a POP3 client knows it (an imported one may hold any printable character).
     filename = re.sub(r"[^A-Za-z0-9._-]", "_", message.uid)
     response["Content-Disposition"] = f'attachment; filename="message-{filename}.eml"'
     return _content_headers(response, DOWNLOAD_CSP)
+
+
+def body_unavailable(exc: BodyUnavailable) -> HttpResponse:
+    """A body in a storage that cannot be read now (its object missing, the storage down): 503, one log line."""
+    logger.error("admin: %s", exc)
+    return HttpResponse(
+        "This message's body cannot be read now; see the server log.", status=503, content_type="text/plain"
+    )
 
 
 # The text view ------------------------------------------------------------------------------------------------
@@ -202,6 +215,8 @@ def message_text_view(request, message: Message, admin_context: dict | None = No
         data = read_head(message.pk, TEXT_VIEW_MAX_OCTETS)
     except MessageExpunged:
         raise Http404("That message has been removed.") from None
+    except BodyUnavailable as exc:
+        return body_unavailable(exc)
     number, total = position_in_listing(message)
     context = {
         **(admin_context or {}),

@@ -33,7 +33,7 @@ from popserver.mailin import notices, quota
 from popserver.mailin.mailboxes import find_mailbox
 from popserver.models import DeliveryCount, Mailbox, Message, new_uid_validity
 from popserver.protocol.wire import has_header_end, normalize_line_endings
-from popserver.storage.bodies import get_body_store
+from popserver.storage.bodies import BodyStore, get_body_store
 from popserver.storage.writelock import one_writer
 
 logger = logging.getLogger(__name__)
@@ -131,6 +131,8 @@ def store_prepared(
     """
     if uid is not None:
         validate_uid(uid)
+    store = get_body_store()
+    staged = store.stage(prepared.data)  # an object store writes the object now, before any row refers to it
     with transaction.atomic():
         # The row lock serialises deliveries and imports into one mailbox: the quota sum and the counter
         # below see every message committed before it (READ COMMITTED on PostgreSQL and MariaDB; SQLite's
@@ -172,8 +174,10 @@ def store_prepared(
         if next_uid != state["next_uid"]:
             Mailbox.objects.filter(pk=mailbox.pk).update(next_uid=next_uid)
         mailbox.next_uid, mailbox.uid_validity = next_uid, uid_validity
-        message = _save(mailbox, prepared, uid)
-        notice = None if warning is None else _save(mailbox, warning, warning_uid, server_notice=True)
+        message = _save(mailbox, prepared, uid, store, staged)
+        # The warning's body is staged here, inside the transaction: a crash leaves at most an unreferenced
+        # object, which popgc removes.
+        notice = None if warning is None else _save(mailbox, warning, warning_uid, store, server_notice=True)
         if send_signal:
             transaction.on_commit(partial(count_delivery, message.size))
             transaction.on_commit(
@@ -210,9 +214,17 @@ def store_prepared(
     return message
 
 
-def _save(mailbox: Mailbox, prepared: PreparedMessage, uid: str, *, server_notice: bool = False) -> Message:
+def _save(
+    mailbox: Mailbox,
+    prepared: PreparedMessage,
+    uid: str,
+    store: BodyStore,
+    staged: object = None,
+    *,
+    server_notice: bool = False,
+) -> Message:
     headers = prepared.headers
-    message = Message.objects.create(
+    message = Message(
         mailbox=mailbox,
         uid=uid,
         size=prepared.size,
@@ -222,7 +234,7 @@ def _save(mailbox: Mailbox, prepared: PreparedMessage, uid: str, *, server_notic
         server_notice=server_notice,
         has_header_end=has_header_end(prepared.data),
     )
-    get_body_store().save(message, prepared.data)
+    store.save(message, prepared.data, staged)  # saves the row with its body's location
     return message
 
 

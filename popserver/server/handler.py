@@ -60,11 +60,20 @@ def set_socket_options(sock: socket.socket) -> None:
             pass
 
 
-def send_buffers(sock: socket.socket, buffers: list[bytes]) -> None:
-    """``sendall`` for a list of buffers, with ``sendmsg`` (partial writes resumed where they stopped)."""
+def send_buffers(sock: socket.socket, buffers: list[bytes], wait_writable=None) -> None:
+    """``sendall`` for a list of buffers, with ``sendmsg`` (partial writes resumed where they stopped).
+
+    A non-blocking socket needs ``wait_writable()``: called when the socket takes nothing, it returns once
+    it may take more or raises ``TimeoutError``."""
     views = [memoryview(buffer) for buffer in buffers]
     while views:
-        sent = sock.sendmsg(views[:MAX_IOVEC])
+        try:
+            sent = sock.sendmsg(views[:MAX_IOVEC])
+        except BlockingIOError:
+            if wait_writable is None:
+                raise
+            wait_writable()
+            continue
         while sent and views:
             if sent >= len(views[0]):
                 sent -= len(views.pop(0))
@@ -93,14 +102,33 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
         self.peer = f"{self.peer_ip}:{self.peer_port}" if self.peer_port else self.peer_ip
         self.connected_at = time.monotonic()
         self.started_at = timezone.now()
+        # Read once per connection, not per command.
+        self.autologout = get_setting("AUTOLOGOUT")
+        self.login_timeout = get_setting("LOGIN_TIMEOUT")
+        self.readable = self.writable = None  # poll objects once ``use_poll`` is on
         set_socket_options(self.sock)
+
+    def use_poll(self) -> None:
+        """Plaintext: a non-blocking socket and a poll object of our own, so that a read or write that can go
+        ahead at once is one system call (a socket with a timeout polls before every call and has its timeout
+        set before each). TLS keeps the socket's timeout: decrypted bytes may wait inside the TLS object,
+        where poll cannot see them. Call it once nothing else reads the socket with a timeout (the PROXY
+        header is read first)."""
+        self.readable = self.writable = None
+        if isinstance(self.sock, ssl.SSLSocket):
+            return
+        self.sock.setblocking(False)
+        self.readable, self.writable = select.poll(), select.poll()
+        self.readable.register(self.sock, select.POLLIN)
+        self.writable.register(self.sock, select.POLLOUT)
 
     # TLS ------------------------------------------------------------------------------------------------
     def handshake(self) -> None:
         """Wrap the socket in TLS, in this session's thread, with a deadline (never in the accept loop)."""
         context = self.server.tls.context
+        self.readable = self.writable = None  # from here on the TLS socket's own timeouts
         # One deadline for the whole handshake, not per recv(): a byte every few seconds gains nothing.
-        deadline = time.monotonic() + min(HANDSHAKE_TIMEOUT, get_setting("LOGIN_TIMEOUT"))
+        deadline = time.monotonic() + min(HANDSHAKE_TIMEOUT, self.login_timeout)
         try:
             self.sock = context.wrap_socket(self.sock, server_side=True, do_handshake_on_connect=False)
             if not self.server.registry.rewrap(self.request, self.sock):
@@ -125,7 +153,18 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
     def read(self, deadline: float, timeout_reply: bytes) -> bytes:
         """Bytes from the client by ``deadline`` (monotonic), else ``timeout_reply`` is sent and the session
         ends. A connection idle for DB_IDLE_CLOSE gives its database connection back meanwhile."""
-        idle_since = time.monotonic()
+        readable = self.readable
+        now = time.monotonic()
+        if readable is not None and now < deadline:  # what pipelining clients sent is often here already
+            try:
+                data = self.sock.recv(RECV_SIZE)
+            except BlockingIOError:
+                pass
+            else:
+                if not data:
+                    raise SessionEnded("Connection closed")
+                return data
+        idle_since = now
         db_released = False
         while True:
             now = time.monotonic()
@@ -136,9 +175,16 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
                 self.send_quietly(timeout_reply)
                 raise SessionEnded("Inactivity")
             wait = remaining if db_released else min(remaining, max(0.0, idle_since + DB_IDLE_CLOSE - now))
-            self.sock.settimeout(max(wait, 0.001))
             try:
-                data = self.sock.recv(RECV_SIZE)
+                if readable is None:
+                    self.sock.settimeout(max(wait, 0.001))
+                    data = self.sock.recv(RECV_SIZE)
+                elif readable.poll(max(wait * 1000, 1)):
+                    data = self.sock.recv(RECV_SIZE)
+                else:
+                    raise TimeoutError
+            except BlockingIOError:  # a wake-up without data
+                continue
             except TimeoutError:
                 if not db_released:
                     connections.close_all()  # idle: give the database connection back
@@ -151,13 +197,12 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
     # Output ---------------------------------------------------------------------------------------------
     def write_timeout(self) -> float:
         """Seconds a write may wait for a client that does not read before the session is dropped."""
-        return get_setting("AUTOLOGOUT")
+        return self.autologout
 
     def send(self, chunks: Iterable[bytes]) -> int:
         """Write everything ``chunks`` yields in few large writes (Nagle: see PITFALLS); returns octets sent.
 
         Output is gathered up to WRITE_COALESCE octets, and written early at the session's ``FLUSH`` mark."""
-        self.sock.settimeout(self.write_timeout())  # a client that stops reading is dropped in time
         pending: list[bytes] = []
         pending_size = total = 0
         for chunk in chunks:
@@ -170,6 +215,7 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
             if chunk:
                 pending.append(chunk)
                 pending_size += len(chunk)
+                del chunk  # written data is not kept while the session makes the next piece
                 if pending_size >= WRITE_COALESCE:
                     self.write(pending)
                     total += pending_size
@@ -180,16 +226,21 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
         return total
 
     def write(self, buffers: list[bytes]) -> None:
-        """Send ``buffers`` whole: one ``sendmsg`` gather-write where the socket has it (no join), else joined."""
-        if len(buffers) == 1:
-            self.sock.sendall(buffers[0])
-        elif isinstance(self.sock, ssl.SSLSocket):
-            self.sock.sendall(b"".join(buffers))
-        else:
-            send_buffers(self.sock, buffers)
+        """Send ``buffers`` whole: one ``sendmsg`` gather-write (no join) with poll, joined under TLS. A client
+        that stops reading is dropped after ``write_timeout()`` without progress."""
+        if self.writable is not None:
+            send_buffers(self.sock, buffers, self.wait_writable)
+            return
+        self.sock.settimeout(self.write_timeout())
+        self.sock.sendall(buffers[0] if len(buffers) == 1 else b"".join(buffers))
+
+    def wait_writable(self) -> None:
+        if not self.writable.poll(self.write_timeout() * 1000):
+            raise TimeoutError("the client stopped reading")
 
     def send_quietly(self, data: bytes) -> None:
         try:
+            self.readable = self.writable = None
             self.sock.settimeout(1.0)
             self.sock.sendall(data)
         except OSError:
@@ -222,13 +273,14 @@ class Pop3Handler(ConnectionHandler):
         try:
             if self.server.implicit_tls:
                 self.handshake()
+            self.use_poll()
             self.send([session.greeting()])
-            line_deadline = time.monotonic() + get_setting("AUTOLOGOUT")
+            line_deadline = time.monotonic() + self.autologout
             while not session.closed:
                 data = self.receive(session, line_deadline)
                 produced = self.send(session.receive(data))
                 if produced:
-                    line_deadline = time.monotonic() + get_setting("AUTOLOGOUT")
+                    line_deadline = time.monotonic() + self.autologout
                 if session.wants_tls:
                     self.start_tls(session)
             if session.state is State.UPDATE:
@@ -349,7 +401,7 @@ class Pop3Handler(ConnectionHandler):
         (Dovecot: 3 minutes), after it the autologout per line (RFC 1939 s.3), not per ``recv()``."""
         deadline = line_deadline
         if session.state is State.AUTHORIZATION:
-            deadline = min(line_deadline, self.connected_at + get_setting("LOGIN_TIMEOUT"))
+            deadline = min(line_deadline, self.connected_at + self.login_timeout)
         return self.read(deadline, b"-ERR Disconnected for inactivity.\r\n")
 
     # Session end ----------------------------------------------------------------------------------------

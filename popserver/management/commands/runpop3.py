@@ -67,6 +67,7 @@ class Command(BaseCommand):
         except DatabaseError as exc:
             raise CommandError(f"Database: {exc} (has 'manage.py migrate' run?)") from None
 
+        self.check_body_storage()
         stop = threading.Event()
         # Signal handlers only set flags: shutdown() must run outside the serving threads.
         for signum in (signal.SIGINT, signal.SIGTERM):
@@ -100,6 +101,17 @@ class Command(BaseCommand):
         stop_servers(servers)
         release_node_name()
         self.stdout.write("popserver: stopped.")
+
+    @staticmethod
+    def check_body_storage() -> None:
+        """Bodies in a Django storage: it must take an object and give it back before we serve (issue 21)."""
+        from popserver.checks.bodies import storage_store_selected
+        from popserver.storage.bodies import probe_body_storage
+
+        if storage_store_selected():
+            problem = probe_body_storage()
+            if problem:
+                raise CommandError(f"The body storage cannot be used: {problem}")
 
     @staticmethod
     def tls_address(text: str, default_host: str) -> tuple[str, int]:
