@@ -69,7 +69,10 @@ def bulk_messages(mailbox, count: int, body: bytes) -> None:
             messages = Message.objects.bulk_create(
                 [
                     Message(
-                        mailbox=mailbox, uid=f"{start + i + 1:08X}{mailbox.uid_validity:08X}", size=len(body)
+                        mailbox=mailbox,
+                        uid=f"{start + i + 1:08X}{mailbox.uid_validity:08X}",
+                        size=len(body),
+                        chunk_count=1,
                     )
                     for i in range(n)
                 ]
@@ -100,6 +103,8 @@ class Server:
         for line in self.proc.stdout:
             if match := re.search(r"POP3 on 127\.0\.0\.1:(\d+)", line):
                 self.port = int(match.group(1))
+                tls = re.search(r"POP3S on 127\.0\.0\.1:(\d+)", line)  # with --tls-port
+                self.tls_port = int(tls.group(1)) if tls else None
                 break
         else:
             self.proc.wait(timeout=30)

@@ -23,6 +23,12 @@ The configuration is Dovecot's compiled-in defaults plus what a loopback benchma
   processes serve many connections); ``mail_fsync="never"`` drops the fsync of each delivered message,
   which is the like-for-like setting beside popserver on SQLite (the project runs it with
   ``synchronous=NORMAL``: no fsync per commit); PostgreSQL fsyncs each commit, like the default.
+
+Options for the conformance comparison (bench/conformance_dovecot.py): ``tls=(certfile, keyfile)`` turns on
+``ssl = yes`` (STLS on the POP3 port, implicit TLS on ``pop3s_port``); ``pop3_lock_session=True`` sets
+Dovecot's ``pop3_lock_session = yes`` (off by default: two sessions may then hold the same mailbox).
+``lda_command()`` is the ``dovecot-lda`` command line that delivers to a user of this instance (it reads the
+same configuration, so it finds the same userdb through the instance's auth socket).
 """
 
 import os
@@ -39,6 +45,7 @@ from typing import Self
 
 PACKAGES = ("dovecot-pop3d", "dovecot-lmtpd")
 BINARY = "/usr/sbin/dovecot"
+LDA = "/usr/lib/dovecot/dovecot-lda"  # in dovecot-core, which dovecot-pop3d depends on
 START_TIMEOUT = 30.0  # seconds for the listeners to accept after start
 
 
@@ -122,16 +129,20 @@ class Dovecot:
         tuned: bool = False,
         mail_fsync: str | None = None,
         directory: str | None = None,
+        tls: tuple[str, str] | None = None,
+        pop3_lock_session: bool = False,
     ):
         """``mail_fsync``: ``optimized`` (Dovecot's default: each delivered message is fsynced), ``always``
-        or ``never``; None leaves the default."""
+        or ``never``; None leaves the default. ``tls``: (certificate file, key file), both PEM."""
         self.password = password
+        self.tls = tls
+        self.pop3_lock_session = pop3_lock_session
         self.mail_fsync = mail_fsync
         self.user = pwd.getpwnam(user)
         self.tuned = tuned
         self._directory = directory
         self.proc: subprocess.Popen | None = None
-        self.pop3_port = self.lmtp_port = 0
+        self.pop3_port = self.lmtp_port = self.pop3s_port = 0
 
     # -- life cycle ---------------------------------------------------------------------------------------
 
@@ -146,6 +157,7 @@ class Dovecot:
         self.log_path = self.root / "dovecot.log"
         self.config_path = self.root / "dovecot.conf"
         self.pop3_port, self.lmtp_port = free_port(), free_port()
+        self.pop3s_port = free_port() if self.tls else 0
         self.config_path.write_text(self.config())
         try:
             with open(self.root / "master.err", "wb") as errors:
@@ -179,7 +191,7 @@ class Dovecot:
 
     def _wait_listening(self) -> None:
         deadline = time.monotonic() + START_TIMEOUT
-        pending = {self.pop3_port, self.lmtp_port}
+        pending = {self.pop3_port, self.lmtp_port} | ({self.pop3s_port} if self.pop3s_port else set())
         while pending:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"dovecot exited with {self.proc.returncode}: {self.errors()}")
@@ -230,6 +242,14 @@ class Dovecot:
                 f"passdb {{\n  driver = static\n  args = password={self.password}\n}}",
                 f"userdb {{\n  driver = static\n  args = uid={uid} gid={gid} home={home}/%n allow_all_users=yes\n}}",
             ]
+        tls = ["ssl = no"]
+        if self.tls:
+            cert, key = self.tls
+            tls = (
+                ["ssl = yes", f"ssl_server_cert_file = {cert}", f"ssl_server_key_file = {key}"]
+                if v24
+                else ["ssl = yes", f"ssl_cert = <{cert}", f"ssl_key = <{key}"]
+            )
         login_tuning = []
         if self.tuned:  # "high-performance mode": a login process serves many connections
             login_tuning = [
@@ -244,15 +264,16 @@ class Dovecot:
             f"log_path = {self.log_path}",
             "protocols = pop3 lmtp",
             "listen = 127.0.0.1",
-            "ssl = no",
+            *tls,
             "auth_mechanisms = plain",
             f"first_valid_uid = {uid}",
             f"first_valid_gid = {gid}",
             *auth,
             *([f"mail_fsync = {self.mail_fsync}"] if self.mail_fsync else []),
+            *(["pop3_lock_session = yes"] if self.pop3_lock_session else []),
             "service pop3-login {",
             f"  inet_listener pop3 {{\n    port = {self.pop3_port}\n  }}",
-            "  inet_listener pop3s {\n    port = 0\n  }",
+            f"  inet_listener pop3s {{\n    port = {self.pop3s_port}\n  }}",
             *login_tuning,
             "}",
             "service lmtp {",
@@ -265,6 +286,10 @@ class Dovecot:
 
     def maildir(self, username: str) -> Path:
         return self.home / username / "Maildir"
+
+    def lda_command(self, user: str = "{user}") -> list[str]:
+        """``dovecot-lda`` delivering the message on its standard input to ``user`` of this instance."""
+        return [LDA, "-c", str(self.config_path), "-d", user]
 
 
 def seed_maildir(maildir: Path, messages: list[bytes], *, owner: str = "mail") -> None:

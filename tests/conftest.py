@@ -51,6 +51,45 @@ def manage_py_command(*args: str) -> list[str]:
     return [sys.executable, str(REPO / "manage.py"), *args]
 
 
+STORAGE_STORE = "popserver.storage.bodies.DjangoStorageBodyStore"
+
+
+@pytest.fixture(params=["database", "storage"])
+def body_store(request, settings, tmp_path):
+    """Runs a test with each body store: the database's chunks, and objects in a Django storage (a
+    FileSystemStorage in a temporary folder; tests/test_stored_bodies.py adds S3). Returns its name."""
+    if request.param == "storage":
+        settings.POPSERVER_BODY_STORE = STORAGE_STORE
+        settings.STORAGES = {
+            **settings.STORAGES,
+            "popserver": {
+                "BACKEND": "django.core.files.storage.FileSystemStorage",
+                "OPTIONS": {"location": str(tmp_path / "bodies")},
+            },
+        }
+    return request.param
+
+
+def bodies_held(mailbox=None) -> int:
+    """How many message bodies the database holds (of one mailbox): chunked messages plus stored ones, each
+    stored body counted once per message that refers to it."""
+    from popserver.models import Message, MessageChunk
+
+    chunks = (
+        MessageChunk.objects.all()
+        if mailbox is None
+        else MessageChunk.objects.filter(message__mailbox=mailbox)
+    )
+    messages = Message.objects.filter(stored_body__isnull=False)
+    if mailbox is not None:
+        messages = messages.filter(mailbox=mailbox)
+    return chunks.values("message").distinct().count() + messages.count()
+
+
+# For tests of what only the database store does (its chunk rows and queries).
+database_store_only = pytest.mark.parametrize("body_store", ["database"], indirect=True)
+
+
 @pytest.fixture
 def make_mailbox(db):
     """make_mailbox(username, password="secret", email=None) -> Mailbox (creates the user too)."""
@@ -73,9 +112,10 @@ def make_mailbox(db):
 class LiveServer:
     """A ``Pop3Server`` on 127.0.0.1 and a free port, serving from a thread of this test process."""
 
-    def __init__(self, tls=None, implicit_tls: bool = False, is_trusted=None):
+    def __init__(self, tls=None, implicit_tls: bool = False, is_trusted=None, proxy_protocol: bool = False):
         """``tls``: a TlsContextHolder (STLS, plus an implicit-TLS listener at ``tls_port`` if
-        ``implicit_tls``); ``is_trusted(ip)``: play a non-local peer while bound to 127.0.0.1."""
+        ``implicit_tls``); ``is_trusted(ip)``: play a non-local peer while bound to 127.0.0.1;
+        ``proxy_protocol``: every listener expects a PROXY header."""
         import threading
 
         from popserver.logins.authenticator import is_trusted_peer
@@ -88,6 +128,7 @@ class LiveServer:
             tls=tls,
             implicit_tls_addresses=[("127.0.0.1", 0)] if implicit_tls else [],
             is_trusted=is_trusted or is_trusted_peer,
+            proxy_protocol=proxy_protocol,
         )
         self.server, self.servers = servers[0], servers
         self.host, self.port = "127.0.0.1", self.server.port

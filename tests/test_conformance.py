@@ -163,6 +163,7 @@ FAULT_CASES = {
     "stls_still_announced": (["tls.capa-after-stls"], "tls", {}),
     "stls_twice": (["tls.stls-once"], "tls", {}),
     "stls_injection": (["tls.stls-injection"], "tls", {}),
+    "stls_injection_plaintext": (["tls.stls-injection"], "tls", {}),
     "stls_after_login": (["tls.stls-transaction"], "tls.stls-transaction", {}),
     "sasl_ignores_ir": (["sasl.plain"], "sasl", {}),
     "sasl_no_continuation": (["sasl.plain-continuation"], "sasl", {}),
@@ -229,6 +230,18 @@ def test_the_correct_toy_passes_over_implicit_tls_with_stls_and_auth_plain(toy, 
     report = kit(server, cafile, stls=True, only=["corpus", "tls"])
     assert failures(report) == {}
     assert report.result("tls.stls").status == PASS
+
+
+def test_a_handshake_refused_after_plaintext_pipelined_behind_stls_is_safe(toy, cafile):
+    """RFC 2595 s.4 starts the TLS negotiation right after STLS's CRLF: a server that takes the plaintext
+    behind it as TLS data and fails the handshake (Dovecot) runs nothing, so the check passes, with a note;
+    answering the injected command in plaintext fails it."""
+    report = kit(toy("stls_pipelined_as_tls"), cafile, only=["tls"])
+    result = report.result("tls.stls-injection")
+    assert result.status == PASS and "the injected command did not run" in result.notes[0], result.notes
+    assert report.result("tls.stls").status == PASS  # an STLS without pipelined plaintext still works
+    report = kit(toy("stls_injection_plaintext"), cafile, only=["tls"])
+    assert "answered in plaintext" in failures(report)["tls.stls-injection"]
 
 
 def test_wrong_credentials_stop_the_run(toy, cafile):

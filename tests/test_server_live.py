@@ -586,7 +586,7 @@ def test_parse_address_forms():
 def test_throttle_is_shared_by_two_server_processes(runpop3, alice):
     # Loopback plays an untrusted client: the whole-IP count applies and plaintext is allowed.
     env = {"POPSERVER_TRUSTED_NETWORKS": "[]", "POPSERVER_PLAINTEXT_AUTH": "always"}
-    first, second = runpop3(**env), runpop3(**env)
+    first, second = runpop3(**env, POPSERVER_NODE_NAME="node-a"), runpop3(**env, POPSERVER_NODE_NAME="node-b")
     for attempt in range(30):
         server = (first, second)[attempt % 2]
         client = server.poplib()

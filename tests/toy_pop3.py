@@ -77,6 +77,7 @@ FAULTS = {
     "stls_still_announced": "CAPA inside TLS still announces STLS",
     "stls_twice": "STLS inside TLS answers +OK",
     "stls_injection": "commands pipelined after STLS run inside TLS",
+    "stls_injection_plaintext": "commands pipelined after STLS are answered in plaintext, then TLS starts",
     "stls_after_login": "STLS after login answers +OK",
     # SASL
     "sasl_ignores_ir": "AUTH PLAIN ignores the initial response",
@@ -96,6 +97,12 @@ FAULTS = {
     "garbage_silent": "a line with a NUL gets no answer",
     "overlong_crash": "a line over 1000 octets stops the server",
     "lf_only_refused": "a command ended by a bare LF is refused",
+}
+
+# Correct behaviours other than the toy's own, for the checks that allow more than one.
+VARIANTS = {
+    "stls_pipelined_as_tls": "octets pipelined after STLS are taken as TLS data, so the handshake fails "
+    "(Dovecot; emulated by closing the connection)",
 }
 
 BARE_LF = re.compile(rb"(?<!\r)\n")
@@ -131,7 +138,7 @@ class ToyServer:
     user, password = "toy", "toy-secret"
 
     def __init__(self, faults=(), tls: ssl.SSLContext | None = None):
-        unknown = set(faults) - set(FAULTS)
+        unknown = set(faults) - set(FAULTS) - set(VARIANTS)
         assert not unknown, unknown
         self.faults = set(faults)
         self.tls = tls
@@ -429,6 +436,11 @@ class Session:
             self.reply("-ERR TLS not available")
             return None
         self.reply("+OK Begin TLS")
+        if self.buffer and self.toy.has("stls_pipelined_as_tls"):
+            return "close"
+        if self.toy.has("stls_injection_plaintext"):
+            for _ in range(self.buffer.count(b"\n")):
+                self.reply("-ERR Unknown command")
         pending = self.buffer if self.toy.has("stls_injection") else b""
         self.buffer = b""
         try:

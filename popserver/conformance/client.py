@@ -232,6 +232,25 @@ class Connection:
         self.drop()
         return reply
 
+    def unsolicited(self, wait: float) -> bytes | None:
+        """What the server sends within ``wait`` seconds without being asked: b"" if nothing, None if it
+        closed the connection. Used where the client should speak next (the TLS ClientHello after STLS)."""
+        if self.buffer:
+            return bytes(self.buffer)
+        try:
+            self.sock.settimeout(wait)
+            data = self.sock.recv(4096)
+        except TimeoutError:
+            return b""
+        except OSError:
+            return None
+        finally:
+            self.sock.settimeout(self.timeout)
+        if not data:
+            return None
+        self.buffer += data
+        return data
+
     def wait_closed(self) -> bool:
         """True if the server closes the connection within the timeout (and sends nothing before that)."""
         try:

@@ -955,12 +955,33 @@ def probe_tls(ctx: Context) -> None:
         ctx.stat(conn)
     drain_quit(conn)
 
-    # RFC 2595 s.4; CVE-2011-0411: plaintext pipelined after STLS must not run inside TLS.
+    check_stls_injection(ctx)
+
+
+# OpenSSL's words for a TLS peer that sent something that is not TLS (here: a plaintext POP3 reply).
+NOT_TLS = re.compile(
+    r"WRONG_VERSION_NUMBER|RECORD_LAYER_FAILURE|PACKET_LENGTH_TOO_LONG|UNKNOWN_PROTOCOL", re.I
+)
+PLAINTEXT_GRACE = 1.0  # seconds to wait for a plaintext answer to the injected command before the handshake
+
+
+def check_stls_injection(ctx: Context) -> None:
+    """RFC 2595 s.4; CVE-2011-0411: a command pipelined in plaintext after STLS must never run.
+
+    Two answers are safe: discard the plaintext and complete the handshake (the first reply inside TLS is
+    then to the kit's own CAPA), or take the octets after the CRLF of +OK as the start of the TLS
+    negotiation, which RFC 2595 s.4 says begins right there, and fail the handshake. Unsafe: answering the
+    injected command in plaintext, or running it inside TLS."""
     conn = ctx.open()
     conn.send(b"STLS\r\nXCONFORMANCE-INJECTED\r\n")
     reply = conn.read_status("STLS")
     if not reply.ok:
         ctx.fail("tls.stls-injection", f"STLS answered {reply.show()!r}")
+        conn.drop()
+        return
+    early = conn.unsolicited(PLAINTEXT_GRACE)  # in TLS the client speaks first: the server must wait
+    if early:
+        ctx.fail("tls.stls-injection", f"the injected command was answered in plaintext: {early[:60]!r}")
         conn.drop()
         return
     try:
@@ -969,9 +990,16 @@ def probe_tls(ctx: Context) -> None:
         ctx.fail("tls.stls-injection", f"the injected command was answered in plaintext: {exc}")
         conn.drop()
         return
-    except ssl.SSLError as exc:
-        ctx.fail("tls.stls-injection", f"the TLS handshake failed: {tls_hint(exc)}")
+    except (ssl.SSLError, OSError) as exc:
         conn.drop()
+        if NOT_TLS.search(str(exc)):
+            ctx.fail("tls.stls-injection", f"the server sent plaintext instead of TLS: {tls_hint(exc)}")
+            return
+        ctx.passed(
+            "tls.stls-injection",
+            "the handshake failed with plaintext pipelined behind STLS, where RFC 2595 s.4 starts the TLS "
+            f"negotiation ({exc}): the injected command did not run",
+        )
         return
     reply = conn.command("CAPA")
     ctx.check(

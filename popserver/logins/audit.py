@@ -12,9 +12,9 @@ from datetime import timedelta
 from django.db import OperationalError
 from django.utils import timezone
 
-from popserver.conf import get_setting
+from popserver.conf import get_setting, node_name
 from popserver.exceptions import ServerBusy
-from popserver.models import LoginEvent, SessionRecord
+from popserver.models import DeliveryCount, LoginEvent, SessionRecord
 from popserver.overload import database_unavailable
 from popserver.signals import send_safely, session_closed
 from popserver.storage.gate import using_database
@@ -31,15 +31,26 @@ def _ip_or_none(ip: str) -> str | None:
 
 
 def record_login(
-    *, username: str, peer_ip: str, mechanism: str, tls: bool, outcome: str, reason: str = "", mailbox=None
+    *,
+    username: str,
+    peer_ip: str,
+    mechanism: str,
+    tls: bool,
+    outcome: str,
+    reason: str = "",
+    mailbox=None,
+    tls_at_proxy: bool = False,
 ) -> None:
+    """``tls``: the client used TLS, to this server or (``tls_at_proxy``) to the load balancer in front."""
     try:
         with using_database(), one_writer():
             LoginEvent.objects.create(
                 username=username[:255],
                 peer_ip=_ip_or_none(peer_ip),
                 mechanism=mechanism[:16],
-                tls=tls,
+                tls=tls or tls_at_proxy,
+                tls_at_proxy=tls_at_proxy,
+                node=node_name(),
                 outcome=outcome,
                 reason=reason[:64],
                 mailbox=mailbox,
@@ -64,6 +75,7 @@ def record_session(
                 started_at=started_at,
                 duration=duration,
                 end_reason=end_reason[:64],
+                node=node_name(),
                 retrieved_count=stats.retr_count,
                 retrieved_bytes=stats.retr_bytes,
                 deleted_count=stats.deleted_count,
@@ -119,9 +131,11 @@ def _session_ended(mailbox, username, peer, peer_ip, started_at, duration, end_r
 
 
 def prune(days: int | None = None, now=None) -> tuple[int, int]:
-    """Delete login events and session records older than ``days`` (POPSERVER_AUDIT_RETENTION_DAYS)."""
+    """Delete login events and session records older than ``days`` (POPSERVER_AUDIT_RETENTION_DAYS), and the
+    hourly delivery counts of that age."""
     days = get_setting("AUDIT_RETENTION_DAYS") if days is None else days
     cutoff = (now or timezone.now()) - timedelta(days=days)
     events = LoginEvent.objects.filter(time__lt=cutoff).delete()[0]
     sessions = SessionRecord.objects.filter(started_at__lt=cutoff).delete()[0]
+    DeliveryCount.objects.filter(hour__lt=cutoff).delete()
     return events, sessions

@@ -100,6 +100,7 @@ class DjangoAuthenticator:
         self.trusted = is_trusted_peer(peer_ip) if trusted is None else trusted
         self.throttle = throttle or get_throttle()
         self.tls = False  # set by the connection handler once TLS is on
+        self.tls_at_proxy = False  # the load balancer in front terminated TLS (PROXY v2 SSL TLV)
         # Called before the failed-login delay: the connection handler makes the connection droppable again
         # (a guesser must not keep its slot for the whole delay).
         self.before_failure_delay: Callable[[], None] = lambda: None
@@ -275,6 +276,7 @@ class DjangoAuthenticator:
             peer_ip=self.peer_ip,
             mechanism=mechanism,
             tls=self.tls,
+            tls_at_proxy=self.tls_at_proxy,
             outcome=outcome,
             reason=reason,
             mailbox=mailbox,

@@ -15,12 +15,26 @@ def _address(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     return address
 
 
-def is_trusted_peer(ip: str) -> bool:
-    """True if ``ip`` is in POPSERVER_TRUSTED_NETWORKS (loopback by default)."""
+def _in_networks(ip: str, setting: str) -> bool:
     address = _address(ip)
     if address is None:
         return False
-    return any(address in ipaddress.ip_network(net, strict=False) for net in get_setting("TRUSTED_NETWORKS"))
+    return any(address in ipaddress.ip_network(net, strict=False) for net in get_setting(setting))
+
+
+def is_trusted_peer(ip: str) -> bool:
+    """True if ``ip`` is in POPSERVER_TRUSTED_NETWORKS (loopback by default)."""
+    return _in_networks(ip, "TRUSTED_NETWORKS")
+
+
+def is_trusted_proxy(ip: str) -> bool:
+    """True if ``ip`` may send PROXY headers: it is in POPSERVER_PROXY_TRUSTED_NETWORKS (empty by default)."""
+    return _in_networks(ip, "PROXY_TRUSTED_NETWORKS")
+
+
+def is_lmtp_peer(ip: str) -> bool:
+    """True if ``ip`` may speak LMTP to runlmtp: it is in POPSERVER_LMTP_TRUSTED_NETWORKS (loopback by default)."""
+    return _in_networks(ip, "LMTP_TRUSTED_NETWORKS")
 
 
 def peer_group(ip: str) -> str:

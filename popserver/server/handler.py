@@ -2,7 +2,9 @@
 session-end log line.
 
 The protocol lives in ``popserver.protocol.session``; logins, their policy and the audit in
-``popserver.logins``. This module moves bytes between them and the socket.
+``popserver.logins``. This module moves bytes between them and the socket. ``ConnectionHandler`` is what any
+protocol's connection needs (reads with a deadline, batched writes, the TLS handshake); LMTP's handler
+(``popserver.server.lmtp``) builds on it too.
 """
 
 from __future__ import annotations
@@ -15,17 +17,19 @@ import ssl
 import time
 from collections.abc import Iterable
 
+from django.db import connections
 from django.utils import timezone
 
-from ..conf import get_setting
+from ..conf import get_setting, node_name
 from ..exceptions import TemporaryLoginFailure
 from ..logins.audit import session_ended
 from ..logins.authenticator import DjangoAuthenticator, printable
 from ..logins.peers import plaintext_allowed
 from ..protocol.session import Pop3Session, State
 from ..protocol.wire import FLUSH
-from ..storage.gate import connection_wanted, holding_connection, release_connection
+from ..storage.gate import connection_wanted, holding_connection, in_budget, release_connection
 from ..storage.retention import expire_before_login
+from .proxy_protocol import ProxyHeader, ProxyHeaderError, read_header
 from .tls import HANDSHAKE_TIMEOUT
 
 logger = logging.getLogger("popserver.server")
@@ -38,7 +42,6 @@ MAX_IOVEC = 512  # buffers per sendmsg (Linux allows 1024)
 # most, and only while no other session of the process waits for one; it looks every DB_IDLE_SLICE.
 DB_IDLE_CLOSE = 1.0
 DB_IDLE_SLICE = 0.05
-SHUTDOWN_NOTICE = b"-ERR [SYS/TEMP] Server shutting down.\r\n"
 
 
 # TCP keepalive: a client that vanished (a phone changing networks) frees its session and mailbox lock in
@@ -60,6 +63,28 @@ def set_socket_options(sock: socket.socket) -> None:
             pass
 
 
+def send_buffers(sock: socket.socket, buffers: list[bytes], wait_writable=None) -> None:
+    """``sendall`` for a list of buffers, with ``sendmsg`` (partial writes resumed where they stopped).
+
+    A non-blocking socket needs ``wait_writable()``: called when the socket takes nothing, it returns once
+    it may take more or raises ``TimeoutError``."""
+    views = [memoryview(buffer) for buffer in buffers]
+    while views:
+        try:
+            sent = sock.sendmsg(views[:MAX_IOVEC])
+        except BlockingIOError:
+            if wait_writable is None:
+                raise
+            wait_writable()
+            continue
+        while sent and views:
+            if sent >= len(views[0]):
+                sent -= len(views.pop(0))
+            else:
+                views[0] = views[0][sent:]
+                sent = 0
+
+
 class SessionEnded(Exception):
     """The connection is over: ``reason`` goes into the session-end log line."""
 
@@ -68,27 +93,242 @@ class SessionEnded(Exception):
         self.reason = reason
 
 
-class Pop3Handler(socketserver.BaseRequestHandler):
-    """Runs one ``Pop3Session`` over one socket, in the connection's own thread."""
+class ConnectionHandler(socketserver.BaseRequestHandler):
+    """One connection of any protocol, in its own thread: reads with deadlines (giving the database connection
+    back before waiting on the client), batched writes, the TLS handshake."""
 
-    server: Pop3Server  # noqa: F821 (popserver.server.listener)
+    server: ThreadedServer  # noqa: F821 (popserver.server.listener)
+    shutdown_notice: bytes | None = None  # said to a waiting client when the server stops
 
     def setup(self) -> None:
         self.sock: socket.socket = self.request
-        self.peer_ip, self.peer_port = self.client_address[0], self.client_address[1]
-        self.peer = f"{self.peer_ip}:{self.peer_port}"
+        self.peer_ip, self.peer_port = self.server.peer_address(self.client_address)
+        self.peer = f"{self.peer_ip}:{self.peer_port}" if self.peer_port else self.peer_ip
         self.connected_at = time.monotonic()
         self.started_at = timezone.now()
-        self.session: Pop3Session | None = None
+        # Read once per connection, not per command.
+        self.autologout = get_setting("AUTOLOGOUT")
+        self.login_timeout = get_setting("LOGIN_TIMEOUT")
+        self.readable = self.writable = None  # poll objects once ``use_poll`` is on
         self.told_shutdown = False
         set_socket_options(self.sock)
 
+    def use_poll(self) -> None:
+        """Plaintext: a non-blocking socket and a poll object of our own, so that a read or write that can go
+        ahead at once is one system call (a socket with a timeout polls before every call and has its timeout
+        set before each). TLS keeps the socket's timeout: decrypted bytes may wait inside the TLS object,
+        where poll cannot see them. Call it once nothing else reads the socket with a timeout (the PROXY
+        header is read first)."""
+        self.readable = self.writable = None
+        if isinstance(self.sock, ssl.SSLSocket):
+            return
+        self.sock.setblocking(False)
+        self.readable, self.writable = select.poll(), select.poll()
+        self.readable.register(self.sock, select.POLLIN)
+        self.readable.register(self.server.registry.stop_fd, select.POLLIN)  # a stop wakes a waiting read
+        self.writable.register(self.sock, select.POLLOUT)
+
+    # TLS ------------------------------------------------------------------------------------------------
+    def handshake(self) -> None:
+        """Wrap the socket in TLS, in this session's thread, with a deadline (never in the accept loop)."""
+        release_connection()  # the handshake waits for the client
+        context = self.server.tls.context
+        self.readable = self.writable = None  # from here on the TLS socket's own timeouts
+        # One deadline for the whole handshake, not per recv(): a byte every few seconds gains nothing. It is
+        # also within the pre-login deadline.
+        deadline = min(time.monotonic() + HANDSHAKE_TIMEOUT, self.connected_at + self.login_timeout)
+        try:
+            self.sock = context.wrap_socket(self.sock, server_side=True, do_handshake_on_connect=False)
+            if not self.server.registry.rewrap(self.request, self.sock):
+                raise SessionEnded("Dropped to make room")  # cut while being wrapped: the cut missed it
+            self.sock.setblocking(False)
+            while True:
+                try:
+                    self.sock.do_handshake()
+                    break
+                except ssl.SSLWantReadError:
+                    events = select.POLLIN
+                except ssl.SSLWantWriteError:
+                    events = select.POLLOUT
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not self.wait_for(events, remaining):
+                    if self.server.stop_event.is_set():
+                        raise SessionEnded("Server shutting down")
+                    raise SessionEnded("TLS handshake timed out")
+            self.sock.setblocking(True)
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            # The peer (or a cut to make room) dropped it mid-handshake: the session-end line says so.
+            raise SessionEnded(f"TLS handshake failed: {exc.__class__.__name__}") from None
+
+    def wait_for(self, events: int, timeout: float) -> bool:
+        """Wait until the socket is ready for ``events`` (or closed), the server stops, or ``timeout``
+        passes; True if the socket is ready. ``poll``, not ``select``: descriptors may be over 1023."""
+        if events & select.POLLIN and isinstance(self.sock, ssl.SSLSocket) and self.sock.pending():
+            return True
+        poller = select.poll()
+        poller.register(self.sock.fileno(), events)
+        poller.register(self.server.registry.stop_fd, select.POLLIN)
+        ready = poller.poll(max(timeout, 0.0) * 1000)
+        return any(fd == self.sock.fileno() for fd, _ in ready)
+
+    # Input ----------------------------------------------------------------------------------------------
+    def read(self, deadline: float, timeout_reply: bytes) -> bytes:
+        """Bytes from the client by ``deadline`` (monotonic), else ``timeout_reply`` is sent and the session
+        ends. While it waits, the session gives its database connection back as soon as another session
+        wants one (or after DB_IDLE_CLOSE); a server that stops wakes it to say so."""
+        readable = self.readable
+        now = time.monotonic()
+        if readable is not None and now < deadline:  # what pipelining clients sent is often here already
+            try:
+                data = self.sock.recv(RECV_SIZE)
+            except BlockingIOError:
+                pass
+            else:
+                if not data:
+                    raise SessionEnded("Connection closed")
+                return data
+        idle_since = now
+        close_when_idle = not in_budget()  # a thread outside the budget (LMTP) closes after DB_IDLE_CLOSE
+        while True:
+            now = time.monotonic()
+            if self.server.stop_event.is_set():
+                self.tell_shutdown()
+                raise SessionEnded("Server shutting down")
+            remaining = deadline - now
+            if remaining <= 0:
+                self.send_quietly(timeout_reply)
+                raise SessionEnded("Inactivity")
+            wait = remaining
+            if holding_connection():
+                if connection_wanted() or now - idle_since >= DB_IDLE_CLOSE:
+                    release_connection()
+                else:
+                    wait = min(remaining, DB_IDLE_SLICE)
+            elif close_when_idle:
+                if now - idle_since >= DB_IDLE_CLOSE:
+                    connections.close_all()
+                    close_when_idle = False
+                else:
+                    wait = min(remaining, idle_since + DB_IDLE_CLOSE - now)
+            try:
+                if readable is None:
+                    if not self.wait_for(select.POLLIN, wait):
+                        continue
+                    self.sock.settimeout(
+                        max(remaining, 0.001)
+                    )  # readable: a TLS record may still be arriving
+                    data = self.sock.recv(RECV_SIZE)
+                elif readable.poll(max(wait * 1000, 1)):
+                    data = self.sock.recv(RECV_SIZE)
+                else:
+                    continue
+            except (BlockingIOError, TimeoutError):  # a wake-up without data (a stop, or a TLS record part)
+                continue
+            if not data:
+                if self.server.stop_event.is_set():
+                    raise SessionEnded("Server shutting down")
+                raise SessionEnded("Connection closed")
+            return data
+
+    def tell_shutdown(self) -> None:
+        """RFC 3206 s.4 (as Dovecot): say why the connection ends when the server stops."""
+        if self.shutdown_notice and not self.told_shutdown:
+            self.told_shutdown = True
+            self.send_quietly(self.shutdown_notice)
+
+    # Output ---------------------------------------------------------------------------------------------
+    def write_timeout(self) -> float:
+        """Seconds a write may wait for a client that does not read before the session is dropped."""
+        return self.autologout
+
+    def send(self, chunks: Iterable[bytes]) -> int:
+        """Write everything ``chunks`` yields in few large writes (Nagle: see PITFALLS); returns octets sent.
+
+        Output is gathered up to WRITE_COALESCE octets, and written early at the session's ``FLUSH`` mark."""
+        pending: list[bytes] = []
+        pending_size = total = 0
+        for chunk in chunks:
+            if chunk is FLUSH:
+                if pending:
+                    self.write(pending)
+                    total += pending_size
+                    pending, pending_size = [], 0
+                continue
+            if chunk:
+                pending.append(chunk)
+                pending_size += len(chunk)
+                del chunk  # written data is not kept while the session makes the next piece
+                if pending_size >= WRITE_COALESCE:
+                    self.write(pending)
+                    total += pending_size
+                    pending, pending_size = [], 0
+        if pending:
+            self.write(pending)
+            total += pending_size
+        return total
+
+    def write(self, buffers: list[bytes]) -> None:
+        """Send ``buffers`` whole: one ``sendmsg`` gather-write (no join) with poll, joined under TLS.
+
+        A write that would wait for the client first gives the session's database connection back; a client
+        that stops reading is dropped after ``write_timeout()`` (before login: at the login deadline)."""
+        try:
+            if self.writable is not None:
+                send_buffers(self.sock, buffers, self.wait_writable)
+            else:
+                self._write_tls(buffers[0] if len(buffers) == 1 else b"".join(buffers))
+        except TimeoutError:
+            raise SessionEnded("Inactivity (the client does not read)") from None
+
+    def _write_tls(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            # After a would-block, OpenSSL wants the same bytes again: the retry starts where this try did.
+            if holding_connection():
+                self.sock.settimeout(0.0)
+                try:
+                    sent = self.sock.send(view)
+                except (ssl.SSLWantWriteError, ssl.SSLWantReadError, BlockingIOError):
+                    release_connection()
+                    continue
+            else:
+                self.sock.settimeout(self.write_timeout())
+                sent = self.sock.send(view)
+            view = view[sent:]
+
+    def wait_writable(self) -> None:
+        release_connection()  # the client is not reading: no database connection is held meanwhile
+        if not self.writable.poll(self.write_timeout() * 1000):
+            raise TimeoutError("the client stopped reading")
+
+    def send_quietly(self, data: bytes) -> None:
+        try:
+            self.readable = self.writable = None
+            self.sock.settimeout(1.0)
+            self.sock.sendall(data)
+        except OSError:
+            pass
+
+
+class Pop3Handler(ConnectionHandler):
+    """Runs one ``Pop3Session`` over one socket, in the connection's own thread."""
+
+    shutdown_notice = b"-ERR [SYS/TEMP] Server shutting down.\r\n"
+
+    def setup(self) -> None:
+        super().setup()
+        self.session: Pop3Session | None = None
+        self.proxy_header: ProxyHeader | None = None
+
     # Main loop ------------------------------------------------------------------------------------------
     def handle(self) -> None:
+        if self.server.proxy_protocol and not self.take_proxy_header():
+            return
         self.authenticator = authenticator = DjangoAuthenticator(
             self.peer_ip, self.peer_port, self.server.stop_event, trusted=self.server.is_trusted(self.peer_ip)
         )
-        authenticator.tls = self.server.implicit_tls
+        authenticator.tls = self.server.implicit_tls or self.tls_at_proxy
+        authenticator.tls_at_proxy = self.tls_at_proxy
         # A failed login waits its delay as an idle connection: droppable again, like any other.
         authenticator.before_failure_delay = lambda: self.server.registry.end_login(
             self.request, logged_in=False
@@ -98,13 +338,14 @@ class Pop3Handler(socketserver.BaseRequestHandler):
         try:
             if self.server.implicit_tls:
                 self.handshake()
+            self.use_poll()
             self.send([session.greeting()])
-            line_deadline = time.monotonic() + get_setting("AUTOLOGOUT")
+            line_deadline = time.monotonic() + self.autologout
             while not session.closed:
                 data = self.receive(session, line_deadline)
                 produced = self.send(session.receive(data))
                 if produced:
-                    line_deadline = time.monotonic() + get_setting("AUTOLOGOUT")
+                    line_deadline = time.monotonic() + self.autologout
                 if session.wants_tls:
                     self.start_tls(session)
             if session.state is State.UPDATE:
@@ -132,8 +373,54 @@ class Pop3Handler(socketserver.BaseRequestHandler):
             if self.sock is not self.request:
                 self.sock.close()  # the TLS wrapper; the server closes the accepted socket
 
+    @property
+    def tls_at_proxy(self) -> bool:
+        return self.proxy_header is not None and self.proxy_header.tls_at_proxy
+
+    @property
+    def health_check(self) -> bool:
+        return self.proxy_header is not None and self.proxy_header.local
+
+    def take_proxy_header(self) -> bool:
+        """Read the PROXY header, in this connection's thread, before the greeting and before a TLS handshake
+        (HAProxy sends it first and the ClientHello right after). From then on the client it names is the
+        peer everywhere: caps, throttles, the plaintext policy, the lock holder, logs and the audit. A health
+        check (v2 LOCAL, v1 UNKNOWN) or a header without an address keeps the proxy's own. False: the
+        connection is closed (one log line says why)."""
+        proxy = self.peer
+        try:
+            header = read_header(self.sock, get_setting("PROXY_HEADER_TIMEOUT"))
+        except ProxyHeaderError as exc:
+            if not self.server.stop_event.is_set():
+                logger.warning("closing %s: bad PROXY header (%s)", proxy, exc.reason)
+            return False
+        self.proxy_header = header
+        if header.source is not None:
+            self.peer_ip, self.peer_port = header.source
+            self.peer = f"{self.peer_ip}:{self.peer_port}"
+            if not self.server.registry.readdress(
+                self.request, self.peer_ip, trusted=self.server.is_trusted(self.peer_ip)
+            ):
+                logger.warning(
+                    "refusing %s (through %s): too many unauthenticated connections", self.peer, proxy
+                )
+                if not self.server.implicit_tls:
+                    self.send_quietly(b"-ERR [SYS/TEMP] Too many connections, try again later.\r\n")
+                return False
+        logger.debug(
+            "%s: PROXY v%d header from %s%s%s",
+            self.peer,
+            header.version,
+            proxy,
+            " (health check)" if header.local else "",
+            " (TLS at proxy)" if header.tls_at_proxy else "",
+        )
+        return True
+
     def make_session(self, authenticator: DjangoAuthenticator) -> Pop3Session:
-        tls_active = self.server.implicit_tls
+        # TLS terminated by the proxy counts as TLS: the client's own connection is encrypted (and STLS,
+        # which would nest TLS inside it, is not offered).
+        tls_active = self.server.implicit_tls or self.tls_at_proxy
 
         def authenticate(username: str, password: str | None, *, mechanism: str = "USER"):
             # While the password is checked the connection is not dropped to make room, and it counts as
@@ -166,36 +453,6 @@ class Pop3Handler(socketserver.BaseRequestHandler):
         return plaintext_allowed(tls_active=tls_active, trusted=self.authenticator.trusted)
 
     # TLS ------------------------------------------------------------------------------------------------
-    def handshake(self) -> None:
-        """Wrap the socket in TLS, in this session's thread, with a deadline (never in the accept loop)."""
-        release_connection()  # the handshake waits for the client
-        context = self.server.tls.context
-        # One deadline for the whole handshake, not per recv(): a byte every few seconds gains nothing. It is
-        # also within the pre-login deadline.
-        deadline = min(time.monotonic() + HANDSHAKE_TIMEOUT, self.connected_at + get_setting("LOGIN_TIMEOUT"))
-        try:
-            self.sock = context.wrap_socket(self.sock, server_side=True, do_handshake_on_connect=False)
-            if not self.server.registry.rewrap(self.request, self.sock):
-                raise SessionEnded("Dropped to make room")  # cut while being wrapped: the cut missed it
-            self.sock.setblocking(False)
-            while True:
-                try:
-                    self.sock.do_handshake()
-                    break
-                except ssl.SSLWantReadError:
-                    events = select.POLLIN
-                except ssl.SSLWantWriteError:
-                    events = select.POLLOUT
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or not self.wait_for(events, remaining):
-                    if self.server.stop_event.is_set():
-                        raise SessionEnded("Server shutting down")
-                    raise SessionEnded("TLS handshake timed out")
-            self.sock.setblocking(True)
-        except (ssl.SSLError, OSError, ValueError) as exc:
-            # The peer (or a cut to make room) dropped it mid-handshake: the session-end line says so.
-            raise SessionEnded(f"TLS handshake failed: {exc.__class__.__name__}") from None
-
     def start_tls(self, session: Pop3Session) -> None:
         """RFC 2595 s.4: after "+OK Begin TLS negotiation now." the session's pipelined plaintext has already
         been discarded by the engine; handshake, then a fresh AUTHORIZATION state."""
@@ -205,170 +462,45 @@ class Pop3Handler(socketserver.BaseRequestHandler):
         session.plaintext_allowed = self.plaintext_allowed(tls_active=True)
 
     # Input ----------------------------------------------------------------------------------------------
-    def receive(self, session: Pop3Session, line_deadline: float) -> bytes:
-        """Bytes from the client, within the deadline that applies: before login the whole login time
-        (Dovecot: 3 minutes), after it the autologout per line (RFC 1939 s.3), not per ``recv()``.
-
-        While it waits, the session gives its database connection back as soon as another session wants one
-        (or after DB_IDLE_CLOSE); a server that stops wakes it to say so."""
-        idle_since = time.monotonic()
-        while True:
-            now = time.monotonic()
-            if self.server.stop_event.is_set():
-                self.tell_shutdown()
-                raise SessionEnded("Server shutting down")
-            if session.state is State.AUTHORIZATION:
-                deadline = min(line_deadline, self.connected_at + get_setting("LOGIN_TIMEOUT"))
-            else:
-                deadline = line_deadline
-            remaining = deadline - now
-            if remaining <= 0:
-                self.send_quietly(b"-ERR Disconnected for inactivity.\r\n")
-                raise SessionEnded("Inactivity")
-            wait = remaining
-            if holding_connection():
-                if connection_wanted() or now - idle_since >= DB_IDLE_CLOSE:
-                    release_connection()
-                else:
-                    wait = min(remaining, DB_IDLE_SLICE)
-            if not self.wait_for(select.POLLIN, wait):
-                continue
-            self.sock.settimeout(max(remaining, 0.001))  # readable: a TLS record may still be arriving
-            try:
-                data = self.sock.recv(RECV_SIZE)
-            except TimeoutError:
-                continue
-            if not data:
-                if self.server.stop_event.is_set():
-                    raise SessionEnded("Server shutting down")
-                raise SessionEnded("Connection closed")
-            return data
-
-    def wait_for(self, events: int, timeout: float) -> bool:
-        """Wait until the socket is ready for ``events`` (or closed), the server stops, or ``timeout``
-        passes; True if the socket is ready. ``poll``, not ``select``: descriptors may be over 1023."""
-        if events & select.POLLIN and isinstance(self.sock, ssl.SSLSocket) and self.sock.pending():
-            return True
-        poller = select.poll()
-        poller.register(self.sock.fileno(), events)
-        poller.register(self.server.registry.stop_fd, select.POLLIN)
-        ready = poller.poll(max(timeout, 0.0) * 1000)
-        return any(fd == self.sock.fileno() for fd, _ in ready)
-
-    # Output ---------------------------------------------------------------------------------------------
-    def send(self, chunks: Iterable[bytes]) -> int:
-        """Write everything ``chunks`` yields in few large writes (Nagle: see PITFALLS); returns octets sent.
-
-        Output is gathered up to WRITE_COALESCE octets, and written early at the session's ``FLUSH`` mark."""
-        pending: list[bytes] = []
-        pending_size = total = 0
-        for chunk in chunks:
-            if chunk is FLUSH:
-                if pending:
-                    self.write(pending)
-                    total += pending_size
-                    pending, pending_size = [], 0
-                continue
-            if chunk:
-                pending.append(chunk)
-                pending_size += len(chunk)
-                if pending_size >= WRITE_COALESCE:
-                    self.write(pending)
-                    total += pending_size
-                    pending, pending_size = [], 0
-        if pending:
-            self.write(pending)
-            total += pending_size
-        return total
-
-    def write(self, buffers: list[bytes]) -> None:
-        """Send ``buffers`` whole, in one ``sendmsg`` gather-write where the socket has it (joined under TLS).
-
-        A write that would wait for the client first gives the session's database connection back, and it
-        waits at most until the deadline: before login the login deadline (a client that never reads cannot
-        outstay POPSERVER_LOGIN_TIMEOUT), after it the autologout."""
-        try:
-            if isinstance(self.sock, ssl.SSLSocket):
-                self._write_tls(buffers[0] if len(buffers) == 1 else b"".join(buffers))
-            else:
-                self._write_plain(buffers)
-        except TimeoutError:
-            raise SessionEnded("Inactivity (the client does not read)") from None
-
-    def _write_plain(self, buffers: list[bytes]) -> None:
-        views = [memoryview(buffer) for buffer in buffers]
-        while views:
-            if holding_connection():
-                self.sock.settimeout(0.0)
-                try:
-                    sent = self.sock.sendmsg(views[:MAX_IOVEC])
-                except BlockingIOError:
-                    sent = 0
-                if not sent:
-                    release_connection()  # it would wait for the client
-                    continue
-            else:
-                self.sock.settimeout(self.write_timeout())
-                sent = self.sock.sendmsg(views[:MAX_IOVEC])
-            while sent and views:
-                if sent >= len(views[0]):
-                    sent -= len(views.pop(0))
-                else:
-                    views[0] = views[0][sent:]
-                    sent = 0
-
-    def _write_tls(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            # After a would-block, OpenSSL wants the same bytes again: the retry starts where this try did.
-            if holding_connection():
-                self.sock.settimeout(0.0)
-                try:
-                    sent = self.sock.send(view)
-                except (ssl.SSLWantWriteError, ssl.SSLWantReadError, BlockingIOError):
-                    release_connection()
-                    continue
-            else:
-                self.sock.settimeout(self.write_timeout())
-                sent = self.sock.send(view)
-            view = view[sent:]
-
     def write_timeout(self) -> float:
-        """Seconds a write may wait for the client now."""
+        """Before login, what is left of the login deadline: a client that never reads cannot outstay
+        POPSERVER_LOGIN_TIMEOUT by blocking our writes. After it, the autologout."""
         session = self.session
         if session is None or session.state is State.AUTHORIZATION:
-            remaining = self.connected_at + get_setting("LOGIN_TIMEOUT") - time.monotonic()
+            remaining = self.connected_at + self.login_timeout - time.monotonic()
             if remaining <= 0:
-                raise TimeoutError()
+                raise TimeoutError("the login time is over")
             return remaining
-        return get_setting("AUTOLOGOUT")
+        return self.autologout
 
-    def tell_shutdown(self) -> None:
-        """RFC 3206 s.4 (as Dovecot): say why the connection ends when the server stops."""
-        if not self.told_shutdown:
-            self.told_shutdown = True
-            self.send_quietly(SHUTDOWN_NOTICE)
-
-    def send_quietly(self, data: bytes) -> None:
-        try:
-            self.sock.settimeout(1.0)
-            self.sock.sendall(data)
-        except OSError:
-            pass
+    def receive(self, session: Pop3Session, line_deadline: float) -> bytes:
+        """Bytes from the client, within the deadline that applies: before login the whole login time
+        (Dovecot: 3 minutes), after it the autologout per line (RFC 1939 s.3), not per ``recv()``."""
+        deadline = line_deadline
+        if session.state is State.AUTHORIZATION:
+            deadline = min(line_deadline, self.connected_at + self.login_timeout)
+        return self.read(deadline, b"-ERR Disconnected for inactivity.\r\n")
 
     # Session end ----------------------------------------------------------------------------------------
     def log_session_end(self, session: Pop3Session, reason: str, authenticator: DjangoAuthenticator) -> None:
         duration = time.monotonic() - self.connected_at
+        node = node_name()
         if session.username is None or authenticator.mailbox is None:
             # Like Dovecot's pop3-login: "Disconnected (auth failed, 1 attempts in 2 secs): user=<alice>, ..."
             attempts = authenticator.attempts
             if not attempts:
-                logger.info(
-                    "Disconnected: %s (no auth attempts) peer=%s duration=%.1fs", reason, self.peer, duration
+                # A load balancer's health check every few seconds would drown the log at INFO.
+                logger.log(
+                    logging.DEBUG if self.health_check else logging.INFO,
+                    "Disconnected: %s (no auth attempts) peer=%s duration=%.1fs node=%s",
+                    reason,
+                    self.peer,
+                    duration,
+                    node,
                 )
                 return
             logger.info(
-                "Disconnected: %s (%s, %d attempts) user=<%s> method=%s peer=%s duration=%.1fs",
+                "Disconnected: %s (%s, %d attempts) user=<%s> method=%s peer=%s duration=%.1fs node=%s",
                 reason,
                 authenticator.refusal,
                 attempts,
@@ -376,11 +508,12 @@ class Pop3Handler(socketserver.BaseRequestHandler):
                 authenticator.last_mechanism,
                 self.peer,
                 duration,
+                node,
             )
             return
         stats = session.stats
         logger.info(
-            "Disconnected: %s user=<%s> peer=%s duration=%.1fs top=%d/%d, retr=%d/%d, del=%d/%d, size=%d",
+            "Disconnected: %s user=<%s> peer=%s duration=%.1fs top=%d/%d, retr=%d/%d, del=%d/%d, size=%d node=%s",
             reason,
             session.username,
             self.peer,
@@ -392,6 +525,7 @@ class Pop3Handler(socketserver.BaseRequestHandler):
             stats.deleted_count,
             stats.messages,
             stats.mailbox_size,
+            node,
         )
         session_ended(
             mailbox=authenticator.mailbox,

@@ -1,26 +1,30 @@
 """The listener: a threaded ``socketserver`` like Django's ``ThreadedWSGIServer``, with a live-session registry.
 
 ``serve_forever()`` runs in one thread; ``stop()`` is called from another (stdlib: ``shutdown()`` deadlocks if
-called from the serving thread, so signal handlers only set an event: see ``runpop3``).
+called from the serving thread, so signal handlers only set an event: see ``runpop3``). ``ThreadedServer`` is
+the protocol-neutral part (TCP or a UNIX socket, admission, a thread per connection); ``Pop3Server`` and
+``popserver.server.lmtp.LmtpServer`` name their handler and their few differences.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import socket
 import socketserver
+import stat
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 
-from django.db import OperationalError
+from django.db import OperationalError, connections
 
-from ..conf import get_setting, worker_share
+from ..conf import get_setting, node_name, worker_share
 from ..exceptions import ServerBusy
-from ..logins.peers import is_trusted_peer, peer_group
+from ..logins.peers import is_trusted_peer, is_trusted_proxy, peer_group
 from ..overload import database_unavailable, refused, summary
 from ..storage.gate import ConnectionGate, release_connection
 from ..storage.lock import refresh_heartbeats, release_all_live_locks, release_dead_locks
@@ -76,6 +80,23 @@ class SessionRegistry:
         self._room_index = 0
         self._room_changed = threading.Condition(self._guard)
 
+    @property
+    def stop_fd(self) -> int:
+        return self._stop_read
+
+    def announce_stop(self) -> None:
+        try:
+            os.write(self._stop_write, b"x")
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        for fd in (self._stop_read, self._stop_write):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
     def share_room(self, flags, index: int) -> None:
         """Publish this worker's free slots in ``flags[index]`` (shared memory) and read the others': a full
         worker leaves new connections to one with room instead of refusing them."""
@@ -105,36 +126,27 @@ class SessionRegistry:
             self._room_changed.wait(wait)
             return True
 
-    @property
-    def stop_fd(self) -> int:
-        return self._stop_read
-
-    def announce_stop(self) -> None:
-        try:
-            os.write(self._stop_write, b"x")
-        except OSError:
-            pass
-
     def __len__(self) -> int:
         with self._guard:
             return len(self._sockets)
 
-    def admit(self, sock: socket.socket, peer_ip: str, *, trusted: bool = False) -> bool:
+    def admit(
+        self, sock: socket.socket, peer_ip: str, *, trusted: bool = False, droppable: bool = True
+    ) -> bool:
         """Register a new connection, or return False if there is no room for it.
 
         As Dovecot does, an idle unauthenticated connection makes room (that IP's own oldest when the IP is
         at its cap, else the oldest of all when the server is full), so half-open sockets cannot lock an IP,
         an office NAT or the whole server out. Trusted networks have no per-IP cap: a webmail or a proxy on
-        the same host brings every user's logins from one address."""
+        the same host brings every user's logins from one address. A connection admitted with ``droppable``
+        false (LMTP: the MTA, mid-delivery) is never dropped to make room; it counts as logged in."""
         group = peer_group(peer_ip)
         evicted = None
         with self._guard:
-            waiting = self._unauthenticated_by_group.get(group, {})
-            logging_in = sum(1 for g in self._logging_in.values() if g == group) if not trusted else 0
-            if not trusted and len(waiting) + logging_in >= worker_share("MAX_UNAUTHENTICATED_PER_IP"):
-                if not waiting:
+            if not trusted and self._group_is_full(group):
+                evicted = self._oldest_idle(group)
+                if evicted is None:
                     return False
-                evicted = next(iter(waiting))
             elif len(self._sockets) - len(self._slot_free) >= worker_share("MAX_SESSIONS"):
                 if not self._unauthenticated:
                     return False
@@ -145,17 +157,48 @@ class SessionRegistry:
                 self._slot_free.add(evicted)
                 cut = self._sockets[evicted]
             self._sockets[sock] = sock
-            self._unauthenticated[sock] = group
-            self._unauthenticated_by_group.setdefault(group, OrderedDict())[sock] = None
+            if droppable:
+                self._unauthenticated[sock] = group
+                self._unauthenticated_by_group.setdefault(group, OrderedDict())[sock] = None
             self._publish_room()
         if evicted is not None:
-            refused(
-                "making-room",
-                "full: dropping the oldest idle unauthenticated connection to make room for a new one",
-                level=logging.INFO,
-            )
+            _making_room()
             disconnect(cut)
         return True
+
+    def readdress(self, sock: socket.socket, peer_ip: str, *, trusted: bool = False) -> bool:
+        """The connection's real client is ``peer_ip`` (a PROXY header said so): count it under that IP from
+        now on, with that IP's cap (making room as ``admit`` does). False if there is no room, or if the
+        connection was dropped meanwhile."""
+        group = peer_group(peer_ip)
+        evicted = None
+        with self._guard:
+            if sock in self._dropped or sock not in self._sockets:
+                return False
+            self._forget_unauthenticated(sock)
+            if not trusted and self._group_is_full(group):
+                evicted = self._oldest_idle(group)
+                if evicted is None:
+                    self._slot_free.add(sock)  # refused: its slot is free, its thread ends at once
+                    return False
+                self._forget_unauthenticated(evicted)
+                self._dropped.add(evicted)
+                self._slot_free.add(evicted)
+                cut = self._sockets[evicted]
+            self._unauthenticated[sock] = group
+            self._unauthenticated_by_group.setdefault(group, OrderedDict())[sock] = None
+        if evicted is not None:
+            _making_room()
+            disconnect(cut)
+        return True
+
+    def _group_is_full(self, group: str) -> bool:
+        waiting = self._unauthenticated_by_group.get(group, {})
+        logging_in = sum(1 for g in self._logging_in.values() if g == group)
+        return len(waiting) + logging_in >= worker_share("MAX_UNAUTHENTICATED_PER_IP")
+
+    def _oldest_idle(self, group: str) -> socket.socket | None:
+        return next(iter(self._unauthenticated_by_group.get(group, {})), None)
 
     def _forget_unauthenticated(self, sock: socket.socket) -> None:
         group = self._unauthenticated.pop(sock, None)
@@ -220,13 +263,6 @@ class SessionRegistry:
         for sock in sockets:
             disconnect(sock)
 
-    def close(self) -> None:
-        for fd in (self._stop_read, self._stop_write):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-
     def wait_empty(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         with self._guard:
@@ -236,6 +272,14 @@ class SessionRegistry:
                     return False
                 self._emptied.wait(remaining)
             return True
+
+
+def _making_room() -> None:
+    refused(
+        "making-room",
+        "full: dropping the oldest idle unauthenticated connection to make room for a new one",
+        level=logging.INFO,
+    )
 
 
 def disconnect(sock: socket.socket) -> None:
@@ -249,42 +293,63 @@ def disconnect(sock: socket.socket) -> None:
         pass
 
 
-class Pop3Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
-    """A threaded POP3 listener. Each connection runs ``handler_class`` in a daemon thread."""
+LOCAL_PEER = "local"  # the peer "address" of a connection on a UNIX socket (Dovecot logs it so too)
+
+
+class ThreadedServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
+    """A threaded listener on TCP or, for an ``address`` that is a path, a UNIX socket. Each connection runs
+    ``handler_class`` in a daemon thread; subclasses name it and their protocol's few differences."""
 
     daemon_threads = True
     block_on_close = False
     allow_reuse_address = True
-    handler_class = Pop3Handler
+    handler_class: type[socketserver.BaseRequestHandler]
+    protocol = "pop3"  # in thread names
+    busy_reply = b"-ERR [SYS/TEMP] Too many connections, try again later.\r\n"  # when there is no room
+    droppable = True  # an idle connection may be dropped to make room (see SessionRegistry.admit)
+    holds_mailbox_locks = True  # its sessions take mailbox locks (released by stop_servers)
+    uses_connection_budget = True  # its sessions' database connections count against the gate
 
     def __init__(
         self,
-        address: tuple[str, int],
+        address: tuple[str, int] | str,
         *,
         stop_event: threading.Event | None = None,
         tls: TlsContextHolder | None = None,
         implicit_tls: bool = False,
         is_trusted: Callable[[str], bool] = is_trusted_peer,
         registry: SessionRegistry | None = None,
+        socket_mode: int | None = None,
+        proxy_protocol: bool = False,
+        is_trusted_proxy: Callable[[str], bool] = is_trusted_proxy,
         gate: ConnectionGate | None = None,
         sock: socket.socket | None = None,
     ):
-        """``registry`` and ``gate`` are shared by all listeners of a process (its limits and its database
-        connections are per process). ``tls`` enables STLS (or, with ``implicit_tls``, TLS from the first
-        byte: RFC 8314); ``is_trusted(peer_ip)`` decides which peers count as local for the plaintext policy
-        (tests inject it to play a remote peer while binding to 127.0.0.1 only). ``sock``: a listening socket
-        bound by someone else (the parent of ``runpop3 --workers``), shared with other processes."""
+        """``registry`` is shared by all listeners of a process (its limits are per process). ``tls`` enables
+        STLS (or, with ``implicit_tls``, TLS from the first byte: RFC 8314); ``is_trusted(peer_ip)`` decides
+        which peers count as local for the plaintext policy (tests inject it to play a remote peer while
+        binding to 127.0.0.1 only). ``socket_mode``: the permissions of a UNIX socket (e.g. ``0o660``). With
+        ``proxy_protocol`` every connection must come from a proxy (``is_trusted_proxy``) and start with a
+        PROXY header (``proxy_protocol.py``). ``gate``: the process's budget of database connections (shared
+        by its listeners). ``sock``: a listening socket bound by someone else (the parent of ``runpop3
+        --workers``), shared with other processes."""
         if implicit_tls and tls is None:
             raise ValueError("implicit TLS needs a certificate")
         self.tls, self.implicit_tls, self.is_trusted = tls, implicit_tls, is_trusted
-        host, port = address
-        self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.proxy_protocol, self.is_trusted_proxy = proxy_protocol, is_trusted_proxy
+        self.socket_mode = socket_mode
+        if isinstance(address, str):
+            self.address_family = socket.AF_UNIX
+        else:
+            host, port = address
+            self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            address = (host, port)
         self.request_queue_size = get_setting("LISTEN_BACKLOG")
         self.stop_event = stop_event or threading.Event()
         # "is None", not "or": an empty registry is falsy (len 0), and listeners must share theirs
         self.registry = registry if registry is not None else SessionRegistry()
         self.gate = gate if gate is not None else ConnectionGate()
-        super().__init__((host, port), self.handler_class, bind_and_activate=sock is None)
+        super().__init__(address, self.handler_class, bind_and_activate=sock is None)
         if sock is not None:
             self.socket.close()
             self.socket = sock
@@ -292,6 +357,10 @@ class Pop3Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
             # EAGAIN from accept(), not block in it (where it would not see a shutdown).
             sock.setblocking(False)
             self.server_address = sock.getsockname()
+
+    @property
+    def is_unix(self) -> bool:
+        return self.address_family == socket.AF_UNIX
 
     @property
     def port(self) -> int:
@@ -305,22 +374,55 @@ class Pop3Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
 
     @property
     def display_address(self) -> str:
+        if self.is_unix:
+            return f"unix:{self.server_address}"
         host, port = self.server_address[:2]
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
+    def peer_address(self, client_address) -> tuple[str, int]:
+        """(IP, port) of a client; ``("local", 0)`` on a UNIX socket, whose clients have no address."""
+        if self.is_unix:
+            return LOCAL_PEER, 0
+        return client_address[0], client_address[1]
+
+    def server_bind(self) -> None:
+        if not self.is_unix:
+            super().server_bind()
+            return
+        path = self.server_address
+        remove_stale_socket(path)
+        super().server_bind()
+        self._socket_inode = os.stat(path).st_ino
+        if self.socket_mode is not None:
+            os.chmod(path, self.socket_mode)  # before listen(): nobody can connect before it applies
+
+    def server_close(self) -> None:
+        super().server_close()
+        if self.is_unix:
+            with contextlib.suppress(OSError):
+                if os.stat(self.server_address).st_ino == getattr(self, "_socket_inode", None):
+                    os.unlink(self.server_address)  # ours, not one a newer server bound meanwhile
+
     def process_request(self, request, client_address) -> None:
         """Accept loop: admit or refuse at once (no blocking work here), then a thread per connection."""
-        peer_ip = client_address[0]
-        if not self.registry.admit(request, peer_ip, trusted=self.is_trusted(peer_ip)):
+        peer_ip, peer_port = self.peer_address(client_address)
+        if self.proxy_protocol:
+            if not self.is_trusted_proxy(peer_ip):
+                logger.info(
+                    "refusing %s: not in POPSERVER_PROXY_TRUSTED_NETWORKS (PROXY protocol listener)", peer_ip
+                )
+                self.shutdown_request(request)
+                return
+            # Not capped per IP until its header names the client (SessionRegistry.readdress).
+            trusted = True
+        else:
+            trusted = self.is_trusted(peer_ip)
+        if not self.registry.admit(request, peer_ip, trusted=trusted, droppable=self.droppable):
             refused(
                 "no-room", f"refusing connections: no room ({len(self.registry)} connections in this process)"
             )
             if not self.implicit_tls:  # a TLS client could not read a plaintext line anyway
-                try:
-                    request.setblocking(False)
-                    request.send(b"-ERR [SYS/TEMP] Too many connections, try again later.\r\n")
-                except OSError:
-                    pass
+                self.refuse(request, self.busy_reply)
             self.shutdown_request(request)
             return
         try:
@@ -328,15 +430,25 @@ class Pop3Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
                 target=self.process_request_thread,
                 args=(request, client_address),
                 daemon=True,
-                name=f"pop3 {peer_ip}:{client_address[1]}",
+                name=f"{self.protocol} {peer_ip}:{peer_port}",
             ).start()
         except RuntimeError:  # no thread could be started: give the slot back
             logger.exception("could not start a session thread for %s", peer_ip)
             self.registry.remove(request)
             self.shutdown_request(request)
 
+    @staticmethod
+    def refuse(request: socket.socket, line: bytes) -> None:
+        """One line to a connection being turned away, without waiting for a client that does not read."""
+        try:
+            request.setblocking(False)
+            request.send(line)
+        except OSError:
+            pass
+
     def process_request_thread(self, request, client_address) -> None:
-        with self.gate.budgeted():  # every database connection of the session counts against the budget
+        # A POP3 session's database connections count against the budget (LMTP's are the MTA's: see README).
+        with self.gate.budgeted() if self.uses_connection_budget else contextlib.nullcontext():
             try:
                 self.finish_request(request, client_address)
             except Exception:  # noqa: BLE001 - the connection's last resort: logged, never kills the server
@@ -345,6 +457,8 @@ class Pop3Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
                 self.registry.remove(request)
                 self.shutdown_request(request)
                 release_connection()
+                if not self.uses_connection_budget:
+                    connections.close_all()
 
     def handle_error(self, request, client_address) -> None:
         logger.exception("unexpected error in the session of %s", client_address)
@@ -355,12 +469,39 @@ class Pop3Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
         stop_servers([self], grace)
 
 
+class Pop3Server(ThreadedServer):
+    """A threaded POP3 listener."""
+
+    handler_class = Pop3Handler
+
+
+def remove_stale_socket(path: str) -> None:
+    """Remove a UNIX socket left by a server that died; refuse (EADDRINUSE) if one still answers there, and
+    never remove anything that is not a socket."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(path)
+    except OSError:
+        os.unlink(path)  # nobody listens: a stale socket
+    else:
+        raise OSError(errno.EADDRINUSE, f"a server is listening on {path}")
+    finally:
+        probe.close()
+
+
 # How long sessions get at a stop to hear "-ERR [SYS/TEMP] Server shutting down." and end on their own before
 # the rest are cut (a session in the middle of a large RETR to a slow client would never end by itself).
 SHUTDOWN_NOTICE_WAIT = 1.0
 
 
-def stop_servers(servers: list[Pop3Server], grace: float | None = None) -> None:
+def stop_servers(servers: list[ThreadedServer], grace: float | None = None) -> None:
     """Stop accepting on every listener, end open sessions without UPDATE (each is told first, when it is
     waiting for its client), wait for them once, then release any lock still held. Call from a thread other
     than the ones in ``serve_forever()``."""
@@ -380,9 +521,10 @@ def stop_servers(servers: list[Pop3Server], grace: float | None = None) -> None:
         registry.disconnect_all()
     for registry in registries:
         registry.wait_empty(max(0.0, started + grace - time.monotonic()))
-    gate = servers[0].gate if servers else None
-    with gate.budgeted() if gate else contextlib.nullcontext():
-        release_all_live_locks()
+    if any(server.holds_mailbox_locks for server in servers):
+        gate = servers[0].gate
+        with gate.budgeted():
+            release_all_live_locks()
     for registry in registries:
         if not len(registry):
             registry.close()
@@ -419,12 +561,14 @@ def start_servers(
     tls: TlsContextHolder | None = None,
     implicit_tls_addresses: list[tuple[str, int]] = (),
     is_trusted: Callable[[str], bool] = is_trusted_peer,
+    proxy_protocol: bool = False,
     sockets: list[tuple[socket.socket, bool]] = (),
     room: tuple | None = None,
 ) -> list[Pop3Server]:
-    """Free this host's dead locks, bind every listener (or serve ``sockets``, (listening socket, implicit
-    TLS) pairs bound by a parent process), start their loops and the lock heartbeat. ``room``: (shared flags,
-    this worker's index) for workers (``SessionRegistry.share_room``).
+    """Free this node's dead locks, bind every listener (or serve ``sockets``, (listening socket, implicit
+    TLS) pairs bound by a parent process), start their loops and the lock heartbeat. ``proxy_protocol``
+    applies to every listener (plain and implicit TLS). ``room``: (shared flags, this worker's index) for
+    workers (``SessionRegistry.share_room``).
 
     The process's session registry and its share of the database-connection budget are made here, once
     for all its listeners."""
@@ -439,6 +583,7 @@ def start_servers(
         "tls": tls,
         "is_trusted": is_trusted,
         "registry": registry,
+        "proxy_protocol": proxy_protocol,
         "gate": gate,
     }
     servers = [Pop3Server(a, **options) for a in addresses]
@@ -453,7 +598,8 @@ def start_servers(
             name=f"pop3 listener {server.display_address}",
         ).start()
         kind = "POP3S (implicit TLS)" if server.implicit_tls else "POP3" + (" with STLS" if tls else "")
-        logger.info("%s server listening on %s", kind, server.display_address)
+        kind += " behind a proxy (PROXY protocol)" if proxy_protocol else ""
+        logger.info("%s server listening on %s (node %s)", kind, server.display_address, node_name())
     LockHeartbeat(stop_event, gate).start()
     return servers
 

@@ -166,9 +166,11 @@ class Supervisor:
         *,
         tls: TlsContextHolder | None = None,
         is_trusted: Callable[[str], bool] = is_trusted_peer,
+        proxy_protocol: bool = False,
     ):
         """``listeners``: (listening socket, implicit TLS) pairs, bound by the caller."""
         self.listeners, self.count, self.tls, self.is_trusted = listeners, count, tls, is_trusted
+        self.proxy_protocol = proxy_protocol
         self.workers: dict[int, tuple[int, float]] = {}  # pid -> (worker number, started at)
         self.respawn_at: dict[int, float] = {}  # worker number -> when to start its replacement
         self.parent_pid = os.getpid()

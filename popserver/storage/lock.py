@@ -3,8 +3,8 @@
 The lock is row state on ``Mailbox``, taken with a conditional UPDATE inside ``atomic()`` after
 ``select_for_update()`` (a row lock where the database has one; SQLite's IMMEDIATE transactions serialise the
 same way), so no transaction stays open for the length of a session. A live server refreshes its locks'
-heartbeats; a lock is free again when its holder process is known dead (same host) or its heartbeat is older
-than POPSERVER_LOCK_STALE_AFTER (any host).
+heartbeats; a lock is free again when its holder process is known dead (same node: POPSERVER_NODE_NAME, by
+default the host name) or its heartbeat is older than POPSERVER_LOCK_STALE_AFTER (any node).
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import enum
 import logging
 import os
 import secrets
-import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from typing import TypeVar
 from django.db import transaction
 from django.utils import timezone
 
-from ..conf import get_setting
+from ..conf import get_setting, node_name
 from ..exceptions import MailboxInUse
 from ..models import Mailbox
 from .deletion import BATCH_SIZE, batched
@@ -48,19 +47,19 @@ FREE = {
 
 @dataclass(frozen=True)
 class ProcessIdentity:
-    host: str
+    host: str  # the node's name (POPSERVER_NODE_NAME, by default the host name): lock holders are named by it
     pid: int
     instance: str  # random per process: tells a restarted server that reuses a pid from the dead one
 
 
-_identity: ProcessIdentity | None = None
+_instance: tuple[int, str] | None = None
 
 
 def this_process() -> ProcessIdentity:
-    global _identity
-    if _identity is None or _identity.pid != os.getpid():  # recomputed after fork
-        _identity = ProcessIdentity(socket.gethostname()[:255], os.getpid(), secrets.token_hex(16))
-    return _identity
+    global _instance
+    if _instance is None or _instance[0] != os.getpid():  # a new instance after fork
+        _instance = (os.getpid(), secrets.token_hex(16))
+    return ProcessIdentity(node_name(), *_instance)
 
 
 # Locks held by live sessions of this process: token -> lock (None while the lock is being taken).
@@ -68,7 +67,10 @@ _live: dict[str, MailboxLock | None] = {}
 _live_guard = threading.Lock()
 
 
-def _pid_is_alive(pid: int) -> bool:
+def pid_is_alive(pid: int) -> bool:
+    """True if a process with this pid exists on this machine."""
+    if pid <= 0:  # os.kill(0, ...) would signal our own process group
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -79,16 +81,17 @@ def _pid_is_alive(pid: int) -> bool:
 
 
 def lock_is_stale(mailbox: Mailbox, now=None) -> bool:
-    """True if the lock's holder is gone: a dead process on this host, or a heartbeat too old anywhere."""
+    """True if the lock's holder is gone: a dead process of this node, or a heartbeat too old anywhere."""
     if not mailbox.lock_token:
         return True
     me = this_process()
-    if mailbox.lock_host == me.host:
-        if mailbox.lock_instance == me.instance:
-            with _live_guard:
-                return mailbox.lock_token not in _live
-        if mailbox.lock_pid == me.pid or not _pid_is_alive(mailbox.lock_pid or 0):
-            return True
+    if mailbox.lock_instance == me.instance:  # this process's own: live while a session has it
+        with _live_guard:
+            return mailbox.lock_token not in _live
+    if mailbox.lock_host == me.host and (
+        mailbox.lock_pid == me.pid or not pid_is_alive(mailbox.lock_pid or 0)
+    ):
+        return True
     now = now or timezone.now()
     stale_after = timedelta(seconds=get_setting("LOCK_STALE_AFTER"))
     return mailbox.lock_heartbeat is None or mailbox.lock_heartbeat < now - stale_after
@@ -194,7 +197,7 @@ def refresh_heartbeats() -> int:
 
 
 def release_dead_locks() -> int:
-    """Free the locks of this host's dead server processes at once (after a kill -9 and a restart)."""
+    """Free the locks of this node's dead server processes at once (after a kill -9 and a restart)."""
     me = this_process()
     freed = 0
     with using_database():

@@ -6,10 +6,12 @@ import threading
 
 from django.core.checks import Warning as CheckWarning
 from django.core.management.base import BaseCommand, CommandError
+from django.db import DatabaseError
 
 from popserver.checks.database import check_connection_budget
 from popserver.conf import get_setting, worker_share
 from popserver.server.listener import bind_listener, parse_address, start_servers, stop_servers
+from popserver.server.node import NodeHeartbeat, NodeNameInUse, claim_node_name, release_node_name
 from popserver.server.tls import TlsConfigError, TlsContextHolder
 from popserver.server.workers import SignalFlags, Supervisor, parse_workers, use_connection_pool
 
@@ -30,6 +32,12 @@ class Command(BaseCommand):
         parser.add_argument(
             "--tls-port",
             help="also listen with implicit TLS (RFC 8314; 995 by convention) on PORT or ADDR:PORT.",
+        )
+        parser.add_argument(
+            "--proxy-protocol",
+            action="store_true",
+            help="every listener expects a PROXY protocol header (v1 or v2, as HAProxy's send-proxy-v2 sends) "
+            "from the load balancers in POPSERVER_PROXY_TRUSTED_NETWORKS, and closes other connections.",
         )
         parser.add_argument(
             "--workers",
@@ -64,24 +72,53 @@ class Command(BaseCommand):
                 raise CommandError(f"TLS: {exc}") from None
         elif tls_addresses or keyfile:
             raise CommandError("TLS: --tls-port and --keyfile need --certfile (or POPSERVER_TLS_CERTFILE).")
-        for warning in check_connection_budget(databases=["default"]):
-            if isinstance(warning, CheckWarning):
-                self.stderr.write(f"{warning.id}: {warning.msg} {warning.hint or ''}".strip())
-        if workers == 1:
-            self.serve_in_this_process(address, tls_addresses, tls)
-        else:
-            self.serve_with_workers(address, tls_addresses, tls, workers)
+        if options["proxy_protocol"] and not get_setting("PROXY_TRUSTED_NETWORKS"):
+            raise CommandError(
+                "--proxy-protocol: POPSERVER_PROXY_TRUSTED_NETWORKS is empty, so every connection would be "
+                'refused. Set it to your load balancers\' addresses, e.g. ["10.0.0.5/32"].'
+            )
+        try:
+            claim_node_name()  # before anything frees "this node's" dead locks
+        except NodeNameInUse as exc:
+            raise CommandError(str(exc)) from None
+        except DatabaseError as exc:
+            raise CommandError(f"Database: {exc} (has 'manage.py migrate' run?)") from None
+        try:
+            self.check_body_storage()
+            for warning in check_connection_budget(databases=["default"]):
+                if isinstance(warning, CheckWarning):
+                    self.stderr.write(f"{warning.id}: {warning.msg} {warning.hint or ''}".strip())
+            if workers == 1:
+                self.serve_in_this_process(address, tls_addresses, tls, options["proxy_protocol"])
+            else:
+                self.serve_with_workers(address, tls_addresses, tls, workers, options["proxy_protocol"])
+        finally:
+            release_node_name()
 
-    def serve_in_this_process(self, address, tls_addresses, tls) -> None:
+    @staticmethod
+    def check_body_storage() -> None:
+        """Bodies in a Django storage: it must take an object and give it back before we serve (issue 21)."""
+        from popserver.checks.bodies import storage_store_selected
+        from popserver.storage.bodies import probe_body_storage
+
+        if storage_store_selected():
+            problem = probe_body_storage()
+            if problem:
+                raise CommandError(f"The body storage cannot be used: {problem}")
+
+    def serve_in_this_process(self, address, tls_addresses, tls, proxy_protocol: bool) -> None:
         # Signal handlers only set flags: shutdown() must run outside the serving threads.
         signals = SignalFlags()
         use_connection_pool(worker_share("DB_CONNECTIONS"), get_setting("DB_CONNECTION_WAIT"))
         stop = threading.Event()
         try:
-            servers = start_servers([address], stop, tls=tls, implicit_tls_addresses=tls_addresses)
+            servers = start_servers(
+                [address], stop, tls=tls, implicit_tls_addresses=tls_addresses, proxy_protocol=proxy_protocol
+            )
         except OSError as exc:
             signals.close()
             raise CommandError(f"Error: {ERRORS.get(exc.errno, exc.strerror or exc)}") from None
+        NodeHeartbeat(stop).start()
         self.announce([(s.display_address, s.implicit_tls) for s in servers])
         # SIGHUP (logrotate, systemctl reload) reloads the certificate; without TLS it is ignored, never fatal.
         try:
@@ -91,10 +128,11 @@ class Command(BaseCommand):
                     tls.reload()
         finally:
             signals.close()
+        stop.set()
         stop_servers(servers)
         self.stdout.write("popserver: stopped.")
 
-    def serve_with_workers(self, address, tls_addresses, tls, workers: int) -> None:
+    def serve_with_workers(self, address, tls_addresses, tls, workers: int, proxy_protocol: bool) -> None:
         listeners = []
         try:
             for listen, implicit_tls in [(address, False)] + [(a, True) for a in tls_addresses]:
@@ -103,12 +141,17 @@ class Command(BaseCommand):
             for sock, _ in listeners:
                 sock.close()
             raise CommandError(f"Error: {ERRORS.get(exc.errno, exc.strerror or exc)}") from None
-        supervisor = Supervisor(listeners, workers, tls=tls)
+        supervisor = Supervisor(listeners, workers, tls=tls, proxy_protocol=proxy_protocol)
+        stop = threading.Event()
 
         def ready():
+            NodeHeartbeat(stop).start()  # the node's claim is the parent's (its pid and instance)
             self.announce([(display(sock), implicit) for sock, implicit in listeners], workers=workers)
 
-        supervisor.run(ready)
+        try:
+            supervisor.run(ready)
+        finally:
+            stop.set()
         for sock, _ in listeners:
             sock.close()
         self.stdout.write("popserver: stopped.")
