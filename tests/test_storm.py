@@ -52,9 +52,13 @@ def test_a_storm_of_logins_against_three_servers_stays_within_the_budget(runpop3
         "POPSERVER_DB_CONNECTION_WAIT": "5",
     }
     servers: list = []
-    starters = [
-        threading.Thread(target=lambda: servers.append(runpop3("--workers", str(WORKERS), **env)))
-        for _ in range(SERVERS)
+    starters = [  # three nodes, each with its own name (a node name is claimed by one server at a time)
+        threading.Thread(
+            target=lambda n=n: servers.append(
+                runpop3("--workers", str(WORKERS), POPSERVER_NODE_NAME=f"storm{n}", **env)
+            )
+        )
+        for n in range(SERVERS)
     ]
     for starter in starters:
         starter.start()

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from django.core.cache import caches
-from django.db import transaction
+from django.db import IntegrityError, transaction
 from django.utils import timezone
 from django.utils.module_loading import import_string
 
@@ -95,8 +95,11 @@ def _locked_row(scope: str, key: str, now: datetime) -> Iterator:
     from popserver.models import LoginThrottle
 
     for _ in range(3):  # a right password may delete the row between the two steps
-        with one_writer():
-            LoginThrottle.objects.get_or_create(scope=scope, key=key, defaults={"window_started": now})
+        try:
+            with one_writer():
+                LoginThrottle.objects.get_or_create(scope=scope, key=key, defaults={"window_started": now})
+        except IntegrityError:  # made, then deleted, by others meanwhile: look again
+            continue
         with one_writer(), transaction.atomic():
             row = LoginThrottle.objects.select_for_update().filter(scope=scope, key=key).first()
             if row is not None:
@@ -125,10 +128,15 @@ class DatabaseThrottle(Throttle):
         limit = get_setting("THROTTLE_ACCOUNT_FAILURES")
         key = account_key(username, ip)
         if limit > 1:  # most logins: no failure in the window, no row; the insert is the reservation
-            with one_writer():
-                _, created = LoginThrottle.objects.get_or_create(
-                    scope=LoginThrottle.ACCOUNT_IP, key=key, defaults={"window_started": now, "failures": 1}
-                )
+            try:
+                with one_writer():
+                    _, created = LoginThrottle.objects.get_or_create(
+                        scope=LoginThrottle.ACCOUNT_IP,
+                        key=key,
+                        defaults={"window_started": now, "failures": 1},
+                    )
+            except IntegrityError:  # made, then deleted, by parallel logins meanwhile
+                created = False
             if created:
                 return Reservation(admitted=True)
         with _locked_row(LoginThrottle.ACCOUNT_IP, key, now) as row:
