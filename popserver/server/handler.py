@@ -19,13 +19,14 @@ from django.db import connections
 from django.utils import timezone
 
 from ..conf import get_setting, node_name
-from ..exceptions import TemporaryLoginFailure
+from ..exceptions import LoginRefused, MailboxInUse, TemporaryLoginFailure
 from ..logins.audit import session_ended
 from ..logins.authenticator import DjangoAuthenticator, printable
 from ..logins.peers import plaintext_allowed
 from ..protocol.session import Pop3Session, State
 from ..protocol.wire import FLUSH
 from ..storage.retention import expire_before_login
+from . import metrics
 from .proxy_protocol import ProxyHeader, ProxyHeaderError, read_header
 from .tls import HANDSHAKE_TIMEOUT
 
@@ -93,6 +94,10 @@ class Pop3Handler(socketserver.BaseRequestHandler):
         self.session: Pop3Session | None = None
         self.proxy_header: ProxyHeader | None = None
         set_socket_options(self.sock)
+        metrics.session_opened()
+
+    def finish(self) -> None:
+        metrics.session_closed()
 
     # Main loop ------------------------------------------------------------------------------------------
     def handle(self) -> None:
@@ -111,7 +116,7 @@ class Pop3Handler(socketserver.BaseRequestHandler):
         reason = "Connection closed"
         try:
             if self.server.implicit_tls:
-                self.handshake()
+                self.handshake("implicit")
             self.send([session.greeting()])
             line_deadline = time.monotonic() + get_setting("AUTOLOGOUT")
             while not session.closed:
@@ -163,9 +168,11 @@ class Pop3Handler(socketserver.BaseRequestHandler):
         try:
             header = read_header(self.sock, get_setting("PROXY_HEADER_TIMEOUT"))
         except ProxyHeaderError as exc:
+            metrics.proxy_header(exc.kind)
             if not self.server.stop_event.is_set():
                 logger.warning("closing %s: bad PROXY header (%s)", proxy, exc.reason)
             return False
+        metrics.proxy_header("health_check" if header.local else "ok")
         self.proxy_header = header
         if header.source is not None:
             self.peer_ip, self.peer_port = header.source
@@ -199,16 +206,22 @@ class Pop3Handler(socketserver.BaseRequestHandler):
             # logged in before "+OK Logged in." is sent: from then on the client relies on its slot.
             registry = self.server.registry
             if not registry.begin_login(self.request):
+                metrics.login(metrics.login_method(mechanism, False), "temporary", None)
                 raise TemporaryLoginFailure()  # dropped to make room: its socket is already cut
+            started = time.perf_counter()
             try:
                 maildrop = authenticator(username, password, mechanism=mechanism)
-            except BaseException:
+            except BaseException as exc:
                 registry.end_login(self.request, logged_in=False)
+                if metrics.enabled and isinstance(exc, LoginRefused):
+                    self.count_login(mechanism, exc, started)
                 raise
             registry.end_login(self.request, logged_in=True)
+            if metrics.enabled:
+                self.count_login(mechanism, None, started)
             return maildrop
 
-        return Pop3Session(
+        return metrics.session_class(
             authenticate,
             peer=self.peer,
             greeting=get_setting("GREETING"),
@@ -221,12 +234,24 @@ class Pop3Handler(socketserver.BaseRequestHandler):
             client_workarounds=frozenset(get_setting("CLIENT_WORKAROUNDS")),
         )
 
+    def count_login(self, mechanism: str, refused: LoginRefused | None, started: float) -> None:
+        authenticator = self.authenticator
+        seconds = time.perf_counter() - started - authenticator.failure_delay_waited
+        metrics.login(
+            metrics.login_method(mechanism, authenticator.app_password_tried),
+            metrics.login_result(refused, disabled=authenticator.account_disabled),
+            max(seconds, 0.0),
+        )
+        if isinstance(refused, MailboxInUse):
+            metrics.lock_refused("in_use")
+
     def plaintext_allowed(self, tls_active: bool) -> bool:
         return plaintext_allowed(tls_active=tls_active, trusted=self.authenticator.trusted)
 
     # TLS ------------------------------------------------------------------------------------------------
-    def handshake(self) -> None:
-        """Wrap the socket in TLS, in this session's thread, with a deadline (never in the accept loop)."""
+    def handshake(self, mode: str) -> None:
+        """Wrap the socket in TLS, in this session's thread, with a deadline (never in the accept loop).
+        ``mode``: "implicit" or "stls" (for the metrics)."""
         context = self.server.tls.context
         # One deadline for the whole handshake, not per recv(): a byte every few seconds gains nothing.
         deadline = time.monotonic() + min(HANDSHAKE_TIMEOUT, get_setting("LOGIN_TIMEOUT"))
@@ -245,15 +270,18 @@ class Pop3Handler(socketserver.BaseRequestHandler):
                     wait = ([], [self.sock])
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or not any(select.select(*wait, [], remaining)[:2]):
+                    metrics.tls_handshake(mode, "timeout")
                     raise SessionEnded("TLS handshake timed out")
             self.sock.setblocking(True)
         except (ssl.SSLError, OSError, ValueError) as exc:
+            metrics.tls_handshake(mode, "failed")
             raise SessionEnded(f"TLS handshake failed: {exc.__class__.__name__}") from None
+        metrics.tls_handshake(mode, "ok")
 
     def start_tls(self, session: Pop3Session) -> None:
         """RFC 2595 s.4: after "+OK Begin TLS negotiation now." the session's pipelined plaintext has already
         been discarded by the engine; handshake, then a fresh AUTHORIZATION state."""
-        self.handshake()
+        self.handshake("stls")
         self.authenticator.tls = True
         session.tls_started()
         session.plaintext_allowed = self.plaintext_allowed(tls_active=True)
@@ -297,23 +325,27 @@ class Pop3Handler(socketserver.BaseRequestHandler):
         self.sock.settimeout(get_setting("AUTOLOGOUT"))  # a client that stops reading is dropped in time
         pending: list[bytes] = []
         pending_size = total = 0
-        for chunk in chunks:
-            if chunk is FLUSH:
-                if pending:
-                    self.write(pending)
-                    total += pending_size
-                    pending, pending_size = [], 0
-                continue
-            if chunk:
-                pending.append(chunk)
-                pending_size += len(chunk)
-                if pending_size >= WRITE_COALESCE:
-                    self.write(pending)
-                    total += pending_size
-                    pending, pending_size = [], 0
-        if pending:
-            self.write(pending)
-            total += pending_size
+        try:
+            for chunk in chunks:
+                if chunk is FLUSH:
+                    if pending:
+                        self.write(pending)
+                        total += pending_size
+                        pending, pending_size = [], 0
+                    continue
+                if chunk:
+                    pending.append(chunk)
+                    pending_size += len(chunk)
+                    if pending_size >= WRITE_COALESCE:
+                        self.write(pending)
+                        total += pending_size
+                        pending, pending_size = [], 0
+            if pending:
+                self.write(pending)
+                total += pending_size
+        finally:
+            if total:
+                metrics.bytes_sent(total)
         return total
 
     def write(self, buffers: list[bytes]) -> None:
@@ -330,7 +362,8 @@ class Pop3Handler(socketserver.BaseRequestHandler):
             self.sock.settimeout(1.0)
             self.sock.sendall(data)
         except OSError:
-            pass
+            return
+        metrics.bytes_sent(len(data))
 
     # Session end ----------------------------------------------------------------------------------------
     def log_session_end(self, session: Pop3Session, reason: str, authenticator: DjangoAuthenticator) -> None:

@@ -8,6 +8,7 @@ from django.core.management.base import BaseCommand, CommandError
 from django.db import DatabaseError
 
 from popserver.conf import get_setting
+from popserver.server import metrics
 from popserver.server.listener import parse_address, start_servers, stop_servers
 from popserver.server.node import NodeHeartbeat, NodeNameInUse, claim_node_name, release_node_name
 from popserver.server.tls import TlsConfigError, TlsContextHolder
@@ -36,12 +37,19 @@ class Command(BaseCommand):
             help="every listener expects a PROXY protocol header (v1 or v2, as HAProxy's send-proxy-v2 sends) "
             "from the load balancers in POPSERVER_PROXY_TRUSTED_NETWORKS, and closes other connections.",
         )
+        parser.add_argument(
+            "--metrics",
+            metavar="ADDR:PORT",
+            help="serve Prometheus metrics on http://ADDR:PORT/metrics (PORT alone: on 127.0.0.1); needs "
+            "the prometheus-client package (pip install 'popserver[metrics]').",
+        )
 
     def handle(self, *args, **options):
         try:
             address = parse_address(options["addrport"] or get_setting("LISTEN"))
             tls_listen = options["tls_port"] or get_setting("TLS_LISTEN")
             tls_addresses = [self.tls_address(tls_listen, address[0])] if tls_listen else []
+            metrics_address = self.metrics_address(options["metrics"]) if options["metrics"] else None
         except ValueError as exc:
             raise CommandError(f"Invalid address: {exc}") from None
         certfile = options["certfile"] or get_setting("TLS_CERTFILE")
@@ -67,6 +75,11 @@ class Command(BaseCommand):
         except DatabaseError as exc:
             raise CommandError(f"Database: {exc} (has 'manage.py migrate' run?)") from None
 
+        try:
+            metrics_server = self.start_metrics(metrics_address) if metrics_address else None
+        except CommandError:
+            release_node_name()
+            raise
         stop = threading.Event()
         # Signal handlers only set flags: shutdown() must run outside the serving threads.
         for signum in (signal.SIGINT, signal.SIGTERM):
@@ -84,13 +97,13 @@ class Command(BaseCommand):
             )
         except OSError as exc:
             release_node_name()
+            metrics.disable()
             raise CommandError(f"Error: {ERRORS.get(exc.errno, exc.strerror or exc)}") from None
         NodeHeartbeat(stop).start()
-        self.stdout.write(
-            "popserver: "
-            + ", ".join(f"{'POP3S' if s.implicit_tls else 'POP3'} on {s.display_address}" for s in servers)
-            + ". Quit with CONTROL-C."
-        )
+        listening = [f"{'POP3S' if s.implicit_tls else 'POP3'} on {s.display_address}" for s in servers]
+        if metrics_server is not None:
+            listening.append(f"metrics on http://{metrics_server.display_address}/metrics")
+        self.stdout.write("popserver: " + ", ".join(listening) + ". Quit with CONTROL-C.")
         self.stdout.flush()
         while not stop.wait(0.5):
             if reload_requested.is_set():
@@ -98,8 +111,30 @@ class Command(BaseCommand):
                 if tls is not None:
                     tls.reload()
         stop_servers(servers)
+        metrics.disable()
         release_node_name()
         self.stdout.write("popserver: stopped.")
+
+    @staticmethod
+    def metrics_address(text: str) -> tuple[str, int]:
+        text = str(text).strip()
+        bare_ipv6 = text.count(":") > 1 and not text.startswith("[")
+        if bare_ipv6 or not (text.isdigit() or text.rpartition(":")[2].isdigit()):
+            raise ValueError(f"--metrics {text!r} needs a port (ADDR:PORT or PORT)")
+        return parse_address(text)
+
+    @staticmethod
+    def start_metrics(address: tuple[str, int]) -> metrics.MetricsHttpServer:
+        """Metrics before the listeners: the first connection is counted. One process: its own registry."""
+        try:
+            metrics.enable()
+            return metrics.serve(address)
+        except metrics.MetricsUnavailable as exc:
+            metrics.disable()
+            raise CommandError(str(exc)) from None
+        except OSError as exc:
+            metrics.disable()
+            raise CommandError(f"Metrics: {ERRORS.get(exc.errno, exc.strerror or exc)}") from None
 
     @staticmethod
     def tls_address(text: str, default_host: str) -> tuple[str, int]:

@@ -1,0 +1,510 @@
+"""Prometheus metrics (issue 16): ``/metrics`` scraped over HTTP after scripted sessions, counted by value.
+
+In this process the metrics live in one registry (``metrics.enable()``); ``runpop3 --metrics`` runs as a
+subprocess; the multiprocess mode (workers adding up, a dead worker's gauges dropped) in a forked child.
+"""
+
+import base64
+import json
+import socket
+import ssl
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+from django.db import connection
+from prometheus_client.parser import text_string_to_metric_families
+
+from popserver.conf import node_name
+from popserver.logins.app_passwords import create_app_password
+from popserver.mailin.delivery import deliver
+from popserver.models import Mailbox
+from popserver.protocol.session import Pop3Session
+from popserver.server import metrics
+from popserver.storage.bodies import DatabaseBodyStore
+from tests import proxyheaders
+from tests.conftest import REPO, subprocess_env
+
+pytestmark = pytest.mark.live
+
+MESSAGE = b"From: a@example.com\r\nSubject: counted\r\n\r\nhello\r\n"
+
+
+# Scraping ---------------------------------------------------------------------------------------------------
+class Samples(dict):
+    """(sample name, labels) -> value, from one scrape."""
+
+    def __call__(self, name: str, **labels: str) -> float:
+        """One series' value; a missing series is an error (every series exists from the start)."""
+        return self[name, frozenset(labels.items())]
+
+    def total(self, name: str, **labels: str) -> float:
+        """The sum over every series of ``name`` whose labels include ``labels``."""
+        wanted = set(labels.items())
+        return sum(value for (n, found), value in self.items() if n == name and wanted <= found)
+
+    def labels(self, name: str, label: str) -> set[str]:
+        return {dict(found)[label] for (n, found) in self if n == name and label in dict(found)}
+
+
+def scrape(port: int) -> Samples:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        assert response.status == 200
+        assert response.headers["Content-Type"].startswith("text/plain")
+        text = response.read().decode()
+    samples = Samples()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[sample.name, frozenset(sample.labels.items())] = sample.value
+    return samples
+
+
+def scrape_until(port: int, predicate, timeout: float = 10.0) -> Samples:
+    """Scrape until ``predicate(samples)`` holds: a session's last counts land just after its last reply."""
+    deadline = time.monotonic() + timeout
+    while True:
+        samples = scrape(port)
+        if predicate(samples) or time.monotonic() > deadline:
+            return samples
+        threading.Event().wait(0.02)  # sync-ok: polling the scrape, bounded by the deadline
+
+
+# A raw client that counts what it receives ----------------------------------------------------------------
+class Client:
+    def __init__(self, port: int, *, sock: socket.socket | None = None, greeting: bool = True):
+        self.sock = sock or socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.received = 0
+        self.greeting = self.read(b"\r\n") if greeting else b""
+
+    def read(self, terminator: bytes) -> bytes:
+        data = b""
+        while not data.endswith(terminator):
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError(f"closed after {data[-200:]!r}")
+            data += chunk
+        self.received += len(data)
+        return data
+
+    def command(self, line: str, terminator: bytes = b"\r\n") -> bytes:
+        self.sock.sendall(line.encode() + b"\r\n")
+        return self.read(terminator)
+
+    def closed_by_server(self) -> bool:
+        return self.sock.recv(1) == b""
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+@pytest.fixture
+def metered(pop3_server_factory):
+    """start(**server_options) -> (server, metrics port): metrics on, a live server, /metrics on a free port."""
+    metrics.enable()
+    http = metrics.serve(("127.0.0.1", 0))
+
+    def start(**kwargs):
+        return pop3_server_factory(**kwargs), http.port
+
+    yield start
+    metrics.disable()
+
+
+@pytest.fixture
+def alice(make_mailbox):
+    mailbox = make_mailbox("alice", "secret")
+    for _ in range(3):
+        deliver("alice", MESSAGE)
+    return mailbox
+
+
+def script_two_sessions(port: int) -> int:
+    """Login, STAT, RETR, DELE, QUIT; then a failed login, an unknown verb and QUIT. Octets received."""
+    good = Client(port)
+    assert good.command("USER alice") == b"+OK\r\n"
+    assert good.command("PASS secret") == b"+OK Logged in.\r\n"
+    assert good.command("STAT").startswith(b"+OK 3 ")
+    assert good.command("RETR 1", b"\r\n.\r\n").endswith(b"hello\r\n.\r\n")
+    assert good.command("DELE 1").startswith(b"+OK")
+    assert good.command("QUIT").startswith(b"+OK")
+    assert good.closed_by_server()
+    bad = Client(port)
+    assert bad.command("USER alice") == b"+OK\r\n"
+    assert bad.command("PASS wrong").startswith(b"-ERR [AUTH]")
+    assert bad.command("XYZZY s3cret").startswith(b"-ERR")
+    assert bad.command("QUIT").startswith(b"+OK")
+    assert bad.closed_by_server()
+    good.close(), bad.close()
+    return good.received + bad.received
+
+
+def check_scripted_sessions(samples: Samples, received: int) -> None:
+    """What ``script_two_sessions`` leaves in the metrics, by value (sums over workers, if any)."""
+    s = samples.total
+    assert s("popserver_sessions_open") == 0
+    assert s("popserver_connections_accepted_total") == 2
+    assert s("popserver_connections_refused_total") == 0
+    assert s("popserver_sent_bytes_total") == received
+    logins = {
+        result: s("popserver_logins_total", method="user", result=result) for result in metrics.LOGIN_RESULTS
+    }
+    assert logins == {r: (1 if r in ("ok", "wrong_password") else 0) for r in metrics.LOGIN_RESULTS}
+    assert s("popserver_logins_total") == 2
+    assert s("popserver_login_duration_seconds_count") == 2
+    expected = {
+        ("USER", "ok"): 2,
+        ("PASS", "ok"): 1,
+        ("PASS", "err"): 1,
+        ("STAT", "ok"): 1,
+        ("RETR", "ok"): 1,
+        ("DELE", "ok"): 1,
+        ("QUIT", "ok"): 2,
+        ("unknown", "err"): 1,
+    }
+    for (verb, result), count in expected.items():
+        assert s("popserver_commands_total", verb=verb, result=result) == count, (verb, result)
+    assert s("popserver_commands_total") == sum(expected.values())
+    for verb in ("USER", "PASS", "STAT", "RETR", "DELE", "QUIT", "unknown"):
+        assert s("popserver_command_duration_seconds_count", verb=verb) == sum(
+            count for (v, _), count in expected.items() if v == verb
+        )
+    assert 0 < s("popserver_command_duration_seconds_sum", verb="RETR") < 10
+    assert s("popserver_command_duration_seconds_bucket", verb="RETR", le="+Inf") == 1
+    # The client's own word never becomes a label value.
+    assert "XYZZY" not in samples.labels("popserver_commands_total", "verb")
+    for name in ("popserver_lock_refusals_total", "popserver_database_errors_total"):
+        assert s(name) == 0
+    assert s("popserver_tls_handshakes_total") == s("popserver_proxy_headers_total") == 0
+
+
+# In this process ------------------------------------------------------------------------------------------
+def test_a_scripted_session_is_counted_by_value(metered, alice):
+    server, port = metered()
+    before = scrape(port)
+    assert before("popserver_node_info", node=node_name()) == 1
+    assert before("popserver_logins_total", method="app_password", result="throttled") == 0  # pre-made
+    received = script_two_sessions(server.port)
+    samples = scrape_until(
+        port,
+        lambda s: s.total("popserver_sent_bytes_total") >= received and s("popserver_sessions_open") == 0,
+    )
+    check_scripted_sessions(samples, received)
+    assert samples("popserver_commands_created", verb="RETR", result="ok") > 0  # one registry: _created too
+
+
+def test_login_methods_and_results(metered, alice, make_mailbox, settings):
+    server, port = metered()
+    make_mailbox("bob", "secret", pop3_enabled=False)
+    carol = make_mailbox("carol", "secret")
+    _, app_secret = create_app_password(carol, "phone")
+    make_mailbox("dave", "secret")
+
+    bob = Client(server.port)  # the right password, POP3 switched off: refused like a wrong one
+    bob.command("USER bob")
+    assert bob.command("PASS secret").startswith(b"-ERR [AUTH]")
+    holder = Client(server.port)
+    holder.command("USER alice")
+    assert holder.command("PASS secret").startswith(b"+OK")
+    second = Client(server.port)
+    assert second.command("AUTH PLAIN " + b64("\0alice\0secret")).startswith(b"-ERR [IN-USE]")
+    assert holder.command("QUIT").startswith(b"+OK")
+    settings.POPSERVER_LOGIN_DELAY = 3600
+    soon = Client(server.port)
+    assert soon.command("AUTH LOGIN").startswith(b"+ ")
+    assert soon.command(b64("alice")).startswith(b"+ ")
+    assert soon.command(b64("secret")).startswith(b"-ERR [LOGIN-DELAY]")
+    settings.POPSERVER_LOGIN_DELAY = 0
+    app = Client(server.port)
+    app.command("USER carol")
+    assert app.command("PASS " + app_secret).startswith(b"+OK")
+    settings.POPSERVER_THROTTLE_ACCOUNT_FAILURES = 1
+    guesser = Client(server.port)
+    guesser.command("USER dave")
+    assert guesser.command("PASS wrong").startswith(b"-ERR [AUTH]")
+    guesser.command("USER dave")
+    assert guesser.command("PASS secret").startswith(b"-ERR [SYS/TEMP]")
+    for client in (bob, holder, second, soon, app, guesser):
+        client.close()
+
+    expected = {
+        ("user", "disabled"): 1,
+        ("user", "ok"): 1,
+        ("plain", "in_use"): 1,
+        ("login", "login_delay"): 1,
+        ("app_password", "ok"): 1,
+        ("user", "wrong_password"): 1,
+        ("user", "throttled"): 1,
+    }
+    samples = scrape_until(port, lambda s: s("popserver_sessions_open") == 0)
+    for method in metrics.LOGIN_METHODS:
+        for result in metrics.LOGIN_RESULTS:
+            value = samples("popserver_logins_total", method=method, result=result)
+            assert value == expected.get((method, result), 0), (method, result)
+    assert samples("popserver_login_duration_seconds_count") == len(expected)
+    assert samples("popserver_lock_refusals_total", reason="in_use") == 1
+    assert samples("popserver_lock_refusals_total", reason="lost") == 0
+    # AUTH LOGIN: the verb, then two lines answering its challenges.
+    assert samples("popserver_commands_total", verb="AUTH", result="ok") == 1
+    assert samples("popserver_commands_total", verb="sasl_response", result="ok") == 1
+    assert samples("popserver_commands_total", verb="sasl_response", result="err") == 1
+
+
+def test_refusals_and_drops(metered, alice, settings):
+    settings.POPSERVER_MAX_SESSIONS = 1
+    server, port = metered()
+    idle = Client(server.port)
+    newcomer = Client(server.port)  # the server is full: the idle one is dropped to make room
+    assert idle.closed_by_server()
+    newcomer.command("USER alice")
+    assert newcomer.command("PASS secret").startswith(b"+OK")
+    refused = Client(server.port)  # full of logged-in sessions: no room
+    assert refused.greeting.startswith(b"-ERR [SYS/TEMP] Too many connections")
+    samples = scrape(port)
+    assert samples("popserver_connections_accepted_total") == 2
+    assert samples("popserver_connections_dropped_total") == 1
+    assert samples("popserver_connections_refused_total", reason="full") == 1
+    assert samples.total("popserver_connections_refused_total") == 1
+    assert samples("popserver_sessions_open") == 1
+    newcomer.command("QUIT")
+    for client in (idle, newcomer, refused):
+        client.close()
+
+
+@pytest.fixture
+def cert_files(tmp_path):
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    cert = ca.issue_cert("localhost", "127.0.0.1")
+    certfile, keyfile = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.cert_chain_pems[0].write_to_path(str(certfile))
+    cert.private_key_pem.write_to_path(str(keyfile))
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    return str(certfile), str(keyfile), context
+
+
+def test_tls_handshakes_by_mode_and_result(metered, alice, cert_files):
+    from popserver.server.tls import TlsContextHolder
+
+    certfile, keyfile, client_context = cert_files
+    server, port = metered(tls=TlsContextHolder(certfile, keyfile), implicit_tls=True)
+    stls = Client(server.port)
+    assert stls.command("STLS").startswith(b"+OK")
+    wrapped = client_context.wrap_socket(stls.sock, server_hostname="localhost")
+    wrapped.sendall(b"QUIT\r\n")
+    assert wrapped.recv(100).startswith(b"+OK")
+    wrapped.close()
+    implicit = socket.create_connection(("127.0.0.1", server.tls_port), timeout=10)
+    implicit.sendall(b"USER alice\r\n")  # plaintext on the implicit-TLS port: not a ClientHello
+    with pytest.raises(ConnectionError):  # a TLS alert perhaps, then the end (or a reset)
+        while implicit.recv(100):
+            pass
+        raise ConnectionError("closed")
+    implicit.close()
+    ok = client_context.wrap_socket(
+        socket.create_connection(("127.0.0.1", server.tls_port), timeout=10), server_hostname="localhost"
+    )
+    assert ok.recv(100).startswith(b"+OK")
+    ok.close()
+    samples = scrape_until(port, lambda s: s.total("popserver_tls_handshakes_total") >= 3)
+    expected = {("stls", "ok"): 1, ("implicit", "failed"): 1, ("implicit", "ok"): 1}
+    for mode in metrics.TLS_MODES:
+        for result in metrics.TLS_RESULTS:
+            assert samples("popserver_tls_handshakes_total", mode=mode, result=result) == expected.get(
+                (mode, result), 0
+            ), (mode, result)
+
+
+def test_proxy_headers_by_result(metered, alice, settings):
+    settings.POPSERVER_PROXY_TRUSTED_NETWORKS = ["127.0.0.0/8"]
+    settings.POPSERVER_PROXY_HEADER_TIMEOUT = 0.5
+    server, port = metered(proxy_protocol=True)
+
+    def connect(header: bytes, *, greeting: bool = True) -> Client:
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        sock.sendall(header)
+        return Client(server.port, sock=sock, greeting=greeting)
+
+    client = connect(proxyheaders.v1())
+    assert client.greeting.startswith(b"+OK")
+    client.command("QUIT")
+    check = connect(proxyheaders.v2(None, None, command=proxyheaders.pp.CMD_LOCAL))
+    assert check.greeting.startswith(b"+OK")
+    check.command("QUIT")
+    for client in (connect(b"GET / HTTP/1.0\r\n\r\n", greeting=False), connect(b"", greeting=False)):
+        assert client.closed_by_server()  # not a header; no header within the time
+    settings.POPSERVER_PROXY_TRUSTED_NETWORKS = ["192.0.2.0/24"]
+    untrusted = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    assert untrusted.recv(100) == b""
+    untrusted.close()
+    samples = scrape_until(port, lambda s: s("popserver_sessions_open") == 0)
+    expected = {"ok": 1, "health_check": 1, "invalid": 1, "timeout": 1}
+    for result in metrics.PROXY_RESULTS:
+        assert samples("popserver_proxy_headers_total", result=result) == expected.get(result, 0), result
+    assert samples("popserver_connections_refused_total", reason="untrusted_proxy") == 1
+
+
+class FailingBodyStore(DatabaseBodyStore):
+    """Reads through a query the database refuses (a column that does not exist): a real database error."""
+
+    def read_chunks(self, message_id):
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT no_such_column FROM popserver_message WHERE id = %s", [message_id])
+        yield from super().read_chunks(message_id)
+
+
+def test_database_errors_and_lost_locks(metered, alice, settings):
+    server, port = metered()
+    settings.POPSERVER_BODY_STORE = "tests.test_metrics.FailingBodyStore"
+    client = Client(server.port)
+    client.command("USER alice")
+    assert client.command("PASS secret").startswith(b"+OK")
+    assert client.command("RETR 1").startswith(b"-ERR [SYS/TEMP] Internal error")
+    Mailbox.objects.filter(pk=alice.pk).update(lock_token="")  # an operator freed the lock meanwhile
+    assert client.command("QUIT").startswith(b"-ERR [SYS/TEMP]")
+    client.close()
+    samples = scrape_until(port, lambda s: s("popserver_sessions_open") == 0)
+    errors = {
+        error: samples("popserver_database_errors_total", error=error)
+        for error in metrics.DATABASE_ERRORS
+        if samples("popserver_database_errors_total", error=error)
+    }
+    assert sum(errors.values()) == 1 and set(errors) <= {"OperationalError", "ProgrammingError"}, errors
+    assert samples("popserver_lock_refusals_total", reason="lost") == 1
+    assert samples("popserver_commands_total", verb="RETR", result="err") == 1
+    assert samples("popserver_commands_total", verb="QUIT", result="err") == 1
+
+
+def test_switched_off_the_hooks_do_nothing_and_the_engine_is_plain():
+    metrics.disable()
+    assert not metrics.enabled
+    assert metrics.session_class is Pop3Session
+    for name in metrics._HOOKS:
+        assert getattr(metrics, name) is metrics._nothing, name
+    metrics.enable()
+    try:
+        assert metrics.session_class is metrics.MeteredSession
+        assert all(getattr(metrics, name) is not metrics._nothing for name in metrics._HOOKS)
+    finally:
+        metrics.disable()
+
+
+def test_only_metrics_path_is_served(metered):
+    _, port = metered()
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10)
+    assert refused.value.code == 404
+
+
+# runpop3 and other processes ------------------------------------------------------------------------------
+def test_runpop3_metrics(runpop3, alice):
+    server = runpop3("--metrics", "127.0.0.1:0")
+    assert server.metrics_port
+    received = script_two_sessions(server.port)
+    samples = scrape_until(
+        server.metrics_port,
+        lambda s: s.total("popserver_sent_bytes_total") >= received and s("popserver_sessions_open") == 0,
+    )
+    check_scripted_sessions(samples, received)
+    assert server.terminate() == 0
+
+
+BLOCK_PROMETHEUS = "import sys; sys.modules['prometheus_client'] = None\n"  # any import of it fails
+
+
+def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        env=subprocess_env(**env),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_popserver_runs_without_prometheus_client(transactional_db):
+    """The package is optional: nothing imports it unless --metrics asks, and then the error says why."""
+    code = BLOCK_PROMETHEUS + textwrap.dedent(
+        """
+        import django
+        django.setup()
+        import popserver.management.commands.runpop3, popserver.server.listener, popserver.server.metrics
+        from django.core.management import call_command
+        from django.core.management.base import CommandError
+        try:
+            call_command("runpop3", "127.0.0.1:0", "--metrics", "127.0.0.1:0")
+        except CommandError as exc:
+            print(exc)
+        """
+    )
+    done = run_python(code)
+    assert done.returncode == 0, done.stderr
+    assert "--metrics needs the prometheus-client package: pip install 'popserver[metrics]'" in done.stdout
+
+
+def test_multiprocess_mode_adds_up_and_forgets_a_dead_workers_sessions(tmp_path):
+    """What the workers' supervisor relies on: a forked child's counts add to the parent's, and once the child
+    is marked dead its open sessions stop counting (its counters stay)."""
+    folder = tmp_path / "metrics"
+    folder.mkdir()
+    (folder / "counter_1.db").write_bytes(b"left over by a previous run")
+    code = textwrap.dedent(
+        f"""
+        import json, os, sys
+        assert "prometheus_client" not in sys.modules
+        import django
+        django.setup()
+        from popserver.server import metrics
+        metrics.enable(multiprocess=True, directory={str(folder)!r})
+        assert not os.path.exists({str(folder / "counter_1.db")!r})  # emptied first
+        http = metrics.serve(("127.0.0.1", 0))
+        metrics.connection_accepted()
+        metrics.session_opened()
+        pid = os.fork()
+        if pid == 0:
+            metrics.worker_started()
+            for _ in range(3):
+                metrics.connection_accepted()
+                metrics.session_opened()
+            metrics.bytes_sent(1000)
+            metrics.login("user", "ok", 0.01)
+            os._exit(0)
+        os.waitpid(pid, 0)
+
+        def values():
+            from prometheus_client.parser import text_string_to_metric_families
+            text = metrics.scrape().decode()
+            found = {{}}
+            for family in text_string_to_metric_families(text):
+                for sample in family.samples:
+                    if not sample.labels:
+                        found[sample.name] = found.get(sample.name, 0) + sample.value
+            return found
+
+        before = values()
+        metrics.process_exited(pid)
+        after = values()
+        print(json.dumps({{"before": before, "after": after, "port": http.port}}))
+        metrics.disable()
+        """
+    )
+    done = run_python(code)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    before, after = result["before"], result["after"]
+    assert before["popserver_connections_accepted_total"] == 4
+    assert before["popserver_sessions_open"] == 4
+    assert after["popserver_sessions_open"] == 1  # the dead child's three are gone
+    assert after["popserver_connections_accepted_total"] == 4  # counts never go down
+    assert after["popserver_sent_bytes_total"] == 1000
+    assert after["popserver_login_duration_seconds_count"] == 1
