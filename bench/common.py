@@ -69,7 +69,10 @@ def bulk_messages(mailbox, count: int, body: bytes) -> None:
             messages = Message.objects.bulk_create(
                 [
                     Message(
-                        mailbox=mailbox, uid=f"{start + i + 1:08X}{mailbox.uid_validity:08X}", size=len(body)
+                        mailbox=mailbox,
+                        uid=f"{start + i + 1:08X}{mailbox.uid_validity:08X}",
+                        size=len(body),
+                        chunk_count=1,
                     )
                     for i in range(n)
                 ]

@@ -50,7 +50,9 @@ class CpuWatch:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--messages", type=int, default=3000)
     parser.add_argument("--size", type=int, default=4096)
     parser.add_argument("--rounds", type=int, default=7)
@@ -84,7 +86,9 @@ def main() -> None:
         for server in servers.values():
             server.stop()
 
-    print(f"\n{options.messages} messages of {options.size} octets, RETR one at a time, {options.rounds} rounds")
+    print(
+        f"\n{options.messages} messages of {options.size} octets, RETR one at a time, {options.rounds} rounds"
+    )
     print("| server | CPU µs/message (median) | best | worst |")
     print("|---|---|---|---|")
     for name, values in per_message.items():

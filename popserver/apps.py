@@ -13,3 +13,13 @@ class PopserverConfig(AppConfig):
         from .clientconfig.checks import check_client_configuration
 
         register(check_client_configuration)
+
+        from django.db.models.signals import pre_delete
+
+        from .models import Mailbox
+        from .storage.bodies import release_mailbox_bodies
+
+        # A mailbox deleted with its user or by the admin: its stored bodies' references are counted down.
+        pre_delete.connect(
+            release_mailbox_bodies, sender=Mailbox, dispatch_uid="popserver.release_mailbox_bodies"
+        )

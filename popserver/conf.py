@@ -17,10 +17,18 @@ DEFAULTS: dict[str, Any] = {
     "AUTO_CREATE_MAILBOX": False,  # create a user's mailbox on first delivery or first POP3 login
     "BODY_STORE": "popserver.storage.bodies.DatabaseBodyStore",
     "BODY_CHUNK_SIZE": 1 * MiB,  # rows of message bytes; MariaDB's default packet limit is 16 MiB
+    # The STORAGES alias that holds bodies with popserver.storage.bodies.DjangoStorageBodyStore (and those
+    # moved there by popmovebodies); never the default storage, whose files a site may serve.
+    "BODY_STORAGE": "popserver",
+    "BODY_GC_GRACE": 3600,  # seconds: popgc leaves an object nothing refers to alone this long (a delivery)
     # Quotas, for every mailbox whose own limit is empty (a mailbox's 0 means unlimited). 0: unlimited.
     "QUOTA_BYTES": 0,  # octets of all a mailbox's messages (sizes as LIST shows them)
     "QUOTA_MESSAGES": 0,  # messages in a mailbox
     "QUOTA_EXCEEDED_PERMANENT": False,  # over quota, deliver exits 69 (the MTA bounces) instead of 75 (retries)
+    # Shares of a limit (percent) whose upward crossing by a delivery warns: a message into the mailbox
+    # (templates popserver/quota_warning*.txt) and the quota_warning signal. []: no warnings.
+    "QUOTA_WARNINGS": [80, 95],
+    "QUOTA_WARNING_MESSAGE": True,  # False: the signal only (a site that notifies its users otherwise)
     # The email backend popserver.mailin.email_backend.LocalDeliveryBackend: a dotted path of the backend for recipients
     # without a local mailbox (e.g. "django.core.mail.backends.smtp.EmailBackend"); None: they are refused.
     "MAIL_FALLBACK_BACKEND": None,
@@ -68,6 +76,14 @@ DEFAULTS: dict[str, Any] = {
     "NODE_NAME": "",  # names this node in lock holders, logs and audit rows; empty: the host name
     "PROXY_TRUSTED_NETWORKS": [],  # proxies whose PROXY headers runpop3 --proxy-protocol accepts (CIDR list)
     "PROXY_HEADER_TIMEOUT": 3,  # seconds a trusted proxy has to send the PROXY header
+    # LMTP (runlmtp): mail from the local MTA
+    "LMTP_LISTEN": "127.0.0.1:8024",  # or "unix:/path/to/socket"
+    "LMTP_TRUSTED_NETWORKS": ["127.0.0.0/8", "::1/128"],  # the only TCP peers runlmtp accepts
+    "LMTP_MAX_RECIPIENTS": 50,  # per transaction; more get 452 4.5.3 and the MTA sends them again
+    "LMTP_TIMEOUT": 300,  # seconds without a command, or without DATA bytes (RFC 5321 s.4.5.3.2.7: 5 min)
+    "LMTP_HOSTNAME": "",  # in the greeting and the LHLO reply; "" is this host's name
+    "LMTP_ADD_RETURN_PATH": True,  # "Return-Path: <MAIL FROM>" on top of each copy, as Dovecot's LMTP
+    "LMTP_ADD_DELIVERED_TO": True,  # "Delivered-To: <RCPT TO>" below it, as Dovecot's LMTP
     # Protocol
     "GREETING": "popserver ready.",
     "IMPLEMENTATION": "popserver",

@@ -119,3 +119,10 @@ class MessageExpunged(MaildropError):
 
 class CommitFailed(MaildropError):
     """UPDATE (RFC 1939 s.6) did not happen: nothing was deleted."""
+
+
+# Stored bodies ---------------------------------------------------------------------------------------------
+class BodyUnavailable(PopserverError):
+    """A message's body cannot be read now: its object is missing from the storage, shorter than its size, or
+    the storage failed. The message stays (nothing is deleted or hidden because of it); RETR and TOP answer
+    ``-ERR [SYS/TEMP]`` (RFC 3206 s.4) and the session goes on."""

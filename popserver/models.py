@@ -111,6 +111,28 @@ class MessageQuerySet(models.QuerySet):
         return self.filter(deleted_at__isnull=False)
 
 
+class StoredBody(models.Model):
+    """A message body held by a Django storage (``DjangoStorageBodyStore``), once per content.
+
+    The object's name is derived from the SHA-256 of its bytes, so identical bodies (one message to many local
+    recipients, a re-import) share one object. ``refs`` counts the messages that reference it; it changes in
+    the same transaction as those message rows. At 0 the object is removed after the commit (or by
+    ``popgc``); an object whose row says 0 may already be gone.
+    """
+
+    sha256 = models.CharField(max_length=64, unique=True, editable=False)  # lower-case hex
+    size = models.PositiveBigIntegerField(editable=False)
+    refs = models.PositiveIntegerField(default=0, editable=False)
+    created_at = models.DateTimeField(auto_now_add=True, editable=False)
+
+    class Meta:
+        verbose_name = "stored body"
+        indexes = [models.Index(fields=["refs"], name="popserver_storedbody_refs_idx")]
+
+    def __str__(self) -> str:
+        return self.sha256
+
+
 class Message(models.Model):
     """A message in the form the server presents it (bare LF as CRLF; every other byte unchanged).
 
@@ -121,6 +143,13 @@ class Message(models.Model):
     mailbox = models.ForeignKey(Mailbox, on_delete=models.CASCADE, related_name="messages")
     uid = models.CharField("unique id", max_length=70)  # RFC 1939 s.7: 1-70 chars in 0x21-0x7E
     size = models.PositiveBigIntegerField(help_text="Octets as sent by RETR, before dot-stuffing.")
+    # How many MessageChunk rows hold the body, kept here so that the snapshot knows it and a read is one
+    # plain indexed query per chunk. 0: not known (rows written without a body store) and counted at read.
+    chunk_count = models.PositiveIntegerField(default=0, editable=False)
+    # Set when the body is in a Django storage instead (then chunk_count is 0 and there are no chunks).
+    stored_body = models.ForeignKey(
+        StoredBody, null=True, blank=True, editable=False, on_delete=models.PROTECT, related_name="messages"
+    )
     arrived_at = models.DateTimeField(auto_now_add=True, db_index=True)
     subject = models.TextField(blank=True, default="")
     sender = models.TextField(blank=True, default="")
@@ -130,6 +159,8 @@ class Message(models.Model):
     first_retrieved_at = models.DateTimeField(null=True, blank=True, editable=False)
     # Set by a QUIT under a keep-deleted policy: hidden from POP3, restorable until purged.
     deleted_at = models.DateTimeField(null=True, blank=True, editable=False)
+    # A message the server wrote itself (a quota warning): it never counts against the quota.
+    server_notice = models.BooleanField(default=False, editable=False)
 
     objects = MessageQuerySet.as_manager()
 
@@ -142,14 +173,16 @@ class Message(models.Model):
         ]
         indexes = [
             models.Index(fields=["mailbox", "id"], name="popserver_message_mbox_idx"),
-            # A mailbox's total size (quota checks, the admin's list) from the index alone.
-            models.Index(fields=["mailbox", "size"], name="popserver_message_size_idx"),
+            # A mailbox's total size, all of it (the admin's list) or what counts against the quota (delivery's
+            # check), from the index alone.
+            models.Index(fields=["mailbox", "server_notice", "size"], name="popserver_message_quota_idx"),
             models.Index(fields=["first_retrieved_at"], name="popserver_message_retr_idx"),
             models.Index(fields=["deleted_at"], name="popserver_message_deleted_idx"),
         ]
 
     def __str__(self) -> str:
-        return self.subject or f"message {self.pk}"
+        # Never the database id: a POP3 client knows a message by its unique id (UIDL) and its position.
+        return self.subject or f"message {self.uid}"
 
 
 class MessageChunk(models.Model):
@@ -227,7 +260,7 @@ class LoginEvent(models.Model):
         (ERROR, "error"),
     ]
 
-    time = models.DateTimeField(auto_now_add=True, db_index=True)
+    time = models.DateTimeField(auto_now_add=True)  # indexed with the outcome, below
     peer_ip = models.GenericIPAddressField(unpack_ipv4=True, null=True)
     username = models.CharField(max_length=255)
     mailbox = models.ForeignKey(Mailbox, on_delete=models.SET_NULL, null=True, blank=True)
@@ -246,6 +279,8 @@ class LoginEvent(models.Model):
 
     class Meta:
         ordering = ["-time"]
+        # The admin's list (newest first) and the overview's counts per hour and outcome, from the index alone.
+        indexes = [models.Index(fields=["time", "outcome"], name="popserver_loginevent_time_idx")]
 
     def __str__(self) -> str:
         return f"{self.time:%Y-%m-%d %H:%M:%S} {self.username} {self.outcome}"
@@ -292,3 +327,27 @@ class Node(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+
+class DeliveryCount(models.Model):
+    """Messages delivered in one hour (UTC), for the admin's overview: messages are deleted at QUIT, so
+    counting the stored ones would miss most deliveries. Written after each delivery commits."""
+
+    hour = models.DateTimeField(unique=True)
+    messages = models.PositiveIntegerField(default=0)
+    octets = models.PositiveBigIntegerField(default=0)
+
+    class Meta:
+        ordering = ["-hour"]
+
+    def __str__(self) -> str:
+        return f"{self.hour:%Y-%m-%d %H:00} {self.messages}"
+
+
+class Overview(Mailbox):
+    """No data of its own: the admin's "POP3 overview" page is listed on the admin index through it."""
+
+    class Meta:
+        proxy = True
+        verbose_name = verbose_name_plural = "POP3 overview"
+        default_permissions = ()  # the page needs the view permissions of what it shows instead

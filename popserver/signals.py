@@ -2,6 +2,11 @@
 
 message_delivered(mailbox, message)
     sent after a delivery has been committed.
+quota_warning(mailbox, unit, threshold, used, limit, message)
+    sent after a delivery that took the mailbox across a share of its quota (POPSERVER_QUOTA_WARNINGS) has
+    been committed: ``unit`` is "octets" or "messages", ``threshold`` the share in percent, ``used`` the
+    usage after the delivery, ``limit`` the limit; ``message`` is the warning delivered into the mailbox
+    (None with POPSERVER_QUOTA_WARNING_MESSAGE off).
 messages_deleted(mailbox, count, octets)
     sent after QUIT's UPDATE has been committed (the messages deleted, or hidden under a keep-deleted
     policy), and after popexpire deleted retrieved messages past their days (not for purges of hidden ones).
@@ -20,6 +25,7 @@ from django.dispatch import Signal
 logger = logging.getLogger(__name__)
 
 message_delivered = Signal()
+quota_warning = Signal()
 messages_deleted = Signal()
 session_closed = Signal()
 login_failed = Signal()

@@ -29,7 +29,9 @@ class MemoryMaildrop(Maildrop):
     ``messages`` are normalized to the presented form (bare LF -> CRLF) unless ``normalize=False`` says they
     already are. ``read()`` yields ``chunk_size`` octets at a time, so tests can put a chunk boundary
     anywhere. ``expunge(n)`` simulates an administrator removing a message; ``commit_error`` makes
-    ``commit()`` fail. ``commit_calls``, ``release_calls`` and ``committed`` record what the session did.
+    ``commit()`` fail. ``commit_calls``, ``release_calls``, ``read_calls``, ``prefetch_calls`` and
+    ``committed`` record what the session did (``prefetch_takes`` plays a maildrop that reads ahead only so
+    many).
     """
 
     def __init__(
@@ -60,6 +62,8 @@ class MemoryMaildrop(Maildrop):
         self.commit_calls = 0
         self.release_calls = 0
         self.read_calls: list[int] = []
+        self.prefetch_calls: list[tuple[int, ...]] = []  # the numbers each read-ahead hint named
+        self.prefetch_takes: int | None = None  # how many of them prefetch() says it dealt with (None: all)
         self.committed: tuple[int, ...] | None = None  # the numbers deleted by a successful commit
 
     def expunge(self, number: int, *, after_chunks: int = 0) -> None:
@@ -76,6 +80,10 @@ class MemoryMaildrop(Maildrop):
             yield body[start : start + self.chunk_size]
         if limit is not None:
             raise MessageExpunged(f"message {number} was expunged")
+
+    def prefetch(self, numbers) -> int:
+        self.prefetch_calls.append(tuple(numbers))
+        return len(numbers) if self.prefetch_takes is None else min(self.prefetch_takes, len(numbers))
 
     def commit(self) -> None:
         self.commit_calls += 1

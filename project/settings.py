@@ -141,6 +141,19 @@ with contextlib.suppress(
 ):  # WhiteNoise warns about a missing STATIC_ROOT; read-only checkouts skip this
     STATIC_ROOT.mkdir(exist_ok=True)
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
+    # Message bodies with POPSERVER_BODY_STORE = "popserver.storage.bodies.DjangoStorageBodyStore": private
+    # files under the data folder (never MEDIA_ROOT); django-storages' S3Storage etc. in production.
+    "popserver": {
+        "BACKEND": "django.core.files.storage.FileSystemStorage",
+        "OPTIONS": {
+            "location": env.str("BODIES_DIR", default=str(DATA_DIR / "bodies")),
+            "file_permissions_mode": 0o640,
+        },
+    },
+}
 
 # POP3 settings (see popserver/conf.py for every name and default). Any POPSERVER_* variable in the
 # environment is passed through, parsed as JSON where it looks like JSON (numbers, lists, true/false).

@@ -51,6 +51,45 @@ def manage_py_command(*args: str) -> list[str]:
     return [sys.executable, str(REPO / "manage.py"), *args]
 
 
+STORAGE_STORE = "popserver.storage.bodies.DjangoStorageBodyStore"
+
+
+@pytest.fixture(params=["database", "storage"])
+def body_store(request, settings, tmp_path):
+    """Runs a test with each body store: the database's chunks, and objects in a Django storage (a
+    FileSystemStorage in a temporary folder; tests/test_stored_bodies.py adds S3). Returns its name."""
+    if request.param == "storage":
+        settings.POPSERVER_BODY_STORE = STORAGE_STORE
+        settings.STORAGES = {
+            **settings.STORAGES,
+            "popserver": {
+                "BACKEND": "django.core.files.storage.FileSystemStorage",
+                "OPTIONS": {"location": str(tmp_path / "bodies")},
+            },
+        }
+    return request.param
+
+
+def bodies_held(mailbox=None) -> int:
+    """How many message bodies the database holds (of one mailbox): chunked messages plus stored ones, each
+    stored body counted once per message that refers to it."""
+    from popserver.models import Message, MessageChunk
+
+    chunks = (
+        MessageChunk.objects.all()
+        if mailbox is None
+        else MessageChunk.objects.filter(message__mailbox=mailbox)
+    )
+    messages = Message.objects.filter(stored_body__isnull=False)
+    if mailbox is not None:
+        messages = messages.filter(mailbox=mailbox)
+    return chunks.values("message").distinct().count() + messages.count()
+
+
+# For tests of what only the database store does (its chunk rows and queries).
+database_store_only = pytest.mark.parametrize("body_store", ["database"], indirect=True)
+
+
 @pytest.fixture
 def make_mailbox(db):
     """make_mailbox(username, password="secret", email=None) -> Mailbox (creates the user too)."""

@@ -149,7 +149,9 @@ def test_mailbox_list_shows_counts_sizes_addresses_and_lock(superuser_client, al
     assert rows["bob"].message_count == 0 and rows["bob"].message_octets == 0
     html = response.content.decode()
     assert "alice@example.org" in html and "bob@example.org" in html
-    assert "mx9.example.org pid 4242 for 192.0.2.7:40000 (live session)" in html
+    # the lock: live, its host in the cell, its details in the title
+    assert re.search(r'title="mx9\.example\.org pid 4242 for 192\.0\.2\.7:40000, since [^"]+">live<br>', html)
+    assert '<span class="quiet">mx9</span>' in html  # the node without its domain: the list fits 1280 px
 
 
 def changelist_queries(client: Client, query: str = "") -> int:
@@ -225,6 +227,29 @@ def test_mailbox_change_page_shows_lock_messages_and_upload(superuser_client, al
     assert "alice@example.org" in html  # the address inline
 
 
+def test_mailbox_page_chooses_the_owner_by_name_and_keeps_internals_out_of_the_form(superuser_client, alice):
+    html = superuser_client.get(reverse("admin:popserver_mailbox_change", args=[alice.pk])).content.decode()
+    # the owner: an autocomplete over the user admin's search, not a raw id box
+    assert re.search(r'<select name="user"[^>]*class="admin-autocomplete', html)
+    assert 'data-field-name="user"' in html and "vForeignKeyRawIdAdminField" not in html
+    # the unique-id counters: read-only, in a collapsed section of their own
+    assert re.search(r"<details[^>]*>\s*<summary>\s*<h2[^>]*>\s*Internals", html)
+    assert 'name="next_uid"' not in html and 'name="uid_validity"' not in html
+    assert html.index(f"{alice.uid_validity}") > html.index("Internals")
+
+
+def test_mailbox_owner_by_id_when_the_user_admin_cannot_search(superuser_client, alice):
+    from django.contrib import admin
+
+    user_model = get_user_model()
+    user_admin = admin.site._registry.pop(user_model)
+    try:
+        html = superuser_client.get(reverse("admin:popserver_mailbox_add")).content.decode()
+    finally:
+        admin.site._registry[user_model] = user_admin
+    assert re.search(r'<input type="text" name="user"', html) and "admin-autocomplete" not in html
+
+
 def test_mailbox_change_form_edits_pop3_and_addresses(superuser_client, alice):
     address = alice.addresses.get()
     url = reverse("admin:popserver_mailbox_change", args=[alice.pk])
@@ -298,8 +323,10 @@ def test_release_a_stale_lock_with_an_old_heartbeat(superuser_client, alice):
     lock(alice, host="elsewhere.example.org", pid=123, heartbeat_age=3600)
     response = post_action(superuser_client, "release_stale_locks", alice)
     assert texts(response) == [
-        "alice: released the stale lock of elsewhere.example.org pid 123 for 192.0.2.7:40000."
+        "Mailbox alice: released the stale lock of elsewhere.example.org pid 123 for 192.0.2.7:40000."
     ]
+    # the admin capitalises a message's first letter: the owner's name stays as written
+    assert '<li class="success">Mailbox alice: released' in response.content.decode()
     alice.refresh_from_db()
     assert not alice.lock_token
 
@@ -327,7 +354,7 @@ def test_release_refuses_a_lock_held_by_a_live_session(superuser_client, alice, 
 
 def test_release_on_an_unlocked_mailbox_says_so(superuser_client, alice):
     response = post_action(superuser_client, "release_stale_locks", alice)
-    assert texts(response) == ["alice: was not locked."]
+    assert texts(response) == ["Mailbox alice: was not locked."]
 
 
 def test_empty_mailbox_asks_first_then_deletes_messages_and_bodies(superuser_client, alice, make_mailbox):
@@ -342,7 +369,7 @@ def test_empty_mailbox_asks_first_then_deletes_messages_and_bodies(superuser_cli
         assert Message.objects.filter(mailbox=alice).count() == 3  # nothing deleted before confirming
 
         response = post_action(superuser_client, "empty_mailboxes", alice, post="yes")
-        assert any(text.startswith("alice: deleted 3 messages") for text in texts(response))
+        assert any(text.startswith("Mailbox alice: deleted 3 messages") for text in texts(response))
         assert not Message.objects.filter(mailbox=alice).exists()
         assert not MessageChunk.objects.filter(message_id__in=ids).exists()
         assert Message.objects.filter(pk=kept.pk).exists()
@@ -370,7 +397,7 @@ def test_a_live_pop3_session_keeps_its_lock_and_sees_emptied_messages_expunged(p
 
         response = post_action(admin_client, "release_stale_locks", dora)
         (refusal,) = texts(response)
-        assert refusal.startswith("dora: not released: the lock is held by a live session (")
+        assert refusal.startswith("Mailbox dora: not released: the lock is held by a live session (")
         dora.refresh_from_db()
         assert dora.lock_token
 
@@ -485,8 +512,16 @@ def test_download_is_the_stored_bytes_exactly(superuser_client, alice, path):
     assert response.streaming
     assert b"".join(response.streaming_content) == expected
     assert response["Content-Type"] == "message/rfc822"
-    assert response["Content-Disposition"] == f'attachment; filename="message-{message.pk}.eml"'
+    assert response["Content-Disposition"] == f'attachment; filename="message-{message.uid}.eml"'  # its UIDL
     assert response["X-Content-Type-Options"] == "nosniff"
+
+
+def test_download_of_an_imported_unique_id_gets_a_safe_file_name(superuser_client, alice):
+    from popserver.mailin.delivery import prepare_message, store_prepared
+
+    message = store_prepared(alice, prepare_message(simple_message("old")), uid='a"b/c\\d', send_signal=False)
+    response = superuser_client.get(reverse("admin:popserver_message_download", args=[message.pk]))
+    assert response["Content-Disposition"] == 'attachment; filename="message-a_b_c_d.eml"'
 
 
 @override_settings(POPSERVER_BODY_CHUNK_SIZE=1000)
@@ -528,6 +563,25 @@ def test_text_view_escapes_script_and_never_renders_html(superuser_client, alice
     assert "default-src 'none'" in csp and "script-src" not in csp and "sandbox" in csp
     assert response["X-Content-Type-Options"] == "nosniff"
     assert response["X-Frame-Options"] == "DENY"
+
+
+def test_text_view_has_the_admin_header_and_names_the_message_as_pop3_does(superuser_client, alice):
+    deliver("alice", simple_message("first"))
+    message = deliver("alice", simple_message("second"))
+    response = text_view(superuser_client, message)
+    html = response.content.decode()
+    assert '<header id="header">' in html and 'id="site-name"' in html and 'class="breadcrumbs"' in html
+    assert (
+        f'&rsaquo; <a href="{reverse("admin:popserver_message_change", args=[message.pk])}">{message.uid}</a>'
+        in html
+    )
+    assert (
+        f"Message 2 of 2 in alice as a POP3 client would number it now, unique id\n<code>{message.uid}"
+        in html
+    )
+    assert "<script" not in html and "<form" not in html  # the CSP allows neither: none is needed
+    assert "admin/css/base.css" in html  # the admin's stylesheets, which the CSP allows
+    assert "style-src 'self' 'unsafe-inline'" in response["Content-Security-Policy"]
 
 
 def test_text_view_shows_undecodable_bytes_as_replacement_characters(superuser_client, alice):
@@ -604,7 +658,11 @@ def test_upload_one_message(superuser_client, alice):
         object_id=str(message.pk), change_message="Uploaded from hello.eml."
     ).exists()
     response = superuser_client.get(response["Location"])
-    assert any(text.startswith("hello.eml: delivered as message") for text in texts(response))
+    # Named as a POP3 client knows it: its position now and its unique id, never the database id.
+    assert texts(response)[0] == (
+        f"File hello.eml: delivered as message 1 of 1 in alice (unique id {message.uid}, "
+        f"{message.size} octets), subject “Uploaded one”."
+    )
     assert "Uploaded one" in response.content.decode()
 
 
@@ -618,9 +676,9 @@ def test_upload_several_messages_with_per_file_results(superuser_client, alice):
     assert response.status_code == 200
     results = texts(response)
     assert len(results) == 3
-    assert results[0].startswith("one.eml: delivered as message")
-    assert results[1] == "empty.eml: not delivered: empty message."
-    assert results[2].startswith("two.eml: delivered as message")
+    assert results[0].startswith("File one.eml: delivered as message 1 of 1 in alice (unique id ")
+    assert results[1] == "File empty.eml: not delivered: empty message."
+    assert results[2].startswith("File two.eml: delivered as message 2 of 2 in alice")
     assert Message.objects.filter(mailbox=alice).count() == 2
     assert sorted(Message.objects.values_list("subject", "size")) == [
         ("First", len(simple_message("First"))),
@@ -638,10 +696,13 @@ def test_upload_over_the_size_limit_is_refused(superuser_client, alice):
     files = [eml("small.eml", small), eml("big.eml", big), eml("grows.eml", grows)]
     response = superuser_client.post(upload_url(alice), {"files": files}, follow=True)
     results = texts(response)
-    assert results[0].startswith("small.eml: delivered")
-    assert results[1] == f"big.eml: not delivered: file of {len(big)} octets is over the limit of 300 octets."
+    assert results[0].startswith("File small.eml: delivered")
     assert (
-        results[2].startswith("grows.eml: not delivered: message of")
+        results[1]
+        == f"File big.eml: not delivered: file of {len(big)} octets is over the limit of 300 octets."
+    )
+    assert (
+        results[2].startswith("File grows.eml: not delivered: message of")
         and "over the limit of 300" in results[2]
     )
     assert list(Message.objects.values_list("subject", flat=True)) == ["small"]

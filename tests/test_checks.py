@@ -16,7 +16,14 @@ def test_default_project_settings_have_no_errors():
 
 @pytest.mark.parametrize(
     "name,value",
-    [("MAX_SESSIONS", 0), ("AUTOLOGOUT", "ten"), ("MAX_PASSWORD_CHECKS", -1), ("LOCK_STALE_AFTER", True)],
+    [
+        ("MAX_SESSIONS", 0),
+        ("AUTOLOGOUT", "ten"),
+        ("MAX_PASSWORD_CHECKS", -1),
+        ("LOCK_STALE_AFTER", True),
+        ("LMTP_MAX_RECIPIENTS", 0),
+        ("LMTP_TIMEOUT", None),
+    ],
 )
 def test_non_positive_numbers_are_errors(name, value):
     assert "popserver.E001" in ids(**{f"POPSERVER_{name}": value})
@@ -28,6 +35,7 @@ def test_negative_failure_delay_is_an_error():
 
 def test_bad_trusted_networks_is_an_error():
     assert "popserver.E002" in ids(POPSERVER_TRUSTED_NETWORKS=["not a network"])
+    assert "popserver.E002" in ids(POPSERVER_LMTP_TRUSTED_NETWORKS=["127.0.0.1/33"])
 
 
 def test_plaintext_policy():

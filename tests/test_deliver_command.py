@@ -27,7 +27,7 @@ from tests.test_delivery import CORPUS_HEADERS, UID_RE, presented
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
-EX_OK, EX_DATAERR, EX_NOUSER, EX_UNAVAILABLE, EX_TEMPFAIL = 0, 65, 67, 69, 75
+EX_OK, EX_USAGE, EX_DATAERR, EX_NOUSER, EX_UNAVAILABLE, EX_TEMPFAIL = 0, 64, 65, 67, 69, 75
 MESSAGE = b"From: carol@example.org\nSubject: hello\n\nbody\n"
 
 
@@ -173,8 +173,12 @@ def test_over_the_size_limit_exits_69(make_mailbox, tmp_path):
     env = subprocess_env(POPSERVER_MAX_MESSAGE_SIZE="240")  # 01 is 241 octets
     result = deliver_command("alice", data=plain.read_bytes(), cwd=tmp_path, env=env)
     assert_refused(result, EX_UNAVAILABLE, "limit")
-    # reading stops soon after the limit: 5 MB of input are not read to the end
-    assert_refused(deliver_command("alice", data=b"x" * 5_000_000, cwd=tmp_path, env=env), EX_UNAVAILABLE)
+    # reading stops soon after the limit: 5 MB of input are not read to the end, and the reason gives no
+    # size it does not know (never "241 octets" for a 5,000,000-octet message)
+    stderr = assert_refused(
+        deliver_command("alice", data=b"x" * 5_000_000, cwd=tmp_path, env=env), EX_UNAVAILABLE
+    )
+    assert "message of more than 240 octets is over the limit of 240 octets" in stderr
     assert not Message.objects.exists()
     # exactly at the limit, and the envelope line does not count: 12 is 276 octets without it
     env = subprocess_env(POPSERVER_MAX_MESSAGE_SIZE=str(CORPUS_SIZES[from_line.name][1]))
@@ -182,16 +186,18 @@ def test_over_the_size_limit_exits_69(make_mailbox, tmp_path):
     assert Message.objects.get().size == CORPUS_SIZES[from_line.name][1]
 
 
-# Try again later -------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "args",
     [(), ("alice", "bob"), ("--no-such-option", "alice")],
     ids=["no recipient", "two recipients", "unknown option"],
 )
-def test_usage_errors_exit_75(make_mailbox, tmp_path, args):
+def test_usage_errors_exit_64(make_mailbox, tmp_path, args):
     make_mailbox("alice")
-    assert_refused(deliver_command(*args, cwd=tmp_path), EX_TEMPFAIL, "usage")
+    assert_refused(deliver_command(*args, cwd=tmp_path), EX_USAGE, "usage error")
     assert not Message.objects.exists()
+
+
+# Try again later -------------------------------------------------------------------------------------------
 
 
 def test_unreachable_database_exits_75(tmp_path):

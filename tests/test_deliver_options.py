@@ -8,7 +8,7 @@ from popserver.storage.bodies import get_body_store
 from popserver.mailin.delivery import deliver, trace_fields
 from popserver.models import Message
 from tests.conftest import corpus_files
-from tests.test_deliver_command import EX_OK, EX_TEMPFAIL, assert_refused, deliver_command
+from tests.test_deliver_command import EX_OK, EX_USAGE, assert_refused, deliver_command
 from tests.test_delivery import presented
 
 MESSAGE = b"From: carol@example.org\nSubject: hello\n\nbody\n"
@@ -135,10 +135,10 @@ def test_every_corpus_message_with_both_options(make_mailbox, tmp_path):
 
 
 @pytest.mark.django_db(transaction=True)
-def test_a_header_breaking_option_is_refused_with_75(make_mailbox, tmp_path):
+def test_a_header_breaking_option_is_a_usage_error_64(make_mailbox, tmp_path):
     make_mailbox("alice")
     result = deliver_command("--delivered-to", "a@b\nBcc: everyone@example.org", "alice", cwd=tmp_path)
-    assert_refused(result, EX_TEMPFAIL, "line break")
+    assert_refused(result, EX_USAGE, "line break")
     assert not Message.objects.exists()
 
 

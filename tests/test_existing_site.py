@@ -4,6 +4,7 @@
 import os
 import poplib
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -71,6 +72,14 @@ def run(args, cwd, env, **kwargs):
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
+    # Built from a clean copy of the tree: setuptools' build/ folder in the repository would carry files
+    # that no longer exist (a renamed migration) into the wheel.
+    source = tmp_path_factory.mktemp("source") / "popserver"
+    shutil.copytree(
+        REPO,
+        source,
+        ignore=shutil.ignore_patterns(".venv", ".git", "data", "build", "dist", "*.egg-info", "__pycache__"),
+    )
     run(
         # No build isolation: the venv's own setuptools (requirements.txt) builds it, with no index needed.
         [
@@ -83,7 +92,7 @@ def wheel(tmp_path_factory) -> Path:
             "-q",
             "-w",
             str(out),
-            str(REPO),
+            str(source),
         ],
         cwd=out,
         env=os.environ,

@@ -28,6 +28,12 @@ def superuser_client(db):
     return client
 
 
+@pytest.fixture(autouse=True)
+def no_quota_warnings(settings):
+    """Quota warnings would add messages to the mailboxes these tests count: test_quota_warnings.py has them."""
+    settings.POPSERVER_QUOTA_WARNINGS = []
+
+
 def message(n: int, size: int = 0) -> bytes:
     data = f"Subject: {n}\r\n\r\n".encode()
     return data + b"x" * max(0, size - len(data) - 2) + b"\r\n"
@@ -145,8 +151,9 @@ def test_upload_in_the_admin_is_refused_over_quota(superuser_client, make_mailbo
 @pytest.mark.django_db(transaction=True)
 def test_deliver_over_quota_exits_75_so_the_mta_retries(make_mailbox, tmp_path):
     make_mailbox("alice", quota_messages=1)
-    assert deliver_command("alice", cwd=tmp_path).returncode == EX_OK
-    assert_refused(deliver_command("alice", cwd=tmp_path), EX_TEMPFAIL, "mailbox is full")
+    env = subprocess_env(POPSERVER_QUOTA_WARNINGS="[]")
+    assert deliver_command("alice", cwd=tmp_path, env=env).returncode == EX_OK
+    assert_refused(deliver_command("alice", cwd=tmp_path, env=env), EX_TEMPFAIL, "mailbox is full")
     assert Message.objects.count() == 1
 
 
@@ -174,9 +181,14 @@ def test_the_mailbox_list_shows_usage_without_a_query_per_row(superuser_client, 
     with override_settings(POPSERVER_QUOTA_BYTES=1024**3):
         assert changelist_queries(superuser_client) == one
         html = superuser_client.get(MAILBOX_LIST).content.decode()
-    assert "1000\xa0bytes of 100.0\xa0MB, 1 of 1000 messages" in html
-    assert "of 1.0\xa0GB, 1 of 1 message (full)" in html  # user1: the site default size, its own count
-    assert "of 1.0\xa0GB, 1 message<" in html  # user0: the site default size, no count limit
+    # Use against the limit: the fuller of the two in the cell, both in its title.
+    assert 'title="1000 octets of 100 MiB, 0 %; 1 of 1000 messages, 0 %">1000 octets of 100 MiB, 0 %<' in html
+    # user1: the site default size, its own count; full
+    assert (
+        'title="16 octets of 1 GiB, 0 %; 1 of 1 message, 100 % (full)">1 of 1 message, 100 % (full)<' in html
+    )
+    assert ">16 octets of 1 GiB, 0 %<" in html  # user0: the site default size, no count limit
+    assert ">unlimited<" not in html
 
 
 @pytest.mark.django_db
@@ -185,7 +197,8 @@ def test_the_change_page_shows_usage_and_edits_the_quota(superuser_client, make_
     deliver("alice", message(1, 2000))
     url = reverse("admin:popserver_mailbox_change", args=[mailbox.pk])
     html = superuser_client.get(url).content.decode()
-    assert "2.0\xa0KB, 1 message<" in html and "Size quota" in html and "Message quota" in html
+    assert ">unlimited<" in html and "Size quota" in html and "Message quota" in html
+    assert "1 message, 2 KiB · " in html
 
     data = {
         "user": mailbox.user.pk,
@@ -203,7 +216,7 @@ def test_the_change_page_shows_usage_and_edits_the_quota(superuser_client, make_
     mailbox.refresh_from_db()
     assert (mailbox.quota_bytes, mailbox.quota_messages) == (1536 * 1024 * 1024, 500)
     html = superuser_client.get(url).content.decode()
-    assert 'value="1536M"' in html and "2.0\xa0KB of 1.5\xa0GB, 1 of 500 messages" in html
+    assert 'value="1536M"' in html and "2 KiB of 1.5 GiB, 0 %; 1 of 500 messages, 0 %" in html
 
     response = superuser_client.post(url, {**data, "quota_bytes": "", "quota_messages": ""})
     mailbox.refresh_from_db()
@@ -254,3 +267,51 @@ def test_bad_quota_settings_are_errors(name, value):
 
     with override_settings(**{f"POPSERVER_{name}": value}):
         assert "popserver.E008" in {m.id for m in run_checks()}
+
+
+@pytest.mark.parametrize(
+    "octets,text",
+    [
+        (0, "0 octets"),
+        (1, "1 octet"),
+        (1023, "1023 octets"),
+        (1024, "1 KiB"),
+        (1741, "1.7 KiB"),
+        (64 * 1024**2, "64 MiB"),
+        (500 * 1024**2, "500 MiB"),
+        (1536 * 1024**2, "1.5 GiB"),
+    ],
+)
+def test_sizes_for_people_are_in_binary_units(octets, text):
+    assert quota.format_octets(octets) == text
+
+
+@pytest.mark.parametrize(
+    "used,limits,short,text",
+    [
+        ((7, 1741), (500 * 1024**2, 0), False, "1.7 KiB of 500 MiB, 0 %"),
+        ((7, 1741), (0, 0), False, "unlimited"),
+        ((3, 0), (0, 10), False, "3 of 10 messages, 30 %"),
+        ((9, 1024), (4096, 10), False, "1 KiB of 4 KiB, 25 %; 9 of 10 messages, 90 %"),
+        ((9, 1024), (4096, 10), True, "9 of 10 messages, 90 %"),  # the fuller one
+        ((1, 4096), (4096, 0), False, "4 KiB of 4 KiB, 100 % (full)"),
+    ],
+)
+def test_use_against_the_limit(used, limits, short, text):
+    assert quota.describe_usage(*used, quota.Limits(*limits), short=short) == text
+
+
+@pytest.mark.parametrize("value", [[0], [80, 101], "80", [True], ["80"], None])
+def test_bad_quota_warning_shares_are_errors(value):
+    from django.core.checks import run_checks
+
+    with override_settings(POPSERVER_QUOTA_WARNINGS=value):
+        assert "popserver.E016" in {m.id for m in run_checks()}
+
+
+def test_quota_warning_shares_pass_the_check():
+    from django.core.checks import run_checks
+
+    for value in ([80, 95], [], [99.5, 100]):
+        with override_settings(POPSERVER_QUOTA_WARNINGS=value):
+            assert "popserver.E016" not in {m.id for m in run_checks()}

@@ -68,7 +68,7 @@ def test_kept_deleted_messages_do_not_count_against_the_quota(alice):
 
     Mailbox.objects.filter(pk=alice.pk).update(keep_deleted_days=7)
     quit_after(alice, delete=[1, 2])
-    assert usage(alice.pk)[0] == 1
+    assert usage(alice.pk).messages == 1
 
 
 def test_popexpire_purges_kept_messages_after_their_days(alice):

@@ -185,6 +185,13 @@ def test_dot_stuffing_at_every_chunk_boundary():
             assert stuff_chunks(split_at(data, i, j)) == expected, (i, j)
 
 
+def test_a_chunk_without_a_dot_is_passed_on_without_a_copy():
+    stuffer = wire.DotStuffer()
+    chunk = b"QUJD\r\n" * 1000  # base64 lines: never a dot
+    assert stuffer.feed(chunk) is chunk
+    assert stuffer.feed(b".x\r\n") == b"..x\r\n"  # the line start carried over from the last chunk
+
+
 def test_dot_stuffing_with_empty_chunks():
     assert stuff_chunks([b"a\r\n", b"", b"", b".b"]) == b"a\r\n..b\r\n.\r\n"
     assert stuff_chunks([b"", b"."]) == b"..\r\n.\r\n"

@@ -3,4 +3,4 @@
 Django's admin autodiscovery imports this package; importing the modules registers their model admins.
 """
 
-from . import audit, logins, mailboxes, messages  # noqa: F401  (registers the model admins)
+from . import audit, logins, mailboxes, messages, overview  # noqa: F401  (registers the model admins)

@@ -9,7 +9,7 @@ from django.db.models import BooleanField, Case, When
 from django.template.response import TemplateResponse
 from django.utils import timezone
 
-from popserver.admin.mixins import counted, user_search_fields
+from popserver.admin.mixins import FitsTheScreen, counted, user_search_fields, when
 from popserver.logins.app_passwords import create_app_password, revoke_app_password
 from popserver.logins.throttle import DatabaseThrottle, get_throttle
 from popserver.models import AppPassword, LoginThrottle
@@ -32,10 +32,10 @@ class LockedNowFilter(admin.SimpleListFilter):
 
 
 @admin.register(LoginThrottle)
-class LoginThrottleAdmin(admin.ModelAdmin):
+class LoginThrottleAdmin(FitsTheScreen, admin.ModelAdmin):
     """The database throttle's counters. Clearing a row lifts its lock-out and forgets its failures."""
 
-    list_display = ("key", "scope", "failures", "window_started", "locked_until", "locked_now")
+    list_display = ("key", "scope", "failures", "window", "until", "locked_now")
     list_filter = ("scope", LockedNowFilter)
     search_fields = ("key",)
     actions = ("clear_lockouts",)
@@ -52,7 +52,15 @@ class LoginThrottleAdmin(admin.ModelAdmin):
         rows = self.model._default_manager.annotate(locked_now=locked_now)  # before ordering by it
         return rows.order_by(*self.get_ordering(request))
 
-    @admin.display(description="locked out now", boolean=True, ordering="locked_now")
+    @admin.display(description="since", ordering="window_started")
+    def window(self, row):
+        return when(row.window_started)
+
+    @admin.display(description="until", ordering="locked_until")
+    def until(self, row):
+        return when(row.locked_until)
+
+    @admin.display(description="locked", boolean=True, ordering="locked_now")
     def locked_now(self, row):
         return row.locked_until is not None and row.locked_until > timezone.now()
 
@@ -134,10 +142,10 @@ class AppPasswordChangeForm(forms.ModelForm):
 
 
 @admin.register(AppPassword)
-class AppPasswordAdmin(admin.ModelAdmin):
+class AppPasswordAdmin(FitsTheScreen, admin.ModelAdmin):
     """The secret exists only in the page that answers the add form; the stored digest is never shown."""
 
-    list_display = ("name", "owner", "created_at", "last_used_at", "last_used_peer", "active")
+    list_display = ("name", "owner", "created", "last_used", "active")
     list_filter = (ActiveFilter,)
     list_select_related = ("mailbox__user",)
     raw_id_fields = ("mailbox",)  # a select of every mailbox would not do on a large site
@@ -165,6 +173,16 @@ class AppPasswordAdmin(admin.ModelAdmin):
     @admin.display(description="mailbox", ordering="mailbox__user")
     def owner(self, app_password):
         return str(app_password.mailbox)
+
+    @admin.display(description="created", ordering="created_at")
+    def created(self, app_password):
+        return when(app_password.created_at)
+
+    @admin.display(description="last used", ordering="last_used_at")
+    def last_used(self, app_password):
+        if app_password.last_used_at is None:
+            return "never"
+        return f"{when(app_password.last_used_at)} from {app_password.last_used_peer or '?'}"
 
     @admin.display(description="active", boolean=True, ordering="revoked_at")
     def active(self, app_password):

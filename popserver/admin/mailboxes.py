@@ -5,13 +5,13 @@ the same few queries for 30 mailboxes or 10,000. Messages are read-only here: th
 (or the upload page, which goes through delivery too); their contents need ``view_message_content``.
 """
 
+import ipaddress
 from datetime import timedelta
 
 from django.contrib import admin, messages
 from django.db import transaction
 from django.db.models import Count, OuterRef, Prefetch, Subquery, Sum, Value
 from django.db.models.functions import Coalesce
-from django.template.defaultfilters import filesizeformat
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.utils import timezone
@@ -19,7 +19,7 @@ from django.utils.html import format_html
 from django.utils.http import urlencode
 
 from popserver.admin import views as admin_views
-from popserver.admin.mixins import USERNAME_LOOKUP, counted, user_search_fields
+from popserver.admin.mixins import USERNAME_LOOKUP, FitsTheScreen, User, counted, user_search_fields, when
 from popserver.conf import get_setting
 from popserver.mailin import quota
 from popserver.models import Address, Mailbox, Message
@@ -30,6 +30,18 @@ from popserver.storage.lock import LockRelease, lock_is_stale, release_stale_loc
 def _describe_lock(mailbox: Mailbox) -> str:
     peer = f" for {mailbox.lock_peer}" if mailbox.lock_peer else ""
     return f"{mailbox.lock_host} pid {mailbox.lock_pid}{peer}"
+
+
+def _short_host(host: str) -> str:
+    """A node's host name without its domain ("pop1" for pop1.mail.example.org), an address as it is."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return host.split(".", 1)[0] or host
+    return host
+
+
+ADDRESSES_LISTED = 2  # in the list; the rest in the cell's title
 
 
 def _message_list_url(mailbox_id: int) -> str:
@@ -65,23 +77,14 @@ class LockFilter(admin.SimpleListFilter):
 
 
 @admin.register(Mailbox)
-class MailboxAdmin(admin_views.MailboxUploadView, admin.ModelAdmin):
+class MailboxAdmin(FitsTheScreen, admin_views.MailboxUploadView, admin.ModelAdmin):
     inlines = (AddressInline,)
-    list_display = (
-        "owner",
-        "address_list",
-        "messages_link",
-        "total_size",
-        "quota_usage",
-        "pop3_enabled",
-        "lock_holder",
-        "locked_at",
-        "lock_heartbeat",
-        "last_login",
-    )
+    # Fits 1280 px beside the navigation and the filters: the lock's details are in its cell's title and on
+    # the change page.
+    list_display = ("owner", "messages_link", "quota_short", "pop3", "lock_state", "last_login_display")
     list_filter = ("pop3_enabled", LockFilter)
     list_select_related = ("user",)
-    raw_id_fields = ("user",)  # a select of every user would not do on a large site
+    raw_id_fields = ("user",)  # when the user model's admin cannot serve an autocomplete (see below)
     actions = ("release_stale_locks", "empty_mailboxes", "enable_pop3", "disable_pop3")
     readonly_fields = (
         "message_summary",
@@ -104,7 +107,16 @@ class MailboxAdmin(admin_views.MailboxUploadView, admin.ModelAdmin):
             {"fields": ("recently_deleted", "keep_deleted_days", "expire_policy", "expire_days")},
         ),
         ("Lock", {"fields": ("lock_holder", "locked_at", "lock_heartbeat")}),
-        ("History", {"fields": ("last_login", "created_at", "uid_validity", "next_uid")}),
+        ("History", {"fields": ("last_login", "created_at")}),
+        (
+            "Internals",
+            {
+                "fields": ("uid_validity", "next_uid"),
+                "classes": ("collapse",),
+                "description": "The parts of the unique ids (UIDL) the server gives new messages: the next "
+                "counter value and the mailbox's uid validity. Set by the server, never edited here.",
+            },
+        ),
     )
     add_fieldsets = ((None, {"fields": ("user", "pop3_enabled")}),)
 
@@ -125,40 +137,89 @@ class MailboxAdmin(admin_views.MailboxUploadView, admin.ModelAdmin):
     def get_fieldsets(self, request, obj=None):
         return self.fieldsets if obj is not None else self.add_fieldsets
 
+    def get_autocomplete_fields(self, request):
+        """The owner is chosen by typing a name, where the user model's admin can search (it is registered
+        with search_fields, as Django's UserAdmin is); otherwise by id (raw_id_fields)."""
+        user_admin = self.admin_site._registry.get(User)
+        return ("user",) if user_admin is not None and user_admin.get_search_fields(request) else ()
+
     def get_queryset(self, request):
         messages_of = Message.objects.visible().filter(mailbox=OuterRef("pk")).order_by().values("mailbox")
+        notices_of = messages_of.filter(server_notice=True)  # the server's own, not counted in the quota
         return (
             super()
             .get_queryset(request)
             .annotate(
                 message_count=Coalesce(Subquery(messages_of.annotate(n=Count("pk")).values("n")), Value(0)),
                 message_octets=Coalesce(Subquery(messages_of.annotate(s=Sum("size")).values("s")), Value(0)),
+                notice_count=Coalesce(Subquery(notices_of.annotate(n=Count("pk")).values("n")), Value(0)),
+                notice_octets=Coalesce(Subquery(notices_of.annotate(s=Sum("size")).values("s")), Value(0)),
             )
             .prefetch_related(Prefetch("addresses", queryset=Address.objects.order_by("address")))
         )
 
     # Columns and read-only fields -----------------------------------------------------------------------------
-    @admin.display(description="owner", ordering=USERNAME_LOOKUP)
+    @admin.display(description="owner and addresses", ordering=USERNAME_LOOKUP)
     def owner(self, mailbox):
-        return str(mailbox.user)
+        """The owner (the link to the mailbox), its addresses below it: the first ones, all in the title."""
+        addresses = [address.address for address in mailbox.addresses.all()]
+        more = len(addresses) - ADDRESSES_LISTED
+        return format_html(
+            '{}<br><span class="quiet" title="{}">{}{}</span>',
+            str(mailbox.user),
+            ", ".join(addresses),
+            ", ".join(addresses[:ADDRESSES_LISTED]),
+            f" and {more} more" if more > 0 else "",
+        )
 
-    @admin.display(description="addresses")
-    def address_list(self, mailbox):
-        return ", ".join(address.address for address in mailbox.addresses.all())
+    @admin.display(description="POP3", boolean=True, ordering="pop3_enabled")
+    def pop3(self, mailbox):
+        return mailbox.pop3_enabled
+
+    @admin.display(description="last login", ordering="last_login")
+    def last_login_display(self, mailbox):
+        return when(mailbox.last_login) if mailbox.last_login else "never"
 
     @admin.display(description="messages", ordering="message_count")
     def messages_link(self, mailbox):
-        return format_html('<a href="{}">{}</a>', _message_list_url(mailbox.pk), mailbox.message_count)
+        return format_html(
+            '<a href="{}">{}</a>, {}',
+            _message_list_url(mailbox.pk),
+            mailbox.message_count,
+            quota.format_octets(mailbox.message_octets),
+        )
 
-    @admin.display(description="size", ordering="message_octets")
-    def total_size(self, mailbox):
-        return filesizeformat(mailbox.message_octets)
+    def _quota_counts(self, mailbox) -> tuple[int, int]:
+        return (
+            mailbox.message_count - mailbox.notice_count,
+            mailbox.message_octets - mailbox.notice_octets,
+        )
+
+    @admin.display(description="quota")
+    def quota_short(self, mailbox):
+        """Use against the fuller limit (both in the title): from the page's annotations, no query of its own."""
+        applying = quota.mailbox_limits(mailbox)
+        return format_html(
+            '<span title="{}">{}</span>',
+            quota.describe_usage(*self._quota_counts(mailbox), applying),
+            quota.describe_usage(*self._quota_counts(mailbox), applying, short=True),
+        )
 
     @admin.display(description="quota")
     def quota_usage(self, mailbox):
-        """From the page's annotations and the settings: no query of its own."""
-        return quota.describe_usage(
-            mailbox.message_count, mailbox.message_octets, quota.mailbox_limits(mailbox)
+        return quota.describe_usage(*self._quota_counts(mailbox), quota.mailbox_limits(mailbox))
+
+    @admin.display(description="lock", ordering="locked_at")
+    def lock_state(self, mailbox):
+        if not mailbox.lock_token:
+            return "-"
+        state = "stale" if lock_is_stale(mailbox) else "live"
+        return format_html(
+            '<span title="{}">{}<br><span class="quiet">{}</span></span>',
+            f"{_describe_lock(mailbox)}, since {when(mailbox.locked_at)}, "
+            f"last heartbeat {when(mailbox.lock_heartbeat)}",
+            state,
+            _short_host(mailbox.lock_host),
         )
 
     def formfield_for_dbfield(self, db_field, request, **kwargs):
@@ -183,10 +244,9 @@ class MailboxAdmin(admin_views.MailboxUploadView, admin.ModelAdmin):
     @admin.display(description="messages")
     def message_summary(self, mailbox):
         return format_html(
-            '{}, {} ({} octets) · <a href="{}">list them</a>',
+            '{}, {} · <a href="{}">list them</a>',
             counted(mailbox.message_count, "message"),
-            filesizeformat(mailbox.message_octets),
-            mailbox.message_octets,
+            quota.format_octets(mailbox.message_octets),
             _message_list_url(mailbox.pk),
         )
 
@@ -256,27 +316,24 @@ class MailboxAdmin(admin_views.MailboxUploadView, admin.ModelAdmin):
     def release_stale_locks(self, request, queryset):
         for mailbox in queryset:
             outcome, seen = release_stale_lock(mailbox.pk)
+            # "Mailbox alice: ...": the admin capitalises a message's first letter, never a name.
             if outcome is LockRelease.RELEASED:
                 self.log_change(request, mailbox, f"Released the stale lock of {_describe_lock(seen)}.")
                 self.message_user(
                     request,
-                    f"{mailbox}: released the stale lock of {_describe_lock(seen)}.",
+                    f"Mailbox {mailbox}: released the stale lock of {_describe_lock(seen)}.",
                     messages.SUCCESS,
                 )
             elif outcome is LockRelease.LIVE:
-                since = (
-                    timezone.localtime(seen.locked_at).strftime("%Y-%m-%d %H:%M:%S")
-                    if seen.locked_at
-                    else "?"
-                )
                 self.message_user(
                     request,
-                    f"{mailbox}: not released: the lock is held by a live session ({_describe_lock(seen)}, "
-                    f"since {since}). It is released when that session ends.",
+                    f"Mailbox {mailbox}: not released: the lock is held by a live session "
+                    f"({_describe_lock(seen)}, since {when(seen.locked_at)}). It is released when that "
+                    "session ends.",
                     messages.ERROR,
                 )
             else:
-                self.message_user(request, f"{mailbox}: was not locked.", messages.INFO)
+                self.message_user(request, f"Mailbox {mailbox}: was not locked.", messages.INFO)
 
     @admin.action(
         description="Empty the selected mailboxes (delete all their messages)", permissions=["empty"]
@@ -290,7 +347,7 @@ class MailboxAdmin(admin_views.MailboxUploadView, admin.ModelAdmin):
                 )
                 self.message_user(
                     request,
-                    f"{mailbox}: deleted {counted(count, 'message')} ({filesizeformat(octets)}).",
+                    f"Mailbox {mailbox}: deleted {counted(count, 'message')} ({quota.format_octets(octets)}).",
                     messages.SUCCESS,
                 )
             return None

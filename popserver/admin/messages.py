@@ -3,15 +3,16 @@
 
 from django.contrib import admin, messages
 from django.db.models import Exists, OuterRef
-from django.template.defaultfilters import filesizeformat
 from django.urls import path, reverse
 from django.utils.html import format_html, format_html_join
 
 from popserver.admin import views as admin_views
-from popserver.admin.mixins import USERNAME_LOOKUP
+from popserver.admin.mixins import USERNAME_LOOKUP, FitsTheScreen, when
+from popserver.mailin.quota import format_octets
 from popserver.models import Mailbox, Message
 from popserver.storage.deletion import delete_messages
 from popserver.storage.retention import restore_messages
+from popserver.storage.maildrop import position_in_listing
 
 
 class MailboxFilter(admin.SimpleListFilter):
@@ -70,16 +71,19 @@ class StateFilter(admin.SimpleListFilter):
 
 
 @admin.register(Message)
-class MessageAdmin(admin_views.MessageContentViews, admin.ModelAdmin):
-    list_display = ("subject_line", "sender", "date", "size_display", "uid", "arrived_at", "mailbox")
+class MessageAdmin(FitsTheScreen, admin_views.MessageContentViews, admin.ModelAdmin):
+    """A message is named by its unique id (UIDL) and its position in a POP3 listing, as a client knows it;
+    never by its database id."""
+
+    list_display = ("subject_line", "sender_and_mailbox", "size_display", "arrived", "uid")
     list_filter = (StateFilter, MailboxFilter)
     actions = ("restore_messages",)
     list_select_related = ("mailbox__user",)
-    search_fields = ("subject", "sender")
+    search_fields = ("subject", "sender", "=uid")
     ordering = ("-id",)
     show_full_result_count = False  # a large table: no second COUNT over every message on each page
     show_facets = admin.ShowFacets.NEVER  # nor a COUNT per mailbox in the filter
-    fields = ("mailbox", "subject", "sender", "date", "size_display", "uid", "arrived_at")
+    fields = ("mailbox", "subject", "sender", "date", "size_display", "uid", "position", "arrived_at")
     readonly_fields = fields
 
     # The links to a message's contents appear only for staff who may read them.
@@ -100,13 +104,23 @@ class MessageAdmin(admin_views.MessageContentViews, admin.ModelAdmin):
     def subject_line(self, message):
         return message.subject or "(no subject)"
 
+    @admin.display(description="from, mailbox", ordering="mailbox__" + USERNAME_LOOKUP)
+    def sender_and_mailbox(self, message):
+        return format_html('{}<br><span class="quiet">in {}</span>', message.sender or "-", message.mailbox)
+
+    @admin.display(description="arrived", ordering="id")
+    def arrived(self, message):
+        return when(message.arrived_at)
+
     @admin.display(description="size", ordering="size")
     def size_display(self, message):
-        return (
-            f"{message.size} octets"
-            if message.size < 1024
-            else f"{filesizeformat(message.size)} ({message.size} octets)"
-        )
+        return format_octets(message.size)
+
+    @admin.display(description="POP3 number")
+    def position(self, message):
+        number, total = position_in_listing(message)
+        note = " (a quota warning from the server)" if message.server_notice else ""
+        return f"{number} of {total}: the number a POP3 client logging in now would give it{note}"
 
     @admin.display(description="contents")
     def contents(self, message):
@@ -162,7 +176,10 @@ class MessageAdmin(admin_views.MessageContentViews, admin.ModelAdmin):
     def get_deleted_objects(self, objs, request):
         selected = list(objs)
         perms_needed = set() if self.has_delete_permission(request) else {self.opts.verbose_name}
-        summary = [format_html("Message: {} ({} octets)", message, message.size) for message in selected]
+        summary = [
+            format_html("Message {} “{}” ({})", message.uid, message.subject, format_octets(message.size))
+            for message in selected
+        ]
         return summary, {self.opts.verbose_name_plural: len(selected)}, perms_needed, []
 
     def delete_model(self, request, obj):

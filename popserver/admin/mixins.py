@@ -1,8 +1,11 @@
-"""What the admin's pages share: the owner's search fields, counted nouns, and the read-only admin base."""
+"""What the admin's pages share: the owner's search fields, counted nouns, one date format, lists that fit the
+screen, and the read-only admin base."""
 
 from django.contrib import admin
 from django.contrib.auth import get_user_model
 from django.core.exceptions import FieldDoesNotExist
+from django.utils import timezone
+from django.utils.formats import date_format
 
 User = get_user_model()
 USERNAME_LOOKUP = f"user__{User.USERNAME_FIELD}"
@@ -24,7 +27,15 @@ def counted(number: int, singular: str, plural: str = "") -> str:
     return f"{number} {singular if number == 1 else plural or singular + 's'}"
 
 
-class ReadOnlyAdmin(admin.ModelAdmin):
+class FitsTheScreen:
+    """A list that fits a 1280 px screen beside the admin's navigation and filters: long values (addresses,
+    host names, unique ids) wrap anywhere instead of widening the table (``popserver/admin/lists.css``)."""
+
+    class Media:
+        css = {"all": ["popserver/admin/lists.css"]}
+
+
+class ReadOnlyAdmin(FitsTheScreen, admin.ModelAdmin):
     """Rows written by the server: never added or changed here; superusers may delete them."""
 
     show_full_result_count = False  # a large table: no second COUNT over every row on each page
@@ -38,3 +49,10 @@ class ReadOnlyAdmin(admin.ModelAdmin):
 
     def has_delete_permission(self, request, obj=None):
         return request.user.is_superuser and super().has_delete_permission(request, obj)
+
+
+def when(moment) -> str:
+    """A date and time in Django's DATETIME_FORMAT, in the current time zone: the one format of every page."""
+    if moment is None:
+        return "-"
+    return date_format(timezone.localtime(moment), "DATETIME_FORMAT")

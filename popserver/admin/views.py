@@ -8,6 +8,8 @@ text or listed as an attachment, under a Content-Security-Policy that forbids sc
 from __future__ import annotations
 
 import codecs
+import logging
+import re
 from dataclasses import dataclass, field
 from email import policy
 from email.errors import HeaderParseError
@@ -19,27 +21,31 @@ from itertools import chain
 from django import forms
 from django.contrib import messages
 from django.core.exceptions import PermissionDenied
-from django.http import Http404, HttpResponseRedirect, StreamingHttpResponse
+from django.http import Http404, HttpResponse, HttpResponseRedirect, StreamingHttpResponse
 from django.shortcuts import get_object_or_404
-from django.template.defaultfilters import filesizeformat
 from django.template.response import TemplateResponse
 from django.urls import reverse
 from django.utils.http import urlencode
 
 from popserver.conf import get_setting
-from popserver.exceptions import DeliveryError, MessageExpunged, MessageTooLarge
+from popserver.exceptions import BodyUnavailable, DeliveryError, MessageExpunged, MessageTooLarge
 from popserver.mailin.delivery import deliver
+from popserver.mailin.quota import format_octets
 from popserver.models import Mailbox, Message
 from popserver.storage.bodies import get_body_store
+from popserver.storage.maildrop import position_in_listing
+
+logger = logging.getLogger("popserver.admin")
 
 CONTENT_PERMISSION = "popserver.view_message_content"
 UPLOAD_PERMISSION = "popserver.add_message"
 
-# The text view: no scripts, no remote anything, no plugins, no forms; inline styles only. `sandbox` makes the
-# page's origin opaque even if a script slipped in (downloads stay allowed for its "raw" link).
+# The text view: no scripts, no remote anything, no plugins, no forms; the admin's own stylesheets and icons
+# and inline styles only. `sandbox` makes the page's origin opaque even if a script slipped in (downloads stay
+# allowed for its "raw" link).
 TEXT_VIEW_CSP = (
-    "default-src 'none'; style-src 'unsafe-inline'; img-src 'none'; form-action 'none'; base-uri 'none'; "
-    "frame-ancestors 'none'; sandbox allow-downloads"
+    "default-src 'none'; style-src 'self' 'unsafe-inline'; img-src 'self'; form-action 'none'; "
+    "base-uri 'none'; frame-ancestors 'none'; sandbox allow-downloads"
 )
 DOWNLOAD_CSP = "default-src 'none'; sandbox"
 
@@ -74,20 +80,34 @@ class MessageContentViews:
         return message_download(self.readable_message(request, object_id))
 
     def text_view(self, request, object_id):
-        return message_text_view(request, self.readable_message(request, object_id))
+        message = self.readable_message(request, object_id)
+        context = {**self.admin_site.each_context(request), "opts": self.opts}
+        return message_text_view(request, message, context)
 
 
 # The raw download ---------------------------------------------------------------------------------------------
 def message_download(message: Message):
     """The message's bytes as the server presents them, streamed from the body store chunk by chunk."""
-    chunks = get_body_store().read_chunks(message.pk)
+    chunks = get_body_store().read_chunks(message)
     try:
         first = next(chunks)  # read before the status line goes out: a message removed meanwhile is a 404
     except (MessageExpunged, StopIteration):
         raise Http404("That message has been removed.") from None
+    except BodyUnavailable as exc:
+        return body_unavailable(exc)
     response = StreamingHttpResponse(chain([first], chunks), content_type="message/rfc822")
-    response["Content-Disposition"] = f'attachment; filename="message-{message.pk}.eml"'
+    # Named by its unique id, as a POP3 client knows it (an imported one may hold any printable character).
+    filename = re.sub(r"[^A-Za-z0-9._-]", "_", message.uid)
+    response["Content-Disposition"] = f'attachment; filename="message-{filename}.eml"'
     return _content_headers(response, DOWNLOAD_CSP)
+
+
+def body_unavailable(exc: BodyUnavailable) -> HttpResponse:
+    """A body in a storage that cannot be read now (its object missing, the storage down): 503, one log line."""
+    logger.error("admin: %s", exc)
+    return HttpResponse(
+        "This message's body cannot be read now; see the server log.", status=503, content_type="text/plain"
+    )
 
 
 # The text view ------------------------------------------------------------------------------------------------
@@ -188,14 +208,24 @@ def read_head(message_id: int, limit: int) -> bytes:
     return bytes(data[:limit])
 
 
-def message_text_view(request, message: Message):
+def message_text_view(request, message: Message, admin_context: dict | None = None):
+    """The text view, in the admin's header and breadcrumbs (``admin_context``: the admin site's
+    ``each_context``) but without its scripts: the CSP forbids them, the page needs none."""
     try:
         data = read_head(message.pk, TEXT_VIEW_MAX_OCTETS)
     except MessageExpunged:
         raise Http404("That message has been removed.") from None
+    except BodyUnavailable as exc:
+        return body_unavailable(exc)
+    number, total = position_in_listing(message)
     context = {
-        "title": message.subject or f"Message {message.pk}",
+        **(admin_context or {}),
+        "is_nav_sidebar_enabled": False,  # its script would be refused by the CSP
+        "title": message.subject or f"Message {message.uid}",
+        "subtitle": None,
         "message": message,
+        "number": number,
+        "total": total,
         "parsed": message_text(data),
         "partial": message.size > TEXT_VIEW_MAX_OCTETS,
         "shown_octets": TEXT_VIEW_MAX_OCTETS,
@@ -237,7 +267,9 @@ def deliver_file(mailbox: Mailbox, upload, limit: int) -> Message:
     """Deliver one uploaded file into the mailbox through the delivery API (and its checks). The owner's
     login name is the recipient: delivery tries login names before addresses."""
     if upload.size > limit:  # refused before it is read into memory
-        raise MessageTooLarge(f"file of {upload.size} octets is over the limit of {limit} octets")
+        raise MessageTooLarge(
+            f"file of {format_octets(upload.size)} is over the limit of {format_octets(limit)}"
+        )
     return deliver(mailbox.user.get_username(), upload.read())
 
 
@@ -261,16 +293,18 @@ class MailboxUploadView:
                     message = deliver_file(mailbox, upload, limit)
                 except DeliveryError as error:
                     reason = str(error) or type(error).__doc__
-                    messages.error(request, f"{name}: not delivered: {reason}.")
+                    messages.error(request, f"File {name}: not delivered: {reason}.")
                     continue
                 delivered += 1
                 self.admin_site.get_model_admin(Message).log_addition(
                     request, message, f"Uploaded from {name}."
                 )
+                number, total = position_in_listing(message)
+                # "File x.eml: ...": the admin capitalises a message's first letter, never a name.
                 messages.success(
                     request,
-                    f"{name}: delivered as message {message.pk} ({filesizeformat(message.size)}), "
-                    f"subject “{message.subject or '(none)'}”.",
+                    f"File {name}: delivered as message {number} of {total} in {mailbox} (unique id "
+                    f"{message.uid}, {format_octets(message.size)}), subject “{message.subject or '(none)'}”.",
                 )
             if delivered:
                 changelist = reverse("admin:popserver_message_changelist")

@@ -6,7 +6,7 @@ Errors only where the server truly cannot run; everything else is a warning, so 
 | id | rule |
 |---|---|
 | E001 | a setting that must be a positive number is not |
-| E002 | POPSERVER_TRUSTED_NETWORKS is not a list of networks |
+| E002 | POPSERVER_TRUSTED_NETWORKS or POPSERVER_LMTP_TRUSTED_NETWORKS is not a list of networks |
 | E003 | POPSERVER_PLAINTEXT_AUTH is not one of its values |
 | E004 | POPSERVER_THROTTLE_CACHE names a cache CACHES lacks |
 | E005 | POPSERVER_ACCEPTED_PASSWORDS is not one of its values |
@@ -20,6 +20,10 @@ Errors only where the server truly cannot run; everything else is a warning, so 
 | E013 | POPSERVER_GREETING or POPSERVER_IMPLEMENTATION is not one line of text |
 | E014 | POPSERVER_PROXY_TRUSTED_NETWORKS is not a list of networks |
 | E015 | POPSERVER_NODE_NAME is not one printable word of at most 64 characters |
+| E016 | POPSERVER_QUOTA_WARNINGS is not a list of percentages in (0, 100] |
+| E040 | bodies in a Django storage (POPSERVER_BODY_STORE, or objects already stored) but STORAGES lacks the alias |
+| E041 | the body storage is, or shares its place with, the site's public storages or MEDIA_ROOT/STATIC_ROOT |
+| E042 | the body storage cannot take and give back an object (``check --deploy``; ``runpop3`` refuses to start) |
 | W001 | Argon2 is not the first password hasher |
 | W002 | POPSERVER_AUTOLOGOUT below RFC 1939's 10 minutes |
 | W003 | POPSERVER_BODY_CHUNK_SIZE over 8 MiB |
@@ -30,6 +34,6 @@ Errors only where the server truly cannot run; everything else is a warning, so 
 | W181 | an endpoint is published to mail clients without TLS on a non-loopback host |
 """
 
-from . import logins, nodes, numbers, paths
+from . import bodies, logins, nodes, numbers, paths
 
-__all__ = ["logins", "nodes", "numbers", "paths"]
+__all__ = ["bodies", "logins", "nodes", "numbers", "paths"]

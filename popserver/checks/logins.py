@@ -16,12 +16,17 @@ PROCESS_LOCAL_CACHES = (
 
 @register()
 def check_trusted_networks(app_configs=None, **kwargs):
-    try:
-        for network in get_setting("TRUSTED_NETWORKS"):
-            ipaddress.ip_network(network, strict=False)
-    except (TypeError, ValueError) as exc:
-        return [Error(f"POPSERVER_TRUSTED_NETWORKS is not a list of networks: {exc}", id="popserver.E002")]
-    return []
+    errors = []
+    for name in ("TRUSTED_NETWORKS", "LMTP_TRUSTED_NETWORKS"):
+        try:
+            networks = get_setting(name)
+            if isinstance(networks, str):  # a string is iterable too, one character at a time
+                raise TypeError(f"a list is needed, not the string {networks!r}")
+            for network in networks:
+                ipaddress.ip_network(network, strict=False)
+        except (TypeError, ValueError) as exc:
+            errors.append(Error(f"POPSERVER_{name} is not a list of networks: {exc}", id="popserver.E002"))
+    return errors
 
 
 @register()

@@ -22,6 +22,8 @@ POSITIVE_NUMBERS = (
     "AUDIT_RETENTION_DAYS",
     "SHUTDOWN_GRACE",
     "PROXY_HEADER_TIMEOUT",
+    "LMTP_MAX_RECIPIENTS",
+    "LMTP_TIMEOUT",
 )
 WHOLE_NUMBERS = (
     "MAX_SESSIONS",
@@ -29,6 +31,7 @@ WHOLE_NUMBERS = (
     "LISTEN_BACKLOG",
     "MAX_PASSWORD_CHECKS",
     "LOGIN_DELAY",
+    "LMTP_MAX_RECIPIENTS",
 )
 NON_NEGATIVE_NUMBERS = ("AUTH_FAILURE_DELAY", "LOGIN_DELAY")
 QUOTAS = ("QUOTA_BYTES", "QUOTA_MESSAGES")  # whole numbers; 0 is unlimited
@@ -79,6 +82,20 @@ def check_quotas(app_configs=None, **kwargs):
         )
         for name in QUOTAS
         if isinstance(value := get_setting(name), bool) or not isinstance(value, int) or value < 0
+    ]
+
+
+@register()
+def check_quota_warnings(app_configs=None, **kwargs):
+    shares = get_setting("QUOTA_WARNINGS")
+    if isinstance(shares, list | tuple) and all(_is_number(share) and 0 < share <= 100 for share in shares):
+        return []
+    return [
+        Error(
+            f"POPSERVER_QUOTA_WARNINGS must be a list of percentages over 0 and up to 100, not {shares!r}.",
+            hint="e.g. [80, 95]; [] for no warnings.",
+            id="popserver.E016",
+        )
     ]
 
 

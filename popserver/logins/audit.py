@@ -12,7 +12,7 @@ from datetime import timedelta
 from django.utils import timezone
 
 from popserver.conf import get_setting, node_name
-from popserver.models import LoginEvent, SessionRecord
+from popserver.models import DeliveryCount, LoginEvent, SessionRecord
 from popserver.signals import send_safely, session_closed
 from popserver.storage.writelock import one_writer
 
@@ -110,9 +110,11 @@ def session_ended(
 
 
 def prune(days: int | None = None, now=None) -> tuple[int, int]:
-    """Delete login events and session records older than ``days`` (POPSERVER_AUDIT_RETENTION_DAYS)."""
+    """Delete login events and session records older than ``days`` (POPSERVER_AUDIT_RETENTION_DAYS), and the
+    hourly delivery counts of that age."""
     days = get_setting("AUDIT_RETENTION_DAYS") if days is None else days
     cutoff = (now or timezone.now()) - timedelta(days=days)
     events = LoginEvent.objects.filter(time__lt=cutoff).delete()[0]
     sessions = SessionRecord.objects.filter(started_at__lt=cutoff).delete()[0]
+    DeliveryCount.objects.filter(hour__lt=cutoff).delete()
     return events, sessions

@@ -32,6 +32,11 @@ def is_trusted_proxy(ip: str) -> bool:
     return _in_networks(ip, "PROXY_TRUSTED_NETWORKS")
 
 
+def is_lmtp_peer(ip: str) -> bool:
+    """True if ``ip`` may speak LMTP to runlmtp: it is in POPSERVER_LMTP_TRUSTED_NETWORKS (loopback by default)."""
+    return _in_networks(ip, "LMTP_TRUSTED_NETWORKS")
+
+
 def peer_group(ip: str) -> str:
     """The unit that connection caps and the login throttle count by: an IPv4 address, or an IPv6 /64 (one
     host's usual allocation, so a /64 cannot pose as billions of clients)."""

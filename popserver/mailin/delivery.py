@@ -16,7 +16,9 @@ from email.header import decode_header
 from email.utils import parsedate_to_datetime
 from functools import partial
 
-from django.db import transaction
+from django.db import DatabaseError, IntegrityError, transaction
+from django.db.models import F
+from django.utils import timezone
 
 from popserver import signals
 from popserver.conf import get_setting
@@ -27,11 +29,12 @@ from popserver.exceptions import (
     MessageTooLarge,
     UnknownRecipient,
 )
-from popserver.mailin import quota
+from popserver.mailin import notices, quota
 from popserver.mailin.mailboxes import find_mailbox
-from popserver.models import Mailbox, Message, new_uid_validity
+from popserver.models import DeliveryCount, Mailbox, Message, new_uid_validity
 from popserver.protocol.wire import has_header_end, normalize_line_endings
-from popserver.storage.bodies import get_body_store
+from popserver.storage.bodies import BodyStore, get_body_store
+from popserver.storage.writelock import one_writer
 
 logger = logging.getLogger(__name__)
 
@@ -117,8 +120,10 @@ def store_prepared(
     """Store a prepared message in ``mailbox``: the one storage path of delivery and of ``importmail``.
 
     One transaction: lock the mailbox's row, check the quota (unless ``enforce_quota`` is false), take the
-    next unique id (or keep ``uid``, an imported one), write the row and the body. ``message_delivered`` is
-    sent after the commit when ``send_signal``.
+    next unique id (or keep ``uid``, an imported one), write the row and the body, and when the message takes
+    the mailbox across a share of its quota (POPSERVER_QUOTA_WARNINGS), a warning after it. After the commit:
+    ``message_delivered`` (and ``quota_warning``) when ``send_signal``, which also marks a delivery (imports
+    neither warn nor count in the admin's overview).
 
     With ``uid``: raises ``InvalidUniqueId`` unless it is 1-70 characters in 0x21-0x7E, ``DuplicateMessage``
     if the mailbox already has it; and the counter is moved past it (or the mailbox's uid_validity changed)
@@ -126,45 +131,70 @@ def store_prepared(
     """
     if uid is not None:
         validate_uid(uid)
+    store = get_body_store()
+    staged = store.stage(prepared.data)  # an object store writes the object now, before any row refers to it
     with transaction.atomic():
         # The row lock serialises deliveries and imports into one mailbox: the quota sum and the counter
         # below see every message committed before it (READ COMMITTED on PostgreSQL and MariaDB; SQLite's
-        # IMMEDIATE transactions hold the database's write lock from their start).
+        # IMMEDIATE transactions hold the database's write lock from their start). So of two deliveries
+        # racing across a warning share, exactly one sees itself crossing it.
         state = (
             Mailbox.objects.select_for_update()
             .filter(pk=mailbox.pk)
             .values("next_uid", "uid_validity", "quota_bytes", "quota_messages")
             .get()
         )
+        crossing = warning = None
         if enforce_quota:
-            quota.check(
-                mailbox.pk, quota.limits(state["quota_bytes"], state["quota_messages"]), prepared.size
-            )
+            applying = quota.limits(state["quota_bytes"], state["quota_messages"])
+            before = quota.check(mailbox.pk, applying, prepared.size)
+            if before is not None and send_signal:
+                crossing = quota.crossing(before, prepared.size, applying)
+            if crossing is not None and get_setting("QUOTA_WARNING_MESSAGE"):
+                after = quota.Usage(before.messages + 1, before.octets + prepared.size)
+                try:
+                    warning = quota_warning_message(mailbox, crossing, applying, after)
+                except DatabaseError:
+                    raise
+                except Exception:  # noqa: BLE001  (a site's broken template must never refuse mail)
+                    logger.exception("could not write the quota warning of mailbox %s", mailbox.pk)
         next_uid, uid_validity = state["next_uid"], state["uid_validity"]
         if uid is None:
             # The counter only grows: never reused, even after a QUIT deleted the newest message.
             uid = format_uid(next_uid, uid_validity)
             next_uid += 1
-            Mailbox.objects.filter(pk=mailbox.pk).update(next_uid=next_uid)
         else:
             if Message.objects.filter(mailbox_id=mailbox.pk, uid=uid).exists():
                 raise DuplicateMessage(f"the mailbox already has a message with unique id {uid}")
             next_uid, uid_validity = _keep_generated_ids_apart(mailbox.pk, uid, next_uid, uid_validity)
+        warning_uid = None
+        if warning is not None:
+            warning_uid = format_uid(next_uid, uid_validity)
+            next_uid += 1
+        if next_uid != state["next_uid"]:
+            Mailbox.objects.filter(pk=mailbox.pk).update(next_uid=next_uid)
         mailbox.next_uid, mailbox.uid_validity = next_uid, uid_validity
-        headers = prepared.headers
-        message = Message.objects.create(
-            mailbox=mailbox,
-            uid=uid,
-            size=prepared.size,
-            subject=headers.subject,
-            sender=headers.sender,
-            date=headers.date,
-            has_header_end=has_header_end(prepared.data),
-        )
-        get_body_store().save(message, prepared.data)
+        message = _save(mailbox, prepared, uid, store, staged)
+        # The warning's body is staged here, inside the transaction: a crash leaves at most an unreferenced
+        # object, which popgc removes.
+        notice = None if warning is None else _save(mailbox, warning, warning_uid, store, server_notice=True)
         if send_signal:
+            transaction.on_commit(partial(count_delivery, message.size))
             transaction.on_commit(
                 partial(signals.send_safely, signals.message_delivered, mailbox=mailbox, message=message)
+            )
+        if crossing is not None:
+            transaction.on_commit(
+                partial(
+                    signals.send_safely,
+                    signals.quota_warning,
+                    mailbox=mailbox,
+                    unit=crossing.unit,
+                    threshold=crossing.threshold,
+                    used=crossing.used,
+                    limit=crossing.limit,
+                    message=notice,
+                )
             )
     logger.debug(
         "stored message %s (%d octets, uid %s) in mailbox %s",
@@ -173,7 +203,65 @@ def store_prepared(
         message.uid,
         mailbox.pk,
     )
+    if crossing is not None:
+        logger.info(
+            "mailbox %s crossed %s %% of its quota of %d %s",
+            mailbox.pk,
+            crossing.threshold,
+            crossing.limit,
+            crossing.unit,
+        )
     return message
+
+
+def _save(
+    mailbox: Mailbox,
+    prepared: PreparedMessage,
+    uid: str,
+    store: BodyStore,
+    staged: object = None,
+    *,
+    server_notice: bool = False,
+) -> Message:
+    headers = prepared.headers
+    message = Message(
+        mailbox=mailbox,
+        uid=uid,
+        size=prepared.size,
+        subject=headers.subject,
+        sender=headers.sender,
+        date=headers.date,
+        server_notice=server_notice,
+        has_header_end=has_header_end(prepared.data),
+    )
+    store.save(message, prepared.data, staged)  # saves the row with its body's location
+    return message
+
+
+def quota_warning_message(
+    mailbox: Mailbox, crossing: quota.Crossing, applying: quota.Limits, after: quota.Usage
+) -> PreparedMessage:
+    """The warning as a prepared message (``popserver.mailin.notices``); never refused for its size."""
+    data = normalize_line_endings(notices.quota_warning(mailbox, crossing, applying, after))
+    return PreparedMessage(data, parse_display_headers(data))
+
+
+def count_delivery(octets: int, now: datetime | None = None) -> None:
+    """Add a delivery to its hour's ``DeliveryCount`` (the admin's overview). Runs after the delivery has
+    committed, in its own short write; a failure is logged and changes nothing for the delivery."""
+    hour = (now or timezone.now()).replace(minute=0, second=0, microsecond=0)
+    add = {"messages": F("messages") + 1, "octets": F("octets") + octets}
+    try:
+        with one_writer():
+            if DeliveryCount.objects.filter(hour=hour).update(**add):
+                return
+            try:
+                with transaction.atomic():  # the hour's first delivery: one process creates its row
+                    DeliveryCount.objects.create(hour=hour, messages=1, octets=octets)
+            except IntegrityError:
+                DeliveryCount.objects.filter(hour=hour).update(**add)
+    except DatabaseError:
+        logger.exception("could not count a delivery")
 
 
 # Trace fields --------------------------------------------------------------------------------------------

@@ -7,14 +7,16 @@ own lower-casing on both sides.
 """
 
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 from django.contrib.auth import get_user_model, password_validation
 from django.contrib.auth.base_user import BaseUserManager
 from django.core.exceptions import FieldDoesNotExist, ValidationError
 from django.core.validators import validate_email
 from django.db import models, transaction
-from django.db.models import CharField, Value
+from django.db.models import CharField, Count, Q, Sum, Value
 from django.db.models.functions import Lower
+from django.utils import timezone
 
 from popserver.conf import get_setting
 from popserver.models import Address, Mailbox
@@ -206,3 +208,17 @@ def _add_address(mailbox: Mailbox, email: str) -> bool:
     if existing.mailbox_id != mailbox.pk:
         raise ValidationError(f"The address {email} already delivers to the mailbox of {existing.mailbox}.")
     return False
+
+
+# Inactive mailboxes ------------------------------------------------------------------------------------------
+def inactive_mailboxes(days: int, now=None) -> models.QuerySet:
+    """Mailboxes with no successful POP3 login for ``days`` days: the last one was earlier, or there was none
+    and the mailbox is older than that (a new one has not had its chance yet). Oldest activity first, each
+    with ``message_count`` and ``message_octets`` (one aggregate query, over the (mailbox, ...) index)."""
+    cutoff = (now or timezone.now()) - timedelta(days=days)
+    return (
+        Mailbox.objects.filter(Q(last_login__lt=cutoff) | Q(last_login=None, created_at__lt=cutoff))
+        .select_related("user")
+        .annotate(message_count=Count("messages"), message_octets=Sum("messages__size"))
+        .order_by(models.F("last_login").asc(nulls_first=True), "created_at", "pk")
+    )

@@ -4,6 +4,11 @@ A mailbox's own ``quota_bytes`` / ``quota_messages`` win when set (0 = unlimited
 means the site's default, POPSERVER_QUOTA_BYTES / POPSERVER_QUOTA_MESSAGES (0 = unlimited). Sizes are those
 POP3 clients see in LIST. Delivery checks the quota inside its transaction, after locking the mailbox's row
 (``delivery.store_prepared``), so two deliveries at once cannot both squeeze under the limit.
+
+Quota warnings (POPSERVER_QUOTA_WARNINGS, shares of a limit in percent): a delivery that takes the usage from
+below a share to at or above it has crossed it (``crossing``). The same row lock makes that race-free, and
+crossing back below (mail deleted) and up again is a new crossing, as with Dovecot's ``quota_warning``.
+Messages the server writes itself (``Message.server_notice``, the warnings) never count.
 """
 
 from __future__ import annotations
@@ -13,10 +18,30 @@ from dataclasses import dataclass
 
 from django import forms
 from django.db.models import Count, Sum
-from django.template.defaultfilters import filesizeformat
 
 from popserver.conf import get_setting
 from popserver.exceptions import QuotaExceeded
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    messages: int = 0
+    octets: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Crossing:
+    """A delivery took the usage of ``unit`` ("octets" or "messages") across ``threshold`` percent of
+    ``limit``; ``used`` is the usage after it."""
+
+    threshold: float
+    unit: str
+    used: int
+    limit: int
+
+    @property
+    def percent(self) -> int:
+        return self.used * 100 // self.limit
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,26 +66,29 @@ def mailbox_limits(mailbox) -> Limits:
     return limits(mailbox.quota_bytes, mailbox.quota_messages)
 
 
-def usage(mailbox_id: int) -> tuple[int, int]:
-    """(messages, octets) the mailbox holds now: one aggregate over the (mailbox, size) index."""
+def usage(mailbox_id: int) -> Usage:
+    """What counts against the mailbox's quota now (its messages but the server's own notices): one
+    aggregate over the (mailbox, server_notice, size) index."""
     from popserver.models import Message
 
     totals = (
         Message.objects.visible()
-        .filter(mailbox_id=mailbox_id)
+        .filter(mailbox_id=mailbox_id, server_notice=False)
         .aggregate(count=Count("pk"), octets=Sum("size"))
     )
-    return totals["count"], totals["octets"] or 0
+    return Usage(totals["count"], totals["octets"] or 0)
 
 
-def check(mailbox_id: int, applying: Limits, size: int) -> None:
-    """Raise QuotaExceeded if one more message of ``size`` octets would pass ``applying``.
+def check(mailbox_id: int, applying: Limits, size: int) -> Usage | None:
+    """Raise QuotaExceeded if one more message of ``size`` octets would pass ``applying``; else return the
+    usage before it (None when nothing is limited: then nothing was counted).
 
     Call it with the mailbox's row locked, in the transaction that stores the message.
     """
     if applying.unlimited:
-        return
-    count, octets = usage(mailbox_id)
+        return None
+    now = usage(mailbox_id)
+    count, octets = now.messages, now.octets
     if applying.messages and count + 1 > applying.messages:
         raise QuotaExceeded(
             f"mailbox is full: it holds {count} of at most {applying.messages} messages",
@@ -76,20 +104,75 @@ def check(mailbox_id: int, applying: Limits, size: int) -> None:
             limit=applying.octets,
             used=octets,
         )
+    return now
 
 
-def describe_usage(messages: int, octets: int, applying: Limits) -> str:
-    """For people: "12.3 MB of 100.0 MB, 40 of 1000 messages"; a part without a limit shows the usage alone,
-    and a mailbox that takes no more mail says so."""
-    size = filesizeformat(octets)
+def crossing(before: Usage, size: int, applying: Limits, thresholds=None) -> Crossing | None:
+    """The highest share of POPSERVER_QUOTA_WARNINGS (or ``thresholds``) that one more message of ``size``
+    octets takes the usage across, upward: below it before, at or above it after. None if none.
+
+    Like Dovecot, one delivery that crosses several shares at once warns once, for the highest; when both
+    units cross the same share, the size is named.
+    """
+    thresholds = get_setting("QUOTA_WARNINGS") if thresholds is None else thresholds
+    found = []
+    for unit, limit, old, new in (
+        ("octets", applying.octets, before.octets, before.octets + size),
+        ("messages", applying.messages, before.messages, before.messages + 1),
+    ):
+        if not limit:
+            continue
+        for threshold in thresholds:
+            if old * 100 < threshold * limit <= new * 100:
+                found.append(Crossing(threshold, unit, new, limit))
+    return max(found, key=lambda c: (c.threshold, c.unit == "octets"), default=None)
+
+
+def share(used: int, limit: int) -> int:
+    """``used`` as a whole percentage of ``limit`` (rounded down: 99 % is not yet full)."""
+    return used * 100 // limit if limit else 0
+
+
+def usage_parts(messages: int, octets: int, applying: Limits) -> list[tuple[int, str]]:
+    """(percent, "1.7 KiB of 500 MiB, 3 %") for each limited unit; empty when nothing is limited."""
+    parts = []
     if applying.octets:
-        size = f"{size} of {filesizeformat(applying.octets)}"
-    noun = "message" if (applying.messages or messages) == 1 else "messages"
-    count = f"{messages} of {applying.messages} {noun}" if applying.messages else f"{messages} {noun}"
+        percent = share(octets, applying.octets)
+        parts.append((percent, f"{format_octets(octets)} of {format_octets(applying.octets)}, {percent} %"))
+    if applying.messages:
+        percent = share(messages, applying.messages)
+        noun = "message" if applying.messages == 1 else "messages"
+        parts.append((percent, f"{messages} of {applying.messages} {noun}, {percent} %"))
+    return parts
+
+
+def describe_usage(messages: int, octets: int, applying: Limits, *, short: bool = False) -> str:
+    """Use against the limit, for people: "1.7 KiB of 500 MiB, 3 %" (and "; 7 of 1000 messages, 1 %" when
+    both are limited; ``short``: only the fuller of the two), "(full)" when no more mail fits, or
+    "unlimited"."""
+    parts = usage_parts(messages, octets, applying)
+    if not parts:
+        return "unlimited"
+    if short:
+        parts = [max(parts, key=lambda part: part[0])]
     full = (applying.octets and octets >= applying.octets) or (
         applying.messages and messages >= applying.messages
     )
-    return f"{size}, {count}" + (" (full)" if full else "")
+    return "; ".join(text for _, text in parts) + (" (full)" if full else "")
+
+
+def format_octets(octets: int) -> str:
+    """A size for people in binary units, as the README and the quota fields use them: "512 octets",
+    "1.7 KiB", "64 MiB", "1.5 GiB"."""
+    if octets < 1024:
+        return f"{octets} octet" if octets == 1 else f"{octets} octets"
+    value = float(octets)
+    for unit in ("KiB", "MiB", "GiB", "TiB", "PiB"):
+        value /= 1024
+        if value < 1024 or unit == "PiB":
+            break
+    text = f"{value:.1f}".removesuffix(".0")
+    return f"{text} {unit}"
 
 
 # Sizes typed by people ---------------------------------------------------------------------------------------
@@ -98,7 +181,8 @@ _UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
 
 
 def parse_size(text: str) -> int:
-    """Octets from "104857600", "100M", "100 MB", "1.5G" (binary multiples, as filesizeformat shows them).
+    """Octets from "104857600", "100M", "100 MB", "100 MiB", "1.5G" (binary multiples, as ``format_octets``
+    shows them).
 
     Raises ValueError for anything else.
     """

@@ -9,11 +9,12 @@ Implementations: ``popserver.storage.maildrop.OrmMaildrop`` (the database) and `
 """
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 
-@dataclass(frozen=True, slots=True)
-class MessageInfo:
+class MessageInfo(NamedTuple):
+    """One message of the snapshot. A named tuple: a snapshot of 100,000 messages makes 100,000 of them."""
+
     size: int  # octets in the presented form (CRLF line endings), before dot-stuffing
     uid: str  # RFC 1939 s.7 unique id: 1-70 characters in 0x21-0x7E
     header_end: bool = True  # False: no blank line after the header (the oe-ns-eoh workaround adds one)
@@ -93,6 +94,13 @@ class Maildrop:
         it later means the message vanished mid-transfer.
         """
         raise NotImplementedError
+
+    def prefetch(self, numbers: Sequence[int]) -> int:
+        """A hint: these messages (valid, not deleted) will be read next, in this order (pipelined RETR and
+        TOP already received). A maildrop may read several in one go. Returns how many of ``numbers`` it
+        has dealt with (read ahead or passed over); the session names the rest again later. The default
+        does nothing and takes them all."""
+        return len(numbers)
 
     def commit(self) -> None:
         """UPDATE: remove ``numbers_to_remove()`` (deleted, or hidden under a keep-deleted policy) and release

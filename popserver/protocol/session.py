@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import ClassVar, Protocol
 
-from popserver.exceptions import LoginRefused, MessageExpunged
+from popserver.exceptions import BodyUnavailable, LoginRefused, MessageExpunged
 from popserver.protocol import wire
 from popserver.protocol.commands import (
     AUTHORIZATION_ONLY,
@@ -51,6 +51,7 @@ CLIENT_WORKAROUNDS = ("outlook-no-nuls", "oe-ns-eoh")
 INTERNAL_ERROR = "[SYS/TEMP] Internal error occurred. Refer to server log for more information."
 COMMIT_FAILED = "[SYS/TEMP] Deleting the marked messages failed; none were deleted."
 
+_READS = (b"RETR", b"TOP ")  # the first four octets of the lines worth a read-ahead
 ECHOABLE_VERB = re.compile(rb"[A-Za-z][A-Za-z0-9-]{0,15}")  # what an unknown-command reply may quote
 
 
@@ -103,6 +104,7 @@ class Pop3Session:
     unterminated_line_limit = 8192  # this much without a line end closes the session
     max_bad_commands_before_login = 3  # in a row, as Dovecot's pop3-login
     max_bad_commands_after_login = 20  # in a row, as Dovecot's pop3
+    read_ahead_lines = 128  # pipelined lines looked at for RETR/TOP to announce to the maildrop
 
     # Engine features announced by CAPA (RFC 2449 s.6.4, s.6.6; RFC 3206 s.6): what the session does for
     # every verb rather than a verb of its own.
@@ -160,6 +162,7 @@ class Pop3Session:
         self._continuation: Callable[[bytes], Reply] | None = None  # the pending SASL step
         self._sasl_username: bytes = b""
         self._bad_commands = 0
+        self._read_ahead_to = 0  # buffer offset up to which pipelined RETR/TOP were announced
 
     # The server's side -------------------------------------------------------------------------------
     @property
@@ -243,6 +246,13 @@ class Pop3Session:
                     break
                 raw = bytes(buffer[start : end + 1])
                 start = end + 1
+                if (
+                    start > self._read_ahead_to
+                    and raw[:4].upper() in _READS
+                    and self._maildrop is not None
+                    and buffer.find(b"\n", start) >= 0  # another command is waiting
+                ):
+                    self._read_ahead_to = self._read_ahead(buffer, start - len(raw))
                 yield from self._handle_line(raw)
         finally:
             if self.closed or self.wants_tls:
@@ -250,6 +260,39 @@ class Pop3Session:
                 buffer.clear()
             else:
                 del buffer[:start]
+            self._read_ahead_to = 0
+
+    def _read_ahead(self, buffer: bytearray, start: int) -> int:
+        """Tell the maildrop which messages the RETR and TOP commands waiting in ``buffer`` from ``start`` on
+        will read (RFC 2449 PIPELINING), so it can read small ones together; returns where the scan ended.
+
+        Looks at most ``read_ahead_lines`` complete lines, up to a QUIT. Only numbers valid now are named; the
+        commands themselves are checked again when they run. The scan counts as done up to the line of the
+        last number the maildrop took, so the next RETR after those announces the following ones."""
+        maildrop = self._maildrop
+        assert maildrop is not None
+        count = len(maildrop)
+        numbers: list[int] = []
+        ends: list[int] = []  # where the line of each number ends
+        position = start
+        for _ in range(self.read_ahead_lines):
+            end = buffer.find(b"\n", position, position + self.command_line_limit)
+            if end < 0:
+                break
+            words = buffer[position:end].split(None, 2)
+            position = end + 1
+            verb = words[0].upper() if words else b""
+            if verb == b"QUIT":
+                break
+            if verb in (b"RETR", b"TOP") and len(words) > 1 and words[1].isdigit() and len(words[1]) <= 10:
+                number = int(words[1])
+                if 0 < number <= count and not maildrop.is_deleted(number):
+                    numbers.append(number)
+                    ends.append(position)
+        if len(numbers) < 2:
+            return position
+        taken = maildrop.prefetch(numbers)
+        return ends[taken - 1] if 0 < taken < len(numbers) else position
 
     def _handle_line(self, raw: bytes) -> Iterator[bytes]:
         # PASS takes the rest of the line, and Django allows long passwords: it gets the continuation limit.
@@ -282,9 +325,10 @@ class Pop3Session:
                 reply = cmd.handler(self, *args)
             for piece in (reply,) if isinstance(reply, bytes) else reply:
                 if not started:
-                    started, first = True, piece
+                    started, first = True, piece[:8]
                     self._log_reply(piece)
                 yield piece
+                del piece  # not kept while the next piece is made
         except CommandError as exc:
             self._continuation = None
             if started:  # a handler must not refuse after output began
@@ -306,6 +350,13 @@ class Pop3Session:
         except MessageExpunged:
             # Before any output, RETR and TOP answer "-ERR Message N expunged." themselves.
             log.warning("%s: a message was expunged while it was being sent; closing", self.peer)
+            if not started:
+                yield wire.err(INTERNAL_ERROR)
+            self._close()
+        except BodyUnavailable as exc:
+            # Before any output, RETR and TOP answer -ERR [SYS/TEMP] themselves; in the middle, only closing
+            # tells the client the message is incomplete.
+            log.error("%s: a message body failed while it was being sent; closing: %s", self.peer, exc)
             if not started:
                 yield wire.err(INTERNAL_ERROR)
             self._close()
@@ -451,12 +502,16 @@ class Pop3Session:
         first_read = True
         chunks = self._opened().read(number)
         try:
+            # The names are dropped before the next read, so a large message's previous chunk is not kept
+            # alive while the next one is read (memory stays at about one chunk and its stuffed form).
             for chunk in chunks:
                 data = truncator.feed(chunk) if truncator is not None else chunk
+                del chunk
                 if no_nuls:  # Dovecot's outlook-no-nuls: Outlook stops at a NUL; same size
                     data = data.replace(b"\0", b"\x80")
                 sent += len(data)
                 stuffed = stuffer.feed(data)
+                del data
                 if held is not None and not first_read:
                     yield from held
                     held = None
@@ -466,6 +521,7 @@ class Pop3Session:
                         held.append(stuffed)
                     else:
                         yield stuffed
+                del stuffed
                 if truncator is not None and truncator.done:
                     break
         except MessageExpunged:
@@ -473,6 +529,12 @@ class Pop3Session:
                 raise
             log.warning("%s: message %d was expunged by something else", self.peer, number)
             raise CommandError(f"Message {number} expunged.") from None
+        except BodyUnavailable as exc:
+            if held is None:
+                raise
+            # One line, no traceback; the message stays (nothing is deleted or hidden for it).
+            log.error("%s: message %d cannot be read now: %s", self.peer, number, exc)
+            raise CommandError(INTERNAL_ERROR) from None
         finally:
             close = getattr(chunks, "close", None)
             if close is not None:

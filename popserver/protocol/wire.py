@@ -115,9 +115,12 @@ class DotStuffer:
         """The stuffed form of ``chunk`` (``b""`` for an empty chunk)."""
         if not chunk:
             return b""
-        stuffed = chunk.replace(b"\n.", b"\n..")
-        if self._at_line_start and chunk[:1] == b".":
-            stuffed = b"." + stuffed
+        if b"." in chunk:  # a memchr scan: base64 and binary bodies (most large ones) have no dot at all
+            stuffed = chunk.replace(b"\n.", b"\n..")
+            if self._at_line_start and chunk[:1] == b".":
+                stuffed = b"." + stuffed
+        else:
+            stuffed = chunk
         self._at_line_start = chunk[-1:] == b"\n"
         self._tail = (self._tail + chunk[-2:])[-2:]
         return stuffed

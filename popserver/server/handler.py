@@ -2,7 +2,9 @@
 session-end log line.
 
 The protocol lives in ``popserver.protocol.session``; logins, their policy and the audit in
-``popserver.logins``. This module moves bytes between them and the socket.
+``popserver.logins``. This module moves bytes between them and the socket. ``ConnectionHandler`` is what any
+protocol's connection needs (reads with a deadline, batched writes, the TLS handshake); LMTP's handler
+(``popserver.server.lmtp``) builds on it too.
 """
 
 from __future__ import annotations
@@ -59,11 +61,20 @@ def set_socket_options(sock: socket.socket) -> None:
             pass
 
 
-def send_buffers(sock: socket.socket, buffers: list[bytes]) -> None:
-    """``sendall`` for a list of buffers, with ``sendmsg`` (partial writes resumed where they stopped)."""
+def send_buffers(sock: socket.socket, buffers: list[bytes], wait_writable=None) -> None:
+    """``sendall`` for a list of buffers, with ``sendmsg`` (partial writes resumed where they stopped).
+
+    A non-blocking socket needs ``wait_writable()``: called when the socket takes nothing, it returns once
+    it may take more or raises ``TimeoutError``."""
     views = [memoryview(buffer) for buffer in buffers]
     while views:
-        sent = sock.sendmsg(views[:MAX_IOVEC])
+        try:
+            sent = sock.sendmsg(views[:MAX_IOVEC])
+        except BlockingIOError:
+            if wait_writable is None:
+                raise
+            wait_writable()
+            continue
         while sent and views:
             if sent >= len(views[0]):
                 sent -= len(views.pop(0))
@@ -80,20 +91,176 @@ class SessionEnded(Exception):
         self.reason = reason
 
 
-class Pop3Handler(socketserver.BaseRequestHandler):
-    """Runs one ``Pop3Session`` over one socket, in the connection's own thread."""
+class ConnectionHandler(socketserver.BaseRequestHandler):
+    """One connection of any protocol, in its own thread: reads with deadlines (giving the database connection
+    back while idle), batched writes, the TLS handshake."""
 
-    server: Pop3Server  # noqa: F821 (popserver.server.listener)
+    server: ThreadedServer  # noqa: F821 (popserver.server.listener)
 
     def setup(self) -> None:
         self.sock: socket.socket = self.request
-        self.peer_ip, self.peer_port = self.client_address[0], self.client_address[1]
-        self.peer = f"{self.peer_ip}:{self.peer_port}"
+        self.peer_ip, self.peer_port = self.server.peer_address(self.client_address)
+        self.peer = f"{self.peer_ip}:{self.peer_port}" if self.peer_port else self.peer_ip
         self.connected_at = time.monotonic()
         self.started_at = timezone.now()
+        # Read once per connection, not per command.
+        self.autologout = get_setting("AUTOLOGOUT")
+        self.login_timeout = get_setting("LOGIN_TIMEOUT")
+        self.readable = self.writable = None  # poll objects once ``use_poll`` is on
+        set_socket_options(self.sock)
+
+    def use_poll(self) -> None:
+        """Plaintext: a non-blocking socket and a poll object of our own, so that a read or write that can go
+        ahead at once is one system call (a socket with a timeout polls before every call and has its timeout
+        set before each). TLS keeps the socket's timeout: decrypted bytes may wait inside the TLS object,
+        where poll cannot see them. Call it once nothing else reads the socket with a timeout (the PROXY
+        header is read first)."""
+        self.readable = self.writable = None
+        if isinstance(self.sock, ssl.SSLSocket):
+            return
+        self.sock.setblocking(False)
+        self.readable, self.writable = select.poll(), select.poll()
+        self.readable.register(self.sock, select.POLLIN)
+        self.writable.register(self.sock, select.POLLOUT)
+
+    # TLS ------------------------------------------------------------------------------------------------
+    def handshake(self) -> None:
+        """Wrap the socket in TLS, in this session's thread, with a deadline (never in the accept loop)."""
+        context = self.server.tls.context
+        self.readable = self.writable = None  # from here on the TLS socket's own timeouts
+        # One deadline for the whole handshake, not per recv(): a byte every few seconds gains nothing.
+        deadline = time.monotonic() + min(HANDSHAKE_TIMEOUT, self.login_timeout)
+        try:
+            self.sock = context.wrap_socket(self.sock, server_side=True, do_handshake_on_connect=False)
+            if not self.server.registry.rewrap(self.request, self.sock):
+                raise SessionEnded("Dropped to make room")  # cut while being wrapped: the cut missed it
+            self.sock.setblocking(False)
+            while True:
+                try:
+                    self.sock.do_handshake()
+                    break
+                except ssl.SSLWantReadError:
+                    wait = ([self.sock], [])
+                except ssl.SSLWantWriteError:
+                    wait = ([], [self.sock])
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not any(select.select(*wait, [], remaining)[:2]):
+                    self.handshake_ended("timeout")
+                    raise SessionEnded("TLS handshake timed out")
+            self.sock.setblocking(True)
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            self.handshake_ended("failed")
+            raise SessionEnded(f"TLS handshake failed: {exc.__class__.__name__}") from None
+        self.handshake_ended("ok")
+
+    def handshake_ended(self, result: str) -> None:
+        """A TLS handshake ended: "ok", "failed" or "timeout" (for a protocol's metrics)."""
+
+    # Input ----------------------------------------------------------------------------------------------
+    def read(self, deadline: float, timeout_reply: bytes) -> bytes:
+        """Bytes from the client by ``deadline`` (monotonic), else ``timeout_reply`` is sent and the session
+        ends. A connection idle for DB_IDLE_CLOSE gives its database connection back meanwhile."""
+        readable = self.readable
+        now = time.monotonic()
+        if readable is not None and now < deadline:  # what pipelining clients sent is often here already
+            try:
+                data = self.sock.recv(RECV_SIZE)
+            except BlockingIOError:
+                pass
+            else:
+                if not data:
+                    raise SessionEnded("Connection closed")
+                return data
+        idle_since = now
+        db_released = False
+        while True:
+            now = time.monotonic()
+            if self.server.stop_event.is_set():
+                raise SessionEnded("Server shutting down")
+            remaining = deadline - now
+            if remaining <= 0:
+                self.send_quietly(timeout_reply)
+                raise SessionEnded("Inactivity")
+            wait = remaining if db_released else min(remaining, max(0.0, idle_since + DB_IDLE_CLOSE - now))
+            try:
+                if readable is None:
+                    self.sock.settimeout(max(wait, 0.001))
+                    data = self.sock.recv(RECV_SIZE)
+                elif readable.poll(max(wait * 1000, 1)):
+                    data = self.sock.recv(RECV_SIZE)
+                else:
+                    raise TimeoutError
+            except BlockingIOError:  # a wake-up without data
+                continue
+            except TimeoutError:
+                if not db_released:
+                    connections.close_all()  # idle: give the database connection back
+                    db_released = True
+                continue
+            if not data:
+                raise SessionEnded("Connection closed")
+            return data
+
+    # Output ---------------------------------------------------------------------------------------------
+    def write_timeout(self) -> float:
+        """Seconds a write may wait for a client that does not read before the session is dropped."""
+        return self.autologout
+
+    def send(self, chunks: Iterable[bytes]) -> int:
+        """Write everything ``chunks`` yields in few large writes (Nagle: see PITFALLS); returns octets sent.
+
+        Output is gathered up to WRITE_COALESCE octets, and written early at the session's ``FLUSH`` mark."""
+        pending: list[bytes] = []
+        pending_size = total = 0
+        for chunk in chunks:
+            if chunk is FLUSH:
+                if pending:
+                    self.write(pending)
+                    total += pending_size
+                    pending, pending_size = [], 0
+                continue
+            if chunk:
+                pending.append(chunk)
+                pending_size += len(chunk)
+                del chunk  # written data is not kept while the session makes the next piece
+                if pending_size >= WRITE_COALESCE:
+                    self.write(pending)
+                    total += pending_size
+                    pending, pending_size = [], 0
+        if pending:
+            self.write(pending)
+            total += pending_size
+        return total
+
+    def write(self, buffers: list[bytes]) -> None:
+        """Send ``buffers`` whole: one ``sendmsg`` gather-write (no join) with poll, joined under TLS. A client
+        that stops reading is dropped after ``write_timeout()`` without progress."""
+        if self.writable is not None:
+            send_buffers(self.sock, buffers, self.wait_writable)
+            return
+        self.sock.settimeout(self.write_timeout())
+        self.sock.sendall(buffers[0] if len(buffers) == 1 else b"".join(buffers))
+
+    def wait_writable(self) -> None:
+        if not self.writable.poll(self.write_timeout() * 1000):
+            raise TimeoutError("the client stopped reading")
+
+    def send_quietly(self, data: bytes) -> None:
+        try:
+            self.readable = self.writable = None
+            self.sock.settimeout(1.0)
+            self.sock.sendall(data)
+        except OSError:
+            pass
+
+
+class Pop3Handler(ConnectionHandler):
+    """Runs one ``Pop3Session`` over one socket, in the connection's own thread."""
+
+    def setup(self) -> None:
+        super().setup()
         self.session: Pop3Session | None = None
         self.proxy_header: ProxyHeader | None = None
-        set_socket_options(self.sock)
         metrics.session_opened()
 
     def finish(self) -> None:
@@ -116,14 +283,15 @@ class Pop3Handler(socketserver.BaseRequestHandler):
         reason = "Connection closed"
         try:
             if self.server.implicit_tls:
-                self.handshake("implicit")
+                self.handshake()
+            self.use_poll()
             self.send([session.greeting()])
-            line_deadline = time.monotonic() + get_setting("AUTOLOGOUT")
+            line_deadline = time.monotonic() + self.autologout
             while not session.closed:
                 data = self.receive(session, line_deadline)
                 produced = self.send(session.receive(data))
                 if produced:
-                    line_deadline = time.monotonic() + get_setting("AUTOLOGOUT")
+                    line_deadline = time.monotonic() + self.autologout
                 if session.wants_tls:
                     self.start_tls(session)
             if session.state is State.UPDATE:
@@ -249,39 +417,14 @@ class Pop3Handler(socketserver.BaseRequestHandler):
         return plaintext_allowed(tls_active=tls_active, trusted=self.authenticator.trusted)
 
     # TLS ------------------------------------------------------------------------------------------------
-    def handshake(self, mode: str) -> None:
-        """Wrap the socket in TLS, in this session's thread, with a deadline (never in the accept loop).
-        ``mode``: "implicit" or "stls" (for the metrics)."""
-        context = self.server.tls.context
-        # One deadline for the whole handshake, not per recv(): a byte every few seconds gains nothing.
-        deadline = time.monotonic() + min(HANDSHAKE_TIMEOUT, get_setting("LOGIN_TIMEOUT"))
-        try:
-            self.sock = context.wrap_socket(self.sock, server_side=True, do_handshake_on_connect=False)
-            if not self.server.registry.rewrap(self.request, self.sock):
-                raise SessionEnded("Dropped to make room")  # cut while being wrapped: the cut missed it
-            self.sock.setblocking(False)
-            while True:
-                try:
-                    self.sock.do_handshake()
-                    break
-                except ssl.SSLWantReadError:
-                    wait = ([self.sock], [])
-                except ssl.SSLWantWriteError:
-                    wait = ([], [self.sock])
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or not any(select.select(*wait, [], remaining)[:2]):
-                    metrics.tls_handshake(mode, "timeout")
-                    raise SessionEnded("TLS handshake timed out")
-            self.sock.setblocking(True)
-        except (ssl.SSLError, OSError, ValueError) as exc:
-            metrics.tls_handshake(mode, "failed")
-            raise SessionEnded(f"TLS handshake failed: {exc.__class__.__name__}") from None
-        metrics.tls_handshake(mode, "ok")
+    def handshake_ended(self, result: str) -> None:
+        # An implicit-TLS listener offers no STLS (the session is TLS already): the listener tells the mode.
+        metrics.tls_handshake("implicit" if self.server.implicit_tls else "stls", result)
 
     def start_tls(self, session: Pop3Session) -> None:
         """RFC 2595 s.4: after "+OK Begin TLS negotiation now." the session's pipelined plaintext has already
         been discarded by the engine; handshake, then a fresh AUTHORIZATION state."""
-        self.handshake("stls")
+        self.handshake()
         self.authenticator.tls = True
         session.tls_started()
         session.plaintext_allowed = self.plaintext_allowed(tls_active=True)
@@ -290,80 +433,17 @@ class Pop3Handler(socketserver.BaseRequestHandler):
     def receive(self, session: Pop3Session, line_deadline: float) -> bytes:
         """Bytes from the client, within the deadline that applies: before login the whole login time
         (Dovecot: 3 minutes), after it the autologout per line (RFC 1939 s.3), not per ``recv()``."""
-        idle_since = time.monotonic()
-        db_released = False
-        while True:
-            now = time.monotonic()
-            if self.server.stop_event.is_set():
-                raise SessionEnded("Server shutting down")
-            if session.state is State.AUTHORIZATION:
-                deadline = min(line_deadline, self.connected_at + get_setting("LOGIN_TIMEOUT"))
-            else:
-                deadline = line_deadline
-            remaining = deadline - now
-            if remaining <= 0:
-                self.send_quietly(b"-ERR Disconnected for inactivity.\r\n")
-                raise SessionEnded("Inactivity")
-            wait = remaining if db_released else min(remaining, max(0.0, idle_since + DB_IDLE_CLOSE - now))
-            self.sock.settimeout(max(wait, 0.001))
-            try:
-                data = self.sock.recv(RECV_SIZE)
-            except TimeoutError:
-                if not db_released:
-                    connections.close_all()  # idle: give the database connection back
-                    db_released = True
-                continue
-            if not data:
-                raise SessionEnded("Connection closed")
-            return data
+        deadline = line_deadline
+        if session.state is State.AUTHORIZATION:
+            deadline = min(line_deadline, self.connected_at + self.login_timeout)
+        return self.read(deadline, b"-ERR Disconnected for inactivity.\r\n")
 
     # Output ---------------------------------------------------------------------------------------------
     def send(self, chunks: Iterable[bytes]) -> int:
-        """Write everything ``chunks`` yields in few large writes (Nagle: see PITFALLS); returns octets sent.
-
-        Output is gathered up to WRITE_COALESCE octets, and written early at the session's ``FLUSH`` mark."""
-        self.sock.settimeout(get_setting("AUTOLOGOUT"))  # a client that stops reading is dropped in time
-        pending: list[bytes] = []
-        pending_size = total = 0
-        try:
-            for chunk in chunks:
-                if chunk is FLUSH:
-                    if pending:
-                        self.write(pending)
-                        total += pending_size
-                        pending, pending_size = [], 0
-                    continue
-                if chunk:
-                    pending.append(chunk)
-                    pending_size += len(chunk)
-                    if pending_size >= WRITE_COALESCE:
-                        self.write(pending)
-                        total += pending_size
-                        pending, pending_size = [], 0
-            if pending:
-                self.write(pending)
-                total += pending_size
-        finally:
-            if total:
-                metrics.bytes_sent(total)
-        return total
-
-    def write(self, buffers: list[bytes]) -> None:
-        """Send ``buffers`` whole: one ``sendmsg`` gather-write where the socket has it (no join), else joined."""
-        if len(buffers) == 1:
-            self.sock.sendall(buffers[0])
-        elif isinstance(self.sock, ssl.SSLSocket):
-            self.sock.sendall(b"".join(buffers))
-        else:
-            send_buffers(self.sock, buffers)
-
-    def send_quietly(self, data: bytes) -> None:
-        try:
-            self.sock.settimeout(1.0)
-            self.sock.sendall(data)
-        except OSError:
-            return
-        metrics.bytes_sent(len(data))
+        sent = super().send(chunks)
+        if sent:
+            metrics.bytes_sent(sent)  # (a reply cut short by a dropped connection is not counted)
+        return sent
 
     # Session end ----------------------------------------------------------------------------------------
     def log_session_end(self, session: Pop3Session, reason: str, authenticator: DjangoAuthenticator) -> None:

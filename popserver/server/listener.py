@@ -1,14 +1,20 @@
 """The listener: a threaded ``socketserver`` like Django's ``ThreadedWSGIServer``, with a live-session registry.
 
 ``serve_forever()`` runs in one thread; ``stop()`` is called from another (stdlib: ``shutdown()`` deadlocks if
-called from the serving thread, so signal handlers only set an event: see ``runpop3``).
+called from the serving thread, so signal handlers only set an event: see ``runpop3``). ``ThreadedServer`` is
+the protocol-neutral part (TCP or a UNIX socket, admission, a thread per connection); ``Pop3Server`` and
+``popserver.server.lmtp.LmtpServer`` name their handler and their few differences.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
+import os
 import socket
 import socketserver
+import stat
 import threading
 import time
 from collections import OrderedDict
@@ -69,13 +75,16 @@ class SessionRegistry:
         with self._guard:
             return len(self._sockets)
 
-    def admit(self, sock: socket.socket, peer_ip: str, *, trusted: bool = False) -> bool:
+    def admit(
+        self, sock: socket.socket, peer_ip: str, *, trusted: bool = False, droppable: bool = True
+    ) -> bool:
         """Register a new connection, or return False if there is no room for it.
 
         As Dovecot does, an idle unauthenticated connection makes room (that IP's own oldest when the IP is
         at its cap, else the oldest of all when the server is full), so half-open sockets cannot lock an IP,
         an office NAT or the whole server out. Trusted networks have no per-IP cap: a webmail or a proxy on
-        the same host brings every user's logins from one address."""
+        the same host brings every user's logins from one address. A connection admitted with ``droppable``
+        false (LMTP: the MTA, mid-delivery) is never dropped to make room; it counts as logged in."""
         group = peer_group(peer_ip)
         evicted = None
         with self._guard:
@@ -95,8 +104,9 @@ class SessionRegistry:
                 self._slot_free.add(evicted)
                 cut = self._sockets[evicted]
             self._sockets[sock] = sock
-            self._unauthenticated[sock] = group
-            self._unauthenticated_by_group.setdefault(group, OrderedDict())[sock] = None
+            if droppable:
+                self._unauthenticated[sock] = group
+                self._unauthenticated_by_group.setdefault(group, OrderedDict())[sock] = None
         if evicted is not None:
             logger.info("making room for %s: dropping the oldest idle unauthenticated connection", peer_ip)
             metrics.connection_dropped()
@@ -219,40 +229,60 @@ def disconnect(sock: socket.socket) -> None:
         pass
 
 
-class Pop3Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
-    """A threaded POP3 listener. Each connection runs ``handler_class`` in a daemon thread."""
+LOCAL_PEER = "local"  # the peer "address" of a connection on a UNIX socket (Dovecot logs it so too)
+
+
+class ThreadedServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
+    """A threaded listener on TCP or, for an ``address`` that is a path, a UNIX socket. Each connection runs
+    ``handler_class`` in a daemon thread; subclasses name it and their protocol's few differences."""
 
     daemon_threads = True
     block_on_close = False
     allow_reuse_address = True
-    handler_class = Pop3Handler
+    handler_class: type[socketserver.BaseRequestHandler]
+    protocol = "pop3"  # in thread names
+    busy_reply = b"-ERR [SYS/TEMP] Too many connections, try again later.\r\n"  # when there is no room
+    droppable = True  # an idle connection may be dropped to make room (see SessionRegistry.admit)
+    holds_mailbox_locks = True  # its sessions take mailbox locks (released by stop_servers)
 
     def __init__(
         self,
-        address: tuple[str, int],
+        address: tuple[str, int] | str,
         *,
         stop_event: threading.Event | None = None,
         tls: TlsContextHolder | None = None,
         implicit_tls: bool = False,
         is_trusted: Callable[[str], bool] = is_trusted_peer,
         registry: SessionRegistry | None = None,
+        socket_mode: int | None = None,
         proxy_protocol: bool = False,
         is_trusted_proxy: Callable[[str], bool] = is_trusted_proxy,
     ):
-        """``registry`` is shared by all listeners of a process (its limits are per process). ``tls`` enables STLS (or, with ``implicit_tls``, TLS from the first byte: RFC 8314);
-        ``is_trusted(peer_ip)`` decides which peers count as local for the plaintext policy (tests inject
-        it to play a remote peer while binding to 127.0.0.1 only). With ``proxy_protocol`` every connection
-        must come from a proxy (``is_trusted_proxy``) and start with a PROXY header (``proxy_protocol.py``)."""
+        """``registry`` is shared by all listeners of a process (its limits are per process). ``tls`` enables
+        STLS (or, with ``implicit_tls``, TLS from the first byte: RFC 8314); ``is_trusted(peer_ip)`` decides
+        which peers count as local for the plaintext policy (tests inject it to play a remote peer while
+        binding to 127.0.0.1 only). ``socket_mode``: the permissions of a UNIX socket (e.g. ``0o660``). With
+        ``proxy_protocol`` every connection must come from a proxy (``is_trusted_proxy``) and start with a
+        PROXY header (``proxy_protocol.py``)."""
         if implicit_tls and tls is None:
             raise ValueError("implicit TLS needs a certificate")
         self.tls, self.implicit_tls, self.is_trusted = tls, implicit_tls, is_trusted
         self.proxy_protocol, self.is_trusted_proxy = proxy_protocol, is_trusted_proxy
-        host, port = address
-        self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.socket_mode = socket_mode
+        if isinstance(address, str):
+            self.address_family = socket.AF_UNIX
+        else:
+            host, port = address
+            self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            address = (host, port)
         self.request_queue_size = get_setting("LISTEN_BACKLOG")
         self.stop_event = stop_event or threading.Event()
         self.registry = registry or SessionRegistry()
-        super().__init__((host, port), self.handler_class)
+        super().__init__(address, self.handler_class)
+
+    @property
+    def is_unix(self) -> bool:
+        return self.address_family == socket.AF_UNIX
 
     @property
     def port(self) -> int:
@@ -260,12 +290,38 @@ class Pop3Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
 
     @property
     def display_address(self) -> str:
+        if self.is_unix:
+            return f"unix:{self.server_address}"
         host, port = self.server_address[:2]
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
+    def peer_address(self, client_address) -> tuple[str, int]:
+        """(IP, port) of a client; ``("local", 0)`` on a UNIX socket, whose clients have no address."""
+        if self.is_unix:
+            return LOCAL_PEER, 0
+        return client_address[0], client_address[1]
+
+    def server_bind(self) -> None:
+        if not self.is_unix:
+            super().server_bind()
+            return
+        path = self.server_address
+        remove_stale_socket(path)
+        super().server_bind()
+        self._socket_inode = os.stat(path).st_ino
+        if self.socket_mode is not None:
+            os.chmod(path, self.socket_mode)  # before listen(): nobody can connect before it applies
+
+    def server_close(self) -> None:
+        super().server_close()
+        if self.is_unix:
+            with contextlib.suppress(OSError):
+                if os.stat(self.server_address).st_ino == getattr(self, "_socket_inode", None):
+                    os.unlink(self.server_address)  # ours, not one a newer server bound meanwhile
+
     def process_request(self, request, client_address) -> None:
         """Accept loop: admit or refuse at once (no blocking work here), then a thread per connection."""
-        peer_ip = client_address[0]
+        peer_ip, peer_port = self.peer_address(client_address)
         if self.proxy_protocol:
             if not self.is_trusted_proxy(peer_ip):
                 logger.info(
@@ -278,14 +334,10 @@ class Pop3Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
             trusted = True
         else:
             trusted = self.is_trusted(peer_ip)
-        if not self.registry.admit(request, peer_ip, trusted=trusted):
+        if not self.registry.admit(request, peer_ip, trusted=trusted, droppable=self.droppable):
             logger.warning("refusing %s: no room (%d connections)", peer_ip, len(self.registry))
             if not self.implicit_tls:  # a TLS client could not read a plaintext line anyway
-                try:
-                    request.setblocking(False)
-                    request.send(b"-ERR [SYS/TEMP] Too many connections, try again later.\r\n")
-                except OSError:
-                    pass
+                self.refuse(request, self.busy_reply)
             self.shutdown_request(request)
             return
         try:
@@ -293,7 +345,7 @@ class Pop3Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
                 target=self.process_request_thread,
                 args=(request, client_address),
                 daemon=True,
-                name=f"pop3 {peer_ip}:{client_address[1]}",
+                name=f"{self.protocol} {peer_ip}:{peer_port}",
             ).start()
         except RuntimeError:  # no thread could be started: give the slot back
             logger.exception("could not start a session thread for %s", peer_ip)
@@ -302,6 +354,15 @@ class Pop3Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
             self.shutdown_request(request)
             return
         metrics.connection_accepted()
+
+    @staticmethod
+    def refuse(request: socket.socket, line: bytes) -> None:
+        """One line to a connection being turned away, without waiting for a client that does not read."""
+        try:
+            request.setblocking(False)
+            request.send(line)
+        except OSError:
+            pass
 
     def process_request_thread(self, request, client_address) -> None:
         try:
@@ -322,7 +383,34 @@ class Pop3Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
         stop_servers([self], grace)
 
 
-def stop_servers(servers: list[Pop3Server], grace: float | None = None) -> None:
+class Pop3Server(ThreadedServer):
+    """A threaded POP3 listener."""
+
+    handler_class = Pop3Handler
+
+
+def remove_stale_socket(path: str) -> None:
+    """Remove a UNIX socket left by a server that died; refuse (EADDRINUSE) if one still answers there, and
+    never remove anything that is not a socket."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(path)
+    except OSError:
+        os.unlink(path)  # nobody listens: a stale socket
+    else:
+        raise OSError(errno.EADDRINUSE, f"a server is listening on {path}")
+    finally:
+        probe.close()
+
+
+def stop_servers(servers: list[ThreadedServer], grace: float | None = None) -> None:
     """Stop accepting on every listener, end open sessions without UPDATE, wait for them once, then release
     any lock still held. Call from a thread other than the ones in ``serve_forever()``."""
     for server in servers:
@@ -336,7 +424,8 @@ def stop_servers(servers: list[Pop3Server], grace: float | None = None) -> None:
     deadline = time.monotonic() + (get_setting("SHUTDOWN_GRACE") if grace is None else grace)
     for registry in registries:
         registry.wait_empty(max(0.0, deadline - time.monotonic()))
-    release_all_live_locks()
+    if any(server.holds_mailbox_locks for server in servers):
+        release_all_live_locks()
 
 
 class LockHeartbeat(threading.Thread):

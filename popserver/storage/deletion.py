@@ -13,7 +13,7 @@ from django.db import transaction
 from django.db.models import Sum
 
 from ..models import Message
-from .bodies import get_body_store
+from .bodies import release_bodies
 
 T = TypeVar("T")
 
@@ -34,7 +34,6 @@ def delete_messages(message_ids: Iterable[int], *, mailbox_id: int | None = None
     ``mailbox_id`` restricts the deletion to that mailbox (QUIT deletes only from its own). A live POP3
     session that listed one of them answers ``-ERR Message N expunged.`` when asked for it.
     """
-    store = get_body_store()
     deleted = 0
     with transaction.atomic():
         for batch in batched(message_ids, BATCH_SIZE):
@@ -42,7 +41,7 @@ def delete_messages(message_ids: Iterable[int], *, mailbox_id: int | None = None
             if mailbox_id is not None:  # never another mailbox's messages, nor their bodies
                 rows = rows.filter(mailbox_id=mailbox_id)
                 batch = list(rows.values_list("id", flat=True))
-            store.delete(batch)
+            release_bodies(batch)  # chunks, and stored bodies' references (objects go after the commit)
             _, per_model = rows.delete()
             deleted += per_model.get(Message._meta.label, 0)
     return deleted

@@ -7,7 +7,7 @@ QUIT does with deleted and retrieved messages follows the mailbox's policy (``po
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 from django.db import transaction
 
@@ -15,13 +15,18 @@ from ..exceptions import CommitFailed
 from ..models import Mailbox, Message
 from ..protocol.maildrop import Maildrop, MessageInfo
 from ..signals import messages_deleted, send_safely
-from .bodies import get_body_store
+from .bodies import REF_FIELDS, BodyRef, read_body, read_small_bodies
 from .deletion import delete_messages
 from .lock import MailboxLock
 from .retention import RetentionPolicy, hide_messages, policy_of_mailbox, record_first_retrievals
 from .writelock import one_writer
 
 logger = logging.getLogger("popserver.storage")
+
+# Read-ahead for pipelined RETR/TOP: bodies read in one query, per batch.
+PREFETCH_MESSAGES = 64
+PREFETCH_OCTETS = 1024 * 1024
+SMALL_MESSAGE = 256 * 1024  # larger ones are never read ahead
 
 
 def open_maildrop(mailbox_id: int, peer: str = "") -> OrmMaildrop:
@@ -30,27 +35,39 @@ def open_maildrop(mailbox_id: int, peer: str = "") -> OrmMaildrop:
     Raises MailboxInUse if another live session holds the lock.
     """
 
-    def snapshot(mailbox: Mailbox) -> tuple[RetentionPolicy, list[tuple[int, int, str, bool]]]:
+    def snapshot(mailbox: Mailbox) -> tuple[RetentionPolicy, list[tuple]]:
         policy = policy_of_mailbox(mailbox)
         messages = Message.objects.visible().filter(mailbox_id=mailbox_id).order_by("id")
-        return policy, list(messages.values_list("id", "size", "uid", "has_header_end"))
+        return policy, list(messages.values_list("size", "uid", "has_header_end", *REF_FIELDS))
 
     lock, (policy, rows) = MailboxLock.take(mailbox_id, peer, then=snapshot)
     return OrmMaildrop(lock, rows, policy)
 
 
-class OrmMaildrop(Maildrop):
-    """A locked mailbox's snapshot; bodies streamed from the body store chunk by chunk."""
+def position_in_listing(message: Message) -> tuple[int, int]:
+    """(number, of how many): how a POP3 client logging in now would number ``message`` (RFC 1939 s.4: from
+    1, in the snapshot's order above). Two counts over the (mailbox, id) index; for people, not sessions."""
+    in_mailbox = Message.objects.visible().filter(mailbox_id=message.mailbox_id)
+    return in_mailbox.filter(id__lte=message.pk).count(), in_mailbox.count()
 
-    def __init__(
-        self, lock: MailboxLock, rows: list[tuple[int, int, str, bool]], policy: RetentionPolicy | None = None
-    ):
-        super().__init__([MessageInfo(size, uid, header_end) for _, size, uid, header_end in rows])
+
+class OrmMaildrop(Maildrop):
+    """A locked mailbox's snapshot; bodies streamed from the store that holds them, chunk by chunk."""
+
+    def __init__(self, lock: MailboxLock, rows: list[tuple], policy: RetentionPolicy | None = None):
+        """``rows``: (size, uid, has_header_end, *REF_FIELDS) of each message, in order."""
+        super().__init__(list(map(MessageInfo._make, (row[:3] for row in rows))))
         self.lock = lock
         self.mailbox_id = lock.mailbox_id
-        self.message_ids = [row[0] for row in rows]
+        self._rows = rows  # BodyRefs are made when a body is read, not 100,000 of them at login
+        self.message_ids = [row[3] for row in rows]
         self.policy = policy or RetentionPolicy(keep_deleted_days=0, expire_days=None)
         self.expire_days = self.policy.expire_days
+        self._prefetched: dict[int, bytes] = {}  # number -> body, read ahead for pipelined commands
+
+    def ref(self, number: int) -> BodyRef:
+        """Where the body of message ``number`` is, as the snapshot saw it."""
+        return BodyRef._make(self._rows[number - 1][3:])
 
     @property
     def token(self) -> str:
@@ -62,7 +79,34 @@ class OrmMaildrop(Maildrop):
 
     def read(self, number: int) -> Iterator[bytes]:
         # Each chunk is its own short query: no transaction is open while the caller writes to a socket.
-        return get_body_store().read_chunks(self.message_ids[number - 1])
+        body = self._prefetched.pop(number, None)
+        if body is not None:
+            return iter((body,))
+        return read_body(self.ref(number))
+
+    def prefetch(self, numbers: Sequence[int]) -> int:
+        """Read the next small bodies in one query: at most ``PREFETCH_MESSAGES`` of them and
+        ``PREFETCH_OCTETS`` in all, so a session's read-ahead stays small whatever the client sends; large
+        ones are passed over (streamed as usual). What was read ahead and not used is dropped here."""
+        self._prefetched.clear()
+        chosen: list[BodyRef] = []
+        by_id: dict[int, int] = {}
+        octets = taken = 0
+        for number in numbers:
+            size = self.messages[number - 1].size
+            if size <= SMALL_MESSAGE:
+                if octets + size > PREFETCH_OCTETS or len(chosen) >= PREFETCH_MESSAGES:
+                    break
+                ref = self.ref(number)
+                if ref.message_id not in by_id:
+                    by_id[ref.message_id] = number
+                    chosen.append(ref)
+                    octets += size
+            taken += 1
+        if len(chosen) > 1:
+            bodies = read_small_bodies(chosen)
+            self._prefetched = {by_id[message_id]: body for message_id, body in bodies.items()}
+        return taken
 
     def commit(self) -> None:
         """RFC 1939 s.6 UPDATE: delete the marked messages and release the lock in ONE transaction, after

@@ -11,6 +11,8 @@ and bounces everything else, Python's own 1 included. So every failure, also one
 one-line reason on stderr and never a traceback:
 
     0   delivered
+    64  EX_USAGE        the command line is wrong (no recipient, two, an unknown option): fix the MTA's
+                        configuration (an MTA bounces the message)
     65  EX_DATAERR      empty input
     67  EX_NOUSER       unknown recipient
     69  EX_UNAVAILABLE  over POPSERVER_MAX_MESSAGE_SIZE; over quota with POPSERVER_QUOTA_EXCEEDED_PERMANENT
@@ -31,11 +33,12 @@ from django.core.management.base import BaseCommand, CommandError, handle_defaul
 from popserver.exceptions import DeliveryError, EmptyMessage, MessageTooLarge, QuotaExceeded, UnknownRecipient
 
 EX_OK = 0
+EX_USAGE = 64
 EX_DATAERR = 65
 EX_NOUSER = 67
 EX_UNAVAILABLE = 69
 EX_TEMPFAIL = 75
-SYSEXITS = {EX_DATAERR, EX_NOUSER, EX_UNAVAILABLE, EX_TEMPFAIL}
+SYSEXITS = {EX_USAGE, EX_DATAERR, EX_NOUSER, EX_UNAVAILABLE, EX_TEMPFAIL}
 DELIVERY_STATUS = {EmptyMessage: EX_DATAERR, UnknownRecipient: EX_NOUSER, MessageTooLarge: EX_UNAVAILABLE}
 USAGE = "manage.py deliver [-f SENDER] [--delivered-to ADDRESS] RECIPIENT < message"
 REASON_LIMIT = 500  # characters of the one-line reason (it ends up in bounces and MTA logs)
@@ -80,7 +83,7 @@ class Command(BaseCommand):
         except DeliveryError as exc:
             raise CommandError(str(exc), returncode=_delivery_status(exc)) from exc
         except ValueError as exc:  # a -f or --delivered-to that cannot be a header: fix the MTA's command
-            raise CommandError(f"usage error: {exc}", returncode=EX_TEMPFAIL) from exc
+            raise CommandError(f"usage error: {exc}", returncode=EX_USAGE) from exc
         if options.get("verbosity", 1) > 1:
             self.stdout.write(f"delivered {message.size} octets to {message.mailbox} as {message.uid}")
 
@@ -131,9 +134,18 @@ def read_message(stream, limit: int) -> bytes:
         end = data.find(b"\n")
         if end >= 0:
             data += stream.read(end + 1)  # the envelope line does not count toward the limit
+            if len(data) - (end + 1) > limit:
+                raise _too_large(limit)
         elif len(data) > limit:
-            raise MessageTooLarge(f"message over the limit of {limit} octets")
-    return data  # deliver() checks the exact size
+            raise _too_large(limit)
+    elif len(data) > limit:
+        raise _too_large(limit)
+    return data  # deliver() checks the exact size of what it stores
+
+
+def _too_large(limit: int) -> MessageTooLarge:
+    """Reading stopped one octet past the limit, so the real size is unknown: say so, not a wrong figure."""
+    return MessageTooLarge(f"message of more than {limit} octets is over the limit of {limit} octets")
 
 
 def exit_status(exc: BaseException, stage: str = "delivery") -> tuple[int, str]:
@@ -145,7 +157,7 @@ def exit_status(exc: BaseException, stage: str = "delivery") -> tuple[int, str]:
     if isinstance(exc, CommandError):
         if stage == "usage":
             problem = str(exc).removeprefix("Error: ")
-            return EX_TEMPFAIL, f"usage error: {problem} (usage: {USAGE})"
+            return EX_USAGE, f"usage error: {problem} (usage: {USAGE})"
         if exc.returncode in SYSEXITS:
             return exc.returncode, str(exc)
         return EX_TEMPFAIL, str(exc)

@@ -75,6 +75,7 @@ class Command(BaseCommand):
         except DatabaseError as exc:
             raise CommandError(f"Database: {exc} (has 'manage.py migrate' run?)") from None
 
+        self.check_body_storage()
         try:
             metrics_server = self.start_metrics(metrics_address) if metrics_address else None
         except CommandError:
@@ -135,6 +136,17 @@ class Command(BaseCommand):
         except OSError as exc:
             metrics.disable()
             raise CommandError(f"Metrics: {ERRORS.get(exc.errno, exc.strerror or exc)}") from None
+
+    @staticmethod
+    def check_body_storage() -> None:
+        """Bodies in a Django storage: it must take an object and give it back before we serve (issue 21)."""
+        from popserver.checks.bodies import storage_store_selected
+        from popserver.storage.bodies import probe_body_storage
+
+        if storage_store_selected():
+            problem = probe_body_storage()
+            if problem:
+                raise CommandError(f"The body storage cannot be used: {problem}")
 
     @staticmethod
     def tls_address(text: str, default_host: str) -> tuple[str, int]:

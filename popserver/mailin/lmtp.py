@@ -1,0 +1,168 @@
+"""LMTP's delivery handler: the LMTP engine (``popserver.protocol.lmtp``) over the delivery API.
+
+A recipient is resolved exactly as ``deliver`` does (login name or address, case-insensitively, then without
+its ``+detail``; POPSERVER_AUTO_CREATE_MAILBOX applies). A mailbox whose POP3 access is switched off is
+unknown to the outside (``550 5.1.1``), and a full mailbox is refused at RCPT already (as Dovecot's
+``lmtp_rcpt_check_quota``) and again when the message is stored.
+
+Each copy gets the trace fields Dovecot's LMTP adds, each switchable: ``Return-Path: <sender>`` on top
+(POPSERVER_LMTP_ADD_RETURN_PATH) and ``Delivered-To: recipient`` below it, the address as given in RCPT TO
+(POPSERVER_LMTP_ADD_DELIVERED_TO). Dovecot leaves Delivered-To out of a transaction with several recipients,
+because it stores one copy for all of them; here each mailbox gets its own copy, so each gets its own
+Delivered-To, as with ``deliver --delivered-to`` and Postfix's local(8). The rest of the bytes are what came
+in, with bare LF as CRLF.
+
+The copies of one message are stored in one transaction (one commit, whatever the number of recipients),
+each in its own savepoint: a full mailbox or a failing row refuses that recipient alone. The replies are
+sent after the commit, so a 250 always means a stored message. A database error is ``451 4.3.0`` for the
+recipients it touches, with one log line.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from contextlib import nullcontext
+
+from django.db import DatabaseError, close_old_connections, transaction
+
+from ..conf import get_setting
+from ..exceptions import EmptyMessage, MessageTooLarge, QuotaExceeded, UnknownRecipient
+from ..models import Mailbox
+from ..protocol.lmtp import Envelope, Outcome, RecipientCheck
+from ..storage.writelock import one_writer
+from .delivery import (
+    DisplayHeaders,
+    PreparedMessage,
+    header_value,
+    prepare_message,
+    resolve_mailbox,
+    store_prepared,
+    trace_fields,
+)
+from .quota import check as check_quota
+from .quota import mailbox_limits
+
+logger = logging.getLogger("popserver.lmtp")
+
+__all__ = ["MailboxDeliveryHandler"]
+
+
+class MailboxDeliveryHandler:
+    """The ``DeliveryHandler`` of ``runlmtp``: recipients are mailboxes, messages go through the delivery API.
+
+    Settings are read when it is made (one per connection), so a connection sees one configuration.
+    """
+
+    def __init__(self, *, peer: str = "") -> None:
+        self.peer = peer
+        self.max_message_size = get_setting("MAX_MESSAGE_SIZE")
+        self.add_return_path = get_setting("LMTP_ADD_RETURN_PATH")
+        self.add_delivered_to = get_setting("LMTP_ADD_DELIVERED_TO")
+
+    # RCPT ----------------------------------------------------------------------------------------------
+    def check_recipient(self, address: str, *, size: int | None) -> RecipientCheck:
+        """Resolve ``address`` and look at its quota (for a message of ``size`` octets, or at least one)."""
+        try:
+            mailbox = resolve_mailbox(address)
+            if not mailbox.pop3_enabled:
+                return RecipientCheck(Outcome.UNKNOWN)
+            if size is not None and size > self.max_message_size:
+                return RecipientCheck(Outcome.TOO_BIG)
+            check_quota(mailbox.pk, mailbox_limits(mailbox), max(size or 0, 1))
+        except UnknownRecipient:
+            return RecipientCheck(Outcome.UNKNOWN)
+        except QuotaExceeded:
+            return RecipientCheck(Outcome.OVER_QUOTA)
+        except DatabaseError as exc:
+            self._database_error(f"RCPT TO:<{address}>", exc)
+            return RecipientCheck(Outcome.TEMPORARY_ERROR)
+        return RecipientCheck(Outcome.ACCEPTED, token=mailbox)
+
+    # DATA ----------------------------------------------------------------------------------------------
+    def deliver(self, envelope: Envelope) -> Iterable[Outcome]:
+        """Store one copy per recipient in one transaction; the outcomes in RCPT order."""
+        recipients = envelope.recipients
+        outcomes: list[Outcome | None] = [None] * len(recipients)
+        try:
+            body = prepare_message(envelope.data)  # bare LF as CRLF, display headers parsed: once for all
+        except EmptyMessage:
+            body = PreparedMessage(b"", DisplayHeaders())  # trace fields may still make it a message
+        except MessageTooLarge:
+            return [Outcome.TOO_BIG] * len(recipients)
+
+        copies: list[tuple[int, Mailbox, PreparedMessage]] = []
+        for index, recipient in enumerate(recipients):
+            data = self._trace(envelope.sender, recipient.address) + body.data
+            if not data:
+                outcomes[index] = Outcome.REJECTED
+            elif len(data) > self.max_message_size:
+                outcomes[index] = Outcome.TOO_BIG
+            else:
+                copies.append((index, recipient.token, PreparedMessage(data, body.headers)))
+
+        stored: list[tuple[int, object]] = []
+        try:
+            # One copy: store_prepared's own transaction is enough (two round trips fewer than a savepoint).
+            outer = transaction.atomic() if len(copies) > 1 else nullcontext()
+            # One lock order for every delivery (the mailbox rows, by primary key): no deadlock between two.
+            with one_writer(), outer:
+                for index, mailbox, prepared in sorted(copies, key=lambda copy: copy[1].pk):
+                    try:
+                        # With several copies store_prepared's atomic() is a savepoint: a refusal undoes its
+                        # copy alone.
+                        message = store_prepared(mailbox, prepared)
+                    except QuotaExceeded:
+                        outcomes[index] = Outcome.OVER_QUOTA
+                    except Mailbox.DoesNotExist:  # deleted since RCPT
+                        outcomes[index] = Outcome.UNKNOWN
+                    except DatabaseError as exc:
+                        self._database_error(f"delivery to <{recipients[index].address}>", exc)
+                        outcomes[index] = Outcome.TEMPORARY_ERROR
+                    else:
+                        stored.append((index, message))
+        except DatabaseError as exc:  # the transaction as a whole (begin, commit, a broken savepoint)
+            self._database_error(f"delivery of a message to {len(copies)} recipients", exc)
+            return [
+                o if o is not None and o is not Outcome.ACCEPTED else Outcome.TEMPORARY_ERROR
+                for o in outcomes
+            ]
+
+        if stored:
+            message_id = header_value(body.data, b"message-id") if logger.isEnabledFor(logging.INFO) else None
+            for index, message in stored:
+                outcomes[index] = Outcome.ACCEPTED
+                logger.info(
+                    "lmtp(%s): msgid=%s from=<%s> to=<%s>: saved mail (%d octets, uid %s)",
+                    message.mailbox,
+                    _printable(message_id),
+                    _printable(envelope.sender),
+                    _printable(recipients[index].address),
+                    message.size,
+                    message.uid,
+                )
+        return [o if o is not None else Outcome.TEMPORARY_ERROR for o in outcomes]
+
+    # Helpers -------------------------------------------------------------------------------------------
+    def _trace(self, sender: str, recipient: str) -> bytes:
+        return trace_fields(
+            return_path=sender if self.add_return_path else None,
+            delivered_to=recipient if self.add_delivered_to else None,
+        )
+
+    def _database_error(self, what: str, exc: DatabaseError) -> None:
+        """One log line (no traceback: the database's message says it), and a connection fit for the next
+        command (a broken one is closed, so the next query reconnects)."""
+        text = " ".join(str(exc).split())[:300]
+        logger.error("lmtp: %s failed (451 4.3.0) peer=%s: %s: %s", what, self.peer, type(exc).__name__, text)
+        if not transaction.get_connection().in_atomic_block:
+            close_old_connections()
+
+
+def _printable(value: bytes | str | None, limit: int = 200) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    text = "".join(c if c.isprintable() else "?" for c in value[: limit + 1])
+    return text if len(text) <= limit else text[:limit] + "..."
