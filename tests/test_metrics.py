@@ -5,6 +5,7 @@ subprocess; the multiprocess mode (workers adding up, a dead worker's gauges dro
 """
 
 import base64
+import contextlib
 import json
 import socket
 import ssl
@@ -26,7 +27,6 @@ from popserver.mailin.delivery import deliver
 from popserver.models import Mailbox
 from popserver.protocol.session import Pop3Session
 from popserver.server import metrics
-from popserver.storage.bodies import DatabaseBodyStore
 from tests import proxyheaders
 from tests.conftest import REPO, subprocess_env
 
@@ -353,22 +353,28 @@ def test_proxy_headers_by_result(metered, alice, settings):
     assert samples("popserver_connections_refused_total", reason="untrusted_proxy") == 1
 
 
-class FailingBodyStore(DatabaseBodyStore):
-    """Reads through a query the database refuses (a column that does not exist): a real database error."""
+@contextlib.contextmanager
+def chunk_table_renamed():
+    """The message bodies' table under another name for a moment: a real database error for a reader."""
+    from popserver.models import MessageChunk
 
-    def read_chunks(self, message_id):
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT no_such_column FROM popserver_message WHERE id = %s", [message_id])
-        yield from super().read_chunks(message_id)
+    table = MessageChunk._meta.db_table
+    with connection.schema_editor() as editor:
+        editor.alter_db_table(MessageChunk, table, table + "_away")
+    try:
+        yield
+    finally:
+        with connection.schema_editor() as editor:
+            editor.alter_db_table(MessageChunk, table + "_away", table)
 
 
-def test_database_errors_and_lost_locks(metered, alice, settings):
+def test_database_errors_and_lost_locks(metered, alice):
     server, port = metered()
-    settings.POPSERVER_BODY_STORE = "tests.test_metrics.FailingBodyStore"
     client = Client(server.port)
     client.command("USER alice")
     assert client.command("PASS secret").startswith(b"+OK")
-    assert client.command("RETR 1").startswith(b"-ERR [SYS/TEMP] Internal error")
+    with chunk_table_renamed():
+        assert client.command("RETR 1").startswith(b"-ERR [SYS/TEMP] Internal error")
     Mailbox.objects.filter(pk=alice.pk).update(lock_token="")  # an operator freed the lock meanwhile
     assert client.command("QUIT").startswith(b"-ERR [SYS/TEMP]")
     client.close()
