@@ -264,7 +264,7 @@ class Pop3Handler(ConnectionHandler):
         metrics.session_opened()
 
     def finish(self) -> None:
-        metrics.session_closed()
+        metrics.session_closed(self.session)
 
     # Main loop ------------------------------------------------------------------------------------------
     def handle(self) -> None:
@@ -285,11 +285,16 @@ class Pop3Handler(ConnectionHandler):
             if self.server.implicit_tls:
                 self.handshake()
             self.use_poll()
-            self.send([session.greeting()])
+            tally = getattr(session, "tally", None)  # with metrics on: the session's command counts
+            greeted = self.send([session.greeting()])
+            if tally is not None:
+                tally.sent += greeted
             line_deadline = time.monotonic() + self.autologout
             while not session.closed:
                 data = self.receive(session, line_deadline)
                 produced = self.send(session.receive(data))
+                if tally is not None:
+                    tally.batch_sent(produced)
                 if produced:
                     line_deadline = time.monotonic() + self.autologout
                 if session.wants_tls:
@@ -437,13 +442,6 @@ class Pop3Handler(ConnectionHandler):
         if session.state is State.AUTHORIZATION:
             deadline = min(line_deadline, self.connected_at + self.login_timeout)
         return self.read(deadline, b"-ERR Disconnected for inactivity.\r\n")
-
-    # Output ---------------------------------------------------------------------------------------------
-    def send(self, chunks: Iterable[bytes]) -> int:
-        sent = super().send(chunks)
-        if sent:
-            metrics.bytes_sent(sent)  # (a reply cut short by a dropped connection is not counted)
-        return sent
 
     # Session end ----------------------------------------------------------------------------------------
     def log_session_end(self, session: Pop3Session, reason: str, authenticator: DjangoAuthenticator) -> None:

@@ -27,7 +27,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from bisect import bisect_left
 from socketserver import ThreadingMixIn
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
@@ -42,7 +42,7 @@ from ..exceptions import (
     TemporaryLoginFailure,
 )
 from ..protocol.session import Pop3Session
-from ..protocol.wire import FLUSH
+from ..protocol.commands import CommandError
 
 logger = logging.getLogger("popserver.server")
 
@@ -57,7 +57,6 @@ TLS_MODES = ("implicit", "stls")
 TLS_RESULTS = ("ok", "failed", "timeout")
 PROXY_RESULTS = ("ok", "health_check", "invalid", "timeout", "closed")
 UNKNOWN_VERB = "unknown"  # a verb the server does not have (the client's word is not a label value)
-SASL_RESPONSE = "sasl_response"  # a line answering an AUTH challenge
 DATABASE_ERRORS = (
     "DatabaseError",
     "OperationalError",
@@ -93,11 +92,10 @@ def _nothing(*args, **kwargs) -> None:
 # The hooks -----------------------------------------------------------------------------------------------
 enabled = False
 session_opened = _nothing  # ()
-session_closed = _nothing  # ()
+session_closed = _nothing  # (session or None): a MeteredSession's tally is flushed and retired
 connection_accepted = _nothing  # ()
 connection_refused = _nothing  # (reason): one of REFUSAL_REASONS
 connection_dropped = _nothing  # (): an idle unauthenticated connection cut to make room
-bytes_sent = _nothing  # (octets)
 tls_handshake = _nothing  # (mode, result)
 proxy_header = _nothing  # (result)
 lock_refused = _nothing  # (reason)
@@ -111,7 +109,6 @@ _HOOKS = (
     "connection_accepted",
     "connection_refused",
     "connection_dropped",
-    "bytes_sent",
     "tls_handshake",
     "proxy_header",
     "lock_refused",
@@ -136,33 +133,94 @@ def login_result(refused: LoginRefused | None, *, disabled: bool = False) -> str
     return "disabled" if disabled and result == "wrong_password" else result
 
 
+# Commands: counted where they cost least -----------------------------------------------------------------
+# A RETR of a small message costs the server ~30 µs of CPU, and the budget for metrics is 3 % of that: a
+# prometheus-client counter and histogram per command would take five times as much (a lock, and in
+# multiprocess mode a write to a mapped file, per value). So a session counts into a tally of plain lists
+# that only its own thread writes, and a flusher moves what changed into the library's values once a
+# second, at the session's end, and (one process) before every scrape.
+VERBS = (*Pop3Session.commands, UNKNOWN_VERB)
+_VERB_INDEX = {verb: index for index, verb in enumerate(VERBS)}
+_BUCKETS = len(COMMAND_BUCKETS) + 1  # the last one is +Inf
+FLUSH_INTERVAL = 1.0  # seconds: how stale a worker's command counts may be in a scrape
+
+
+class Tally:
+    """One session's command counts and times, by verb: histogram buckets (not cumulative) and sums."""
+
+    __slots__ = (
+        "buckets",
+        "flushed_buckets",
+        "flushed_sent",
+        "flushed_sums",
+        "pending",
+        "sent",
+        "started",
+        "sums",
+    )
+
+    def __init__(self) -> None:
+        self.buckets = [0] * (len(VERBS) * _BUCKETS)
+        self.sums = [0.0] * len(VERBS)
+        self.sent = 0  # octets written to the client
+        self.pending = -1  # the verb being timed, or -1
+        self.started = 0.0
+        self.flushed_buckets, self.flushed_sums, self.flushed_sent = list(self.buckets), list(self.sums), 0
+
+    def end(self, now: float) -> None:
+        verb, self.pending = self.pending, -1
+        seconds = now - self.started
+        self.buckets[verb * _BUCKETS + bisect_left(COMMAND_BUCKETS, seconds)] += 1
+        self.sums[verb] += seconds
+
+    def batch_sent(self, octets: int) -> None:
+        """The handler wrote what the session produced for one read: the last command of it ends now."""
+        self.sent += octets
+        verb = self.pending
+        if verb >= 0:  # end(), inlined: this runs once per command read one at a time
+            self.pending = -1
+            seconds = perf_counter() - self.started
+            self.buckets[verb * _BUCKETS + bisect_left(COMMAND_BUCKETS, seconds)] += 1
+            self.sums[verb] += seconds
+
+
 class MeteredSession(Pop3Session):
-    """A ``Pop3Session`` whose every command is counted by verb and result and timed, from the line's
-    dispatch until its last reply octet is handed to the handler (for replies over the handler's batch size,
-    that includes writing the earlier batches). PASS and a SASL response include the failed-login delay."""
+    """A ``Pop3Session`` whose commands are counted by verb (refused ones too; a verb the server does not
+    have as "unknown") and timed from their dispatch to the next command's, or to the end of writing the
+    batch of replies they were in. PASS includes the failed-login delay. The lines of a SASL exchange after
+    AUTH are not commands."""
 
-    _verbs = {name.encode("ascii"): name for name in Pop3Session.commands}
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.tally = Tally()
+        if _state is not None:
+            _state.add(self.tally)
 
-    def _run(self, line: bytes) -> Iterator[bytes]:
-        if self._continuation is not None:
-            verb = SASL_RESPONSE
-        else:
-            verb = self._verbs.get(line.partition(b" ")[0].upper(), UNKNOWN_VERB)
-        started = time.perf_counter()
-        ok = False
-        replies = super()._run(line)
+    def _resolve(self, line: bytes):
         try:
-            for piece in replies:  # until the status line: it tells the result
-                yield piece
-                if piece and piece is not FLUSH:
-                    ok = piece[:1] == b"+"
-                    break
-            yield from replies
-        finally:
-            _command(verb, ok, time.perf_counter() - started)
+            resolved = _resolve(self, line)
+        except CommandError:
+            verb = line.partition(b" ")[0].upper().decode("ascii", "replace")
+            self._begin(_VERB_INDEX.get(verb, _VERB_INDEX[UNKNOWN_VERB]))
+            raise
+        # _begin(), inlined: this runs once per command
+        tally = self.tally
+        now = perf_counter()
+        if tally.pending >= 0:  # pipelined: the previous command ends where this one starts
+            tally.end(now)
+        tally.pending, tally.started = _VERB_INDEX[resolved[0].verb], now
+        return resolved
+
+    def _begin(self, verb: int) -> None:
+        tally = self.tally
+        now = perf_counter()
+        if tally.pending >= 0:
+            tally.end(now)
+        tally.pending, tally.started = verb, now
 
 
-_command = _nothing  # (verb, ok, seconds): MeteredSession's hook
+_resolve = Pop3Session._resolve
+perf_counter = time.perf_counter
 
 
 # Switching on and off ------------------------------------------------------------------------------------
@@ -208,9 +266,9 @@ def enable(*, multiprocess: bool = False, directory: str | None = None) -> None:
 
 def disable() -> None:
     """Back to no-ops: stop serving, detach from the log, remove a private directory."""
-    global _state, enabled, session_class, _command
+    global _state, enabled, session_class
     state, _state = _state, None
-    enabled, session_class, _command = False, Pop3Session, _nothing
+    enabled, session_class = False, Pop3Session
     for name in _HOOKS:
         globals()[name] = _nothing
     if state is not None:
@@ -218,11 +276,11 @@ def disable() -> None:
 
 
 def worker_started() -> None:
-    """In a worker, right after ``fork()``: the parent's HTTP listener is not the worker's to hold (the
-    values start afresh in the worker's own files: the library notices the new pid)."""
-    if _state is not None and _state.http is not None:
-        _state.http.forget()
-        _state.http = None
+    """In a worker, right after ``fork()``: the parent's HTTP listener is not the worker's to hold, and the
+    flusher thread did not come along (the values start afresh in the worker's own files: the library
+    notices the new pid)."""
+    if _state is not None:
+        _state.after_fork()
 
 
 def process_exited(pid: int) -> None:
@@ -240,7 +298,7 @@ def serve(address: tuple[str, int]) -> MetricsHttpServer:
         raise RuntimeError("metrics.enable() first")
     if _state.http is not None:
         _state.http.stop()
-    _state.http = MetricsHttpServer(address, _state.exposition_registry())
+    _state.http = MetricsHttpServer(address, _state.exposition_registry(), before=_state.flush)
     return _state.http
 
 
@@ -250,6 +308,7 @@ def scrape() -> bytes:
         raise RuntimeError("metrics are not enabled")
     from prometheus_client import generate_latest
 
+    _state.flush()
     return generate_latest(_state.exposition_registry())
 
 
@@ -302,10 +361,10 @@ class _Metrics:
             registry=registry,
             buckets=LOGIN_BUCKETS,
         )
-        self.commands = counter("popserver_commands", "POP3 commands by verb and result.", ["verb", "result"])
+        self.commands = counter("popserver_commands", "POP3 commands by verb.", ["verb"])
         self.command_seconds = Histogram(
             "popserver_command_duration_seconds",
-            "Time from a command line to its last reply octet handed to the socket layer.",
+            "Time from a command's dispatch to the next command's, or to the end of writing its replies.",
             ["verb"],
             registry=registry,
             buckets=COMMAND_BUCKETS,
@@ -325,14 +384,12 @@ class _Metrics:
         self.proxy = counter("popserver_proxy_headers", "PROXY protocol headers read, by result.", ["result"])
 
         # Every series exists from the start (a rate over a series that appears late misses its first
-        # increments), and the hot paths find theirs in a dict.
-        verbs = (*Pop3Session.commands, UNKNOWN_VERB, SASL_RESPONSE)
-        self._commands = {
-            (verb, ok): self.commands.labels(verb, "ok" if ok else "err")
-            for verb in verbs
-            for ok in (True, False)
-        }
-        self._command_seconds = {verb: self.command_seconds.labels(verb) for verb in verbs}
+        # increments), and the hot paths find theirs by index or in a dict.
+        self._commands = [self.commands.labels(verb) for verb in VERBS]
+        # A tally's buckets go into the histogram's own values (prometheus-client keeps a histogram as one
+        # value per bucket and one for the sum): one increment per changed bucket, not one per command.
+        histograms = [self.command_seconds.labels(verb) for verb in VERBS]
+        self._command_values = [(child._buckets, child._sum) for child in histograms]
         self._refused = {reason: self.refused.labels(reason) for reason in REFUSAL_REASONS}
         self._logins = {
             (method, result): self.logins.labels(method, result)
@@ -346,34 +403,97 @@ class _Metrics:
         self.node.labels(node_name()).set(1)
         self.errors = _ErrorObserver(self)
         logging.getLogger("popserver").addHandler(self.errors)
+        self.start_flusher()
 
     def bind(self, module: dict) -> None:
-        commands, command_seconds = self._commands, self._command_seconds
-
-        def command(verb: str, ok: bool, seconds: float) -> None:
-            commands[verb, ok].inc()
-            command_seconds[verb].observe(seconds)
-
         def login(method: str, result: str, seconds: float | None) -> None:
             self._logins[method, result].inc()
             if seconds is not None:
                 self.login_seconds.observe(seconds)
 
+        def session_closed(session) -> None:
+            self.sessions.dec()
+            tally = getattr(session, "tally", None)
+            if tally is not None:
+                if tally.pending >= 0:
+                    tally.end(time.perf_counter())
+                self.retire(tally)
+
         module.update(
             enabled=True,
             session_class=MeteredSession,
-            _command=command,
             session_opened=self.sessions.inc,
-            session_closed=self.sessions.dec,
+            session_closed=session_closed,
             connection_accepted=self.accepted.inc,
             connection_refused=lambda reason: self._refused[reason].inc(),
             connection_dropped=self.dropped.inc,
-            bytes_sent=self.sent.inc,
             tls_handshake=lambda mode, result: self._tls[mode, result].inc(),
             proxy_header=lambda result: self._proxy[result].inc(),
             lock_refused=lambda reason: self._lock[reason].inc(),
             login=login,
         )
+
+    # Tallies of live sessions -------------------------------------------------------------------------------
+    def start_flusher(self) -> None:
+        self.lock = threading.Lock()
+        self.tallies: set[Tally] = set()
+        self.stopping = threading.Event()
+        threading.Thread(target=self._flush_every_second, daemon=True, name="metrics flusher").start()
+
+    def _flush_every_second(self) -> None:
+        stopping = self.stopping
+        while not stopping.wait(FLUSH_INTERVAL):
+            try:
+                self.flush()
+            except Exception:  # never let the flusher die: the next round tries again
+                logger.exception("could not flush the command metrics")
+
+    def add(self, tally: Tally) -> None:
+        with self.lock:
+            self.tallies.add(tally)
+
+    def retire(self, tally: Tally) -> None:
+        with self.lock:
+            self.tallies.discard(tally)
+            self._flush(tally)
+
+    def flush(self) -> None:
+        with self.lock:
+            for tally in list(self.tallies):
+                self._flush(tally)
+
+    def _flush(self, tally: Tally) -> None:
+        """What ``tally`` counted since its last flush, into the library's values (its thread may go on
+        counting meanwhile: what it adds now goes at the next flush)."""
+        buckets, sums, sent = tally.buckets[:], tally.sums[:], tally.sent
+        if sent != tally.flushed_sent:
+            self.sent.inc(sent - tally.flushed_sent)
+            tally.flushed_sent = sent
+        flushed = tally.flushed_buckets
+        if buckets == flushed:
+            return
+        for verb in range(len(VERBS)):
+            start = verb * _BUCKETS
+            if buckets[start : start + _BUCKETS] == flushed[start : start + _BUCKETS]:
+                continue
+            bucket_values, sum_value = self._command_values[verb]
+            commands = 0
+            for i in range(_BUCKETS):
+                added = buckets[start + i] - flushed[start + i]
+                if added:
+                    bucket_values[i].inc(added)
+                    commands += added
+            self._commands[verb].inc(commands)
+            sum_value.inc(sums[verb] - tally.flushed_sums[verb])
+        tally.flushed_buckets, tally.flushed_sums = buckets, sums
+
+    def after_fork(self) -> None:
+        """In a forked worker: a fresh lock and flusher (the parent's lock may have been held at the fork),
+        no tallies of the parent's, and not the parent's HTTP socket."""
+        self.start_flusher()
+        if self.http is not None:
+            self.http.forget()
+            self.http = None
 
     def database_error(self, name: str) -> None:
         self._database.get(name, self._database["DatabaseError"]).inc()
@@ -389,6 +509,8 @@ class _Metrics:
         return registry
 
     def close(self) -> None:
+        self.stopping.set()
+        self.flush()
         logging.getLogger("popserver").removeHandler(self.errors)
         if self.http is not None:
             self.http.stop()
@@ -437,13 +559,15 @@ class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
 class MetricsHttpServer:
     """``GET /metrics`` in Prometheus text format (OpenMetrics if asked; gzip if accepted); 404 elsewhere."""
 
-    def __init__(self, address: tuple[str, int], registry):
+    def __init__(self, address: tuple[str, int], registry, before=lambda: None):
+        """``before()`` runs before each scrape (it flushes this process's session tallies)."""
         from prometheus_client import make_wsgi_app
 
         metrics_app = make_wsgi_app(registry)
 
         def app(environ, start_response):
             if environ.get("PATH_INFO", "") in ("/metrics", "/metrics/"):
+                before()
                 return metrics_app(environ, start_response)
             start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
             return [b"Not found: metrics are at /metrics\n"]
