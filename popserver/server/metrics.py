@@ -4,8 +4,9 @@ The server calls the hooks below at a few points (the listener's admit and refus
 the TLS handshake, the PROXY header, a login's outcome). Until ``enable()`` they are bound to a function
 that does nothing, so a server without metrics pays one call per hook, and ``prometheus_client`` (the
 optional ``popserver[metrics]`` dependency) is never imported. Callers use them as ``metrics.NAME(...)``,
-never ``from .metrics import NAME`` (that would keep the no-op). Commands are counted by running sessions
-of ``session_class``: the engine itself knows nothing of metrics.
+never ``from .metrics import NAME`` (that would keep the no-op). Commands and octets, the per-command hot
+path, are counted by sessions of ``session_class`` into a tally of their own (see ``Tally``): the engine
+itself knows nothing of metrics, and without metrics the handler runs a plain ``Pop3Session``.
 
 Worker processes add up through the library's multiprocess mode: the parent calls ``enable(multiprocess=
 True)`` before anything imports ``prometheus_client`` (the directory is set in the environment and emptied
@@ -15,6 +16,7 @@ live gauges go; its counters stay, so totals never go down).
 
 Database errors and lost locks are counted as the server logs them (a handler on the ``popserver`` logger,
 level ERROR): every place that meets one already logs it, and none of them needs to know about metrics.
+The metrics are runpop3's: ``runlmtp`` does not enable them.
 """
 
 from __future__ import annotations
