@@ -504,3 +504,20 @@ def test_multiprocess_mode_adds_up_and_forgets_a_dead_workers_sessions(tmp_path)
     assert after["popserver_sent_bytes_total"] == len(b"+OK\r\n+OK Logged in.\r\n+OK 1 3\r\n")
     assert after["popserver_login_duration_seconds_count"] == 1
     assert after["popserver_commands_total"] == after["popserver_command_duration_seconds_count"] == 3
+
+
+def test_runpop3_metrics_address_errors(transactional_db):
+    from django.core.management import call_command
+    from django.core.management.base import CommandError
+
+    with pytest.raises(CommandError, match="needs a port"):
+        call_command("runpop3", "127.0.0.1:0", "--metrics", "127.0.0.1")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        with pytest.raises(CommandError, match="Metrics: That port is already in use"):
+            call_command("runpop3", "127.0.0.1:0", "--metrics", str(busy.getsockname()[1]))
+    assert not metrics.enabled
+    from popserver.models import Node
+
+    assert not Node.objects.exists()  # the node's name is given back too
