@@ -34,15 +34,19 @@ DEFAULTS: dict[str, Any] = {
     "MAIL_FALLBACK_BACKEND": None,
     # Listener
     "LISTEN": "127.0.0.1:8110",
-    "MAX_SESSIONS": 64,  # concurrent sessions per process; keep below the database's connection limit
+    "MAX_SESSIONS": 64,  # concurrent sessions per server (split across its workers)
     "MAX_UNAUTHENTICATED_PER_IP": 16,  # over it, the IP's oldest unauthenticated connection is dropped
+    # Database connections one runpop3 holds at most, all its workers together (each gets an equal share);
+    # a session holds one only while it runs queries, and waits at most DB_CONNECTION_WAIT seconds for one.
+    "DB_CONNECTIONS": 20,
+    "DB_CONNECTION_WAIT": 10,
     "LISTEN_BACKLOG": 128,
     # Timeouts (seconds)
     "AUTOLOGOUT": 600,  # idle time per line after login; RFC 1939 s.3: at least 10 minutes
     "LOGIN_TIMEOUT": 180,  # whole time allowed before login (Dovecot: 3 minutes)
     "SHUTDOWN_GRACE": 5,  # seconds to wait for sessions to end at SIGTERM
     # Passwords
-    "MAX_PASSWORD_CHECKS": 2,  # concurrent authenticate() calls per process (argon2: ~100 MiB each)
+    "MAX_PASSWORD_CHECKS": 2,  # concurrent authenticate() calls per server (argon2: ~100 MiB each)
     "AUTH_FAILURE_DELAY": 2.0,  # seconds before answering a failed login (Dovecot's auth_failure_delay)
     "TRUSTED_NETWORKS": ["127.0.0.0/8", "::1/128"],
     # "trusted": passwords in the clear only over TLS or from TRUSTED_NETWORKS (Dovecot's default);
@@ -111,6 +115,21 @@ def get_setting(name: str) -> Any:
     if name not in DEFAULTS:
         raise KeyError(f"unknown popserver setting {name!r}")
     return getattr(settings, f"POPSERVER_{name}", DEFAULTS[name])
+
+
+# Worker processes (runpop3 --workers N): the per-server limits above are split evenly between them.
+_workers = 1
+
+
+def set_worker_count(count: int) -> None:
+    """Called once in each worker process of ``runpop3 --workers N`` (and never elsewhere)."""
+    global _workers
+    _workers = max(1, int(count))
+
+
+def worker_share(name: str) -> int:
+    """This process's share of a per-server limit: the setting divided by the number of workers, at least 1."""
+    return max(1, int(get_setting(name)) // _workers)
 
 
 def node_name() -> str:

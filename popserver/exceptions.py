@@ -108,6 +108,14 @@ class TemporaryLoginFailure(LoginRefused):
     reply = "[SYS/TEMP] Temporary authentication failure, try again later."
 
 
+# Load ----------------------------------------------------------------------------------------------------
+class ServerBusy(PopserverError):
+    """RFC 3206 s.4 [SYS/TEMP]: no database connection came free within POPSERVER_DB_CONNECTION_WAIT, or the
+    database refused one. The command is answered ``-ERR`` with ``reply``; the session goes on."""
+
+    reply = "[SYS/TEMP] Server is busy, try again later."
+
+
 # Maildrop ------------------------------------------------------------------------------------------------
 class MaildropError(PopserverError):
     """The storage behind a maildrop failed."""

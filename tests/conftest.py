@@ -210,8 +210,11 @@ class Runpop3Process:
         self.host = "127.0.0.1"
 
     def _read_stderr(self) -> None:
-        for line in self.proc.stderr:
-            self.stderr_lines.append(line)
+        try:
+            for line in self.proc.stderr:
+                self.stderr_lines.append(line)
+        except (ValueError, OSError):  # the fixture closed the pipe at teardown
+            pass
 
     def poplib(self, timeout: float = 10):
         import poplib

@@ -145,21 +145,22 @@ def test_credentials_the_engine_rejected_are_a_failed_login_without_a_check(alic
         login("alice", "right", throttle=throttle)
 
 
-@override_settings(POPSERVER_THROTTLE_ACCOUNT_FAILURES=3)
+@override_settings(POPSERVER_THROTTLE_IP_FAILURES=3)
 def test_a_login_queued_for_a_password_slot_looks_at_the_lockout_again(alice, clock, counting_backend):
-    """A burst of guesses can lock the account while a login waits for a password-check slot."""
+    """A burst of guesses from its IP can lock the IP out while a login waits for a password-check slot (the
+    per-account count needs no second look: each attempt reserved its check before queueing)."""
 
     class LockedWhileQueued(DatabaseThrottle):
         checks = 0
 
-        def locked_out(self, login_name, group, *, trusted):
+        def locked_out(self, login_name, group, *, trusted, ip_only=False):
             self.checks += 1
             if self.checks == 1:  # the first look passes; then the other guesses of the burst land
-                answer = super().locked_out(login_name, group, trusted=trusted)
-                for _ in range(3):
-                    self.failed(login_name, group, trusted=trusted)
+                answer = super().locked_out(login_name, group, trusted=trusted, ip_only=ip_only)
+                for n in range(3):
+                    self.failed(f"guess{n}", group, trusted=trusted)
                 return answer
-            return super().locked_out(login_name, group, trusted=trusted)
+            return super().locked_out(login_name, group, trusted=trusted, ip_only=ip_only)
 
     throttle = LockedWhileQueued(clock)
     auth = DjangoAuthenticator("203.0.113.5", 4000, trusted=False, throttle=throttle)
@@ -483,3 +484,40 @@ def test_guessing_at_a_locked_account_still_counts_against_the_ip(alice, clock):
     assert LoginThrottle.objects.get(scope="ip").locked_until is not None
     with pytest.raises(LoginLockedOut):  # the whole IP now, another account too
         login("bob", "whatever", throttle=throttle)
+
+
+def test_a_name_typed_in_another_unicode_form_finds_the_account(make_mailbox):
+    """NFD "jose\u0301" finds the account created as NFC "jos\u00e9" (AbstractBaseUser.normalize_username)."""
+    make_mailbox("jos\u00e9", "right")
+    maildrop = login("jose\u0301", "right")
+    assert maildrop.mailbox_id
+    maildrop.release()
+
+
+@override_settings(POPSERVER_THROTTLE_ACCOUNT_FAILURES=4, POPSERVER_MAX_PASSWORD_CHECKS=8)
+@pytest.mark.django_db(transaction=True)
+def test_parallel_guesses_get_exactly_the_limit_of_checks(make_mailbox, counting_backend):
+    """Guesses that arrive together are each reserved before their check: 4 checks, however many guess."""
+    import threading
+
+    make_mailbox("carol", "right")
+    outcomes, start = [], threading.Barrier(20)
+
+    def guess():
+        start.wait(30)
+        try:
+            login("carol", "wrong")
+        except (AuthenticationFailed, LoginLockedOut) as exc:
+            outcomes.append(type(exc))
+        finally:
+            from django.db import connection
+
+            connection.close()
+
+    threads = [threading.Thread(target=guess) for _ in range(20)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert outcomes.count(AuthenticationFailed) == 4 and outcomes.count(LoginLockedOut) == 16
+    assert counting_backend.count("carol") == 4

@@ -154,7 +154,7 @@ def test_multi_recipient_mix_gets_a_reply_per_recipient(lmtp, make_mailbox, capl
     make_mailbox("off", email="off@example.org", pop3_enabled=False)
     make_mailbox("full", email="full@example.org", quota_messages=1)
     deliver("full", b"Subject: old\r\n\r\nx\r\n")
-    make_mailbox("tight", email="tight@example.org", quota_bytes=len(MESSAGE) + 40)
+    make_mailbox("tight", email="tight@example.org", quota_bytes=len(MESSAGE) + 20)  # Return-Path breaks it
     with lmtp.client() as client:
         assert client.mail("sender@example.net") == (250, b"2.1.0 OK")
         replies = {
@@ -188,12 +188,9 @@ def test_multi_recipient_mix_gets_a_reply_per_recipient(lmtp, make_mailbox, capl
         (452, b"4.2.2 <tight@example.org> Quota exceeded (mailbox for user is full)"),
         (250, b"2.0.0 <dave+lists@example.org> Saved"),
     ]
-    assert stored("alice") == [
-        b"Return-Path: <sender@example.net>\r\nDelivered-To: alice@example.org\r\n" + MESSAGE
-    ]
-    assert stored("dave") == [
-        b"Return-Path: <sender@example.net>\r\nDelivered-To: dave+lists@example.org\r\n" + MESSAGE
-    ]
+    # Several recipients: no Delivered-To (Dovecot's rule), so every copy is the same bytes.
+    assert stored("alice") == [b"Return-Path: <sender@example.net>\r\n" + MESSAGE]
+    assert stored("dave") == [b"Return-Path: <sender@example.net>\r\n" + MESSAGE]
     assert stored("tight") == [] and stored("off") == [] and len(stored("full")) == 1
     saved = [r.getMessage() for r in caplog.records if "saved mail" in r.getMessage()]
     assert len(saved) == 2 and "msgid=<m1@example.net>" in saved[0]
@@ -209,10 +206,10 @@ def test_login_name_and_alias_resolve_as_deliver_does(lmtp, make_mailbox):
         first = client.data(MESSAGE)
         second = client.getreply()
     assert first[0] == second[0] == 250
-    assert [m.split(b"\r\n")[1] for m in stored("Carol")] == [
-        b"Delivered-To: carol",
-        b"Delivered-To: C.Alias+x@EXAMPLE.org",
-    ]
+    assert stored("Carol") == [b"Return-Path: <s@example.net>\r\n" + MESSAGE] * 2  # one copy per RCPT
+    with lmtp.client() as client:  # one recipient: Delivered-To names it as given
+        client.sendmail("s@example.net", ["C.Alias+x@EXAMPLE.org"], MESSAGE)
+    assert stored("Carol")[2].split(b"\r\n")[1] == b"Delivered-To: C.Alias+x@EXAMPLE.org"
 
 
 def test_trace_fields_can_be_switched_off(lmtp, make_mailbox):

@@ -248,14 +248,15 @@ MESSAGE = (
 )
 
 
-def check_delivered(data: bytes, recipient: str) -> None:
-    """Return-Path and Delivered-To on top (as Dovecot's LMTP adds them), then Postfix's Received, then the
-    message's own bytes, unchanged."""
+def check_delivered(data: bytes, recipient: str | None) -> None:
+    """Return-Path and Delivered-To on top (as Dovecot's LMTP adds them: Delivered-To only when the
+    transaction had one recipient, ``recipient`` None), then Postfix's Received, then the message's own
+    bytes, unchanged."""
     head, _, rest = data.partition(b"\r\nReceived: ")
-    assert head.split(b"\r\n") == [
-        b"Return-Path: <sender@example.net>",
-        b"Delivered-To: " + recipient.encode(),
-    ]
+    expected = [b"Return-Path: <sender@example.net>"]
+    if recipient is not None:
+        expected.append(b"Delivered-To: " + recipient.encode())
+    assert head.split(b"\r\n") == expected
     assert rest.endswith(MESSAGE)
     assert b"by mx.popserver.test (Postfix)" in rest
 
@@ -294,12 +295,9 @@ def test_postfix_over_a_unix_socket_with_several_recipients(
         r"<nobody@example.org> User doesn't exist"
     )
     fetched = pop3_retr_all(pop3_server)
-    assert sorted(m.split(b"\r\n")[1] for m in fetched) == [
-        b"Delivered-To: alice+news@example.org",
-        b"Delivered-To: alice@example.org",
-    ]
+    assert len(fetched) == 2  # one copy per recipient, the same bytes: one transaction, no Delivered-To
     for data in fetched:
-        check_delivered(data, data.split(b"\r\n")[1].removeprefix(b"Delivered-To: ").decode())
+        check_delivered(data, None)
 
 
 def test_a_full_mailbox_makes_postfix_defer_until_space_is_freed(

@@ -29,6 +29,36 @@ def test_three_bad_commands_before_login_close():
     assert c.send(b"CAPA\r\n") == b""
 
 
+def test_before_login_a_budget_of_commands_of_any_kind():
+    """50 command lines before login (SASL responses included), then the session closes: pipelined CAPA
+    floods cannot keep a thread from others' logins. After login there is no such budget."""
+    c = Client()
+    out = c.send(b"NOOP\r\nCAPA\r\n" * 24 + b"AUTH PLAIN\r\n*\r\n")
+    assert not c.session.closed and out.count(b"\r\n-ERR") + out.startswith(b"-ERR") == 25
+    assert c.send(b"CAPA\r\n") == b"-ERR Too many commands before login.\r\n"
+    assert c.session.closed
+    logged_in = Client()
+    logged_in.login()
+    logged_in.send(b"NOOP\r\n" * 200)
+    assert not logged_in.session.closed
+
+
+def test_a_busy_server_answers_sys_temp_and_the_session_goes_on():
+    from popserver.exceptions import ServerBusy
+
+    c = Client()
+    c.login()
+    real_read = c.maildrop.read
+
+    def busy(number):
+        raise ServerBusy()
+
+    c.maildrop.read = busy
+    assert c.send(b"RETR 1\r\n") == b"-ERR [SYS/TEMP] Server is busy, try again later.\r\n"
+    c.maildrop.read = real_read
+    assert c.send(b"RETR 1\r\n").startswith(b"+OK")
+
+
 def test_before_login_only_unknown_verbs_count_as_dovecot_does():
     # Dovecot's pop3-login counts only commands it does not know (TRANSACTION verbs included); a refused
     # USER, PASS, AUTH or STLS is not a bad command, and it resets the count.

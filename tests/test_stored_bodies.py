@@ -565,3 +565,28 @@ def test_pipelined_small_stored_bodies_are_named_in_one_query(
     replies[3] = b"-ERR [SYS/TEMP] Internal error occurred. Refer to server log for more information.\r\n"
     assert out == b"".join(replies)
     maildrop.release()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_one_object_for_100_recipients_through_lmtp(storage_store, settings, make_mailbox):
+    """RFC 2033 with several recipients: one transaction, the same bytes for every copy (no Delivered-To,
+    as Dovecot), so one object and 100 references."""
+    from tests.test_lmtp_live import MESSAGE, LiveLmtp
+
+    settings.POPSERVER_LMTP_MAX_RECIPIENTS = 100
+    for n in range(100):
+        make_mailbox(f"user{n}", email=f"user{n}@example.org")
+    server = LiveLmtp()
+    try:
+        with server.client() as client:
+            client.mail("sender@example.net")
+            for n in range(100):
+                assert client.rcpt(f"user{n}@example.org")[0] == 250
+            replies = [client.data(MESSAGE)] + [client.getreply() for _ in range(99)]
+    finally:
+        server.stop()
+    assert {code for code, _ in replies} == {250}
+    assert Message.objects.count() == 100
+    assert StoredBody.objects.count() == 1 and StoredBody.objects.get().refs == 100
+    assert len(objects_in(storage_store)) == 1
+    assert body_of(Message.objects.first()) == b"Return-Path: <sender@example.net>\r\n" + MESSAGE

@@ -29,11 +29,12 @@ Errors only where the server truly cannot run; everything else is a warning, so 
 | W003 | POPSERVER_BODY_CHUNK_SIZE over 8 MiB |
 | W004 | POPSERVER_PLAINTEXT_AUTH = "always" |
 | W005 | the throttle cache is not shared between processes |
+| W006 | one server's POPSERVER_DB_CONNECTIONS exceeds the database's max_connections (``database`` tag) |
 | E180 | a mail-client configuration setting cannot be read (``popserver/clientconfig/checks.py``) |
 | W180 | ``popserver.clientconfig.urls`` is installed but nothing is published |
 | W181 | an endpoint is published to mail clients without TLS on a non-loopback host |
 """
 
-from . import bodies, logins, nodes, numbers, paths
+from . import bodies, database, logins, nodes, numbers, paths
 
-__all__ = ["bodies", "logins", "nodes", "numbers", "paths"]
+__all__ = ["bodies", "database", "logins", "nodes", "numbers", "paths"]

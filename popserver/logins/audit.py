@@ -9,11 +9,15 @@ import ipaddress
 import logging
 from datetime import timedelta
 
+from django.db import OperationalError
 from django.utils import timezone
 
 from popserver.conf import get_setting, node_name
+from popserver.exceptions import ServerBusy
 from popserver.models import DeliveryCount, LoginEvent, SessionRecord
+from popserver.overload import database_unavailable
 from popserver.signals import send_safely, session_closed
+from popserver.storage.gate import using_database
 from popserver.storage.writelock import one_writer
 
 logger = logging.getLogger(__name__)
@@ -39,7 +43,7 @@ def record_login(
 ) -> None:
     """``tls``: the client used TLS, to this server or (``tls_at_proxy``) to the load balancer in front."""
     try:
-        with one_writer():
+        with using_database(), one_writer():
             LoginEvent.objects.create(
                 username=username[:255],
                 peer_ip=_ip_or_none(peer_ip),
@@ -51,6 +55,10 @@ def record_login(
                 reason=reason[:64],
                 mailbox=mailbox,
             )
+    except ServerBusy:
+        pass  # the gate logged it
+    except OperationalError as exc:
+        database_unavailable(exc, "recording a login event")
     except Exception:
         logger.exception("could not record a login event")
 
@@ -59,7 +67,7 @@ def record_session(
     *, mailbox, username: str, peer_ip: str, started_at, duration: float, end_reason: str, stats
 ) -> None:
     try:
-        with one_writer():
+        with using_database(), one_writer():
             SessionRecord.objects.create(
                 mailbox=mailbox,
                 username=username[:255],
@@ -73,6 +81,10 @@ def record_session(
                 deleted_count=stats.deleted_count,
                 deleted_bytes=stats.deleted_bytes,
             )
+    except ServerBusy:
+        pass  # the gate logged it
+    except OperationalError as exc:
+        database_unavailable(exc, "recording a session")
     except Exception:
         logger.exception("could not record a session")
 
@@ -80,7 +92,16 @@ def record_session(
 def session_ended(
     *, mailbox, username: str, peer: str, peer_ip: str, started_at, duration: float, end_reason: str, stats
 ) -> None:
-    """A logged-in session is over, however it ended: its SessionRecord, then the ``session_closed`` signal."""
+    """A logged-in session is over, however it ended: its SessionRecord, then the ``session_closed`` signal
+    (whose receivers may query: within the connection budget)."""
+    try:
+        with using_database():
+            _session_ended(mailbox, username, peer, peer_ip, started_at, duration, end_reason, stats)
+    except ServerBusy:
+        pass  # the gate logged it
+
+
+def _session_ended(mailbox, username, peer, peer_ip, started_at, duration, end_reason, stats) -> None:
     record_session(
         mailbox=mailbox,
         username=username,

@@ -3,6 +3,7 @@ audited, and ending in a locked maildrop."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -10,18 +11,19 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import NoReturn
 
-from django.contrib.auth import authenticate
-from django.db import DatabaseError
+from django.contrib.auth import authenticate, get_user_model
+from django.db import DatabaseError, OperationalError
 from django.http import HttpRequest
 from django.utils import timezone
 
-from popserver.conf import get_setting
+from popserver.conf import get_setting, worker_share
 from popserver.exceptions import (
     AuthenticationFailed,
     LoginLockedOut,
     LoginRefused,
     LoginTooSoon,
     MailboxInUse,
+    ServerBusy,
     TemporaryLoginFailure,
 )
 from popserver.logins.app_passwords import check_app_password, looks_like_app_password
@@ -29,7 +31,9 @@ from popserver.logins.peers import is_trusted_peer, peer_group
 from popserver.logins.throttle import Throttle, get_throttle
 from popserver.mailin.mailboxes import find_mailbox, login_name_of_address, mailbox_of_user
 from popserver.models import LoginEvent, LoginThrottle, Mailbox
+from popserver.overload import database_unavailable, refused
 from popserver.signals import login_failed, login_locked_out, send_safely
+from popserver.storage.gate import release_connection, using_database
 from popserver.storage.maildrop import OrmMaildrop, open_maildrop
 
 from . import audit
@@ -45,9 +49,10 @@ _password_checks_guard = threading.Lock()
 
 
 def password_check_slots() -> threading.BoundedSemaphore:
-    """The process-wide limit on concurrent ``authenticate()`` calls (argon2: ~100 MiB and 8 lanes each)."""
+    """The process-wide limit on concurrent ``authenticate()`` calls (argon2: ~100 MiB and 8 lanes each): the
+    server's POPSERVER_MAX_PASSWORD_CHECKS split between its workers."""
     global _password_checks, _password_checks_size
-    size = get_setting("MAX_PASSWORD_CHECKS")
+    size = worker_share("MAX_PASSWORD_CHECKS")
     with _password_checks_guard:
         if _password_checks is None or _password_checks_size != size:
             _password_checks = threading.BoundedSemaphore(size)
@@ -71,12 +76,6 @@ REFUSALS = {
     MailboxInUse: "mailbox in use",
     TemporaryLoginFailure: "temporary failure",
 }
-
-
-class _LockedOutWhileQueued(Exception):
-    def __init__(self, scope: str):
-        super().__init__(scope)
-        self.scope = scope
 
 
 class DjangoAuthenticator:
@@ -124,18 +123,30 @@ class DjangoAuthenticator:
         engine's verdict), refused like a wrong password without a check."""
         self.attempts += 1
         self.last_username, self.last_mechanism = username, mechanism
+        self._delay_due = False
         self.app_password_tried = self.account_disabled = False
         self.failure_delay_waited = 0.0
         try:
             maildrop = self._login(username, password, mechanism)
-        except DatabaseError:
-            logger.exception("login for %r from %s: database error", printable(username), self.peer)
-            self._audit(username, mechanism, LoginEvent.ERROR, "database")
+        except ServerBusy:  # no connection within the wait: logged once for all sessions by the gate
+            self.refusal = REFUSALS[TemporaryLoginFailure]
+            raise TemporaryLoginFailure() from None
+        except DatabaseError as exc:
+            if isinstance(exc, OperationalError):  # the database refuses or is gone: load, not a bug
+                database_unavailable(exc, "login")
+            else:
+                logger.exception("login for %r from %s: database error", printable(username), self.peer)
+            with contextlib.suppress(ServerBusy):
+                with using_database():
+                    self._audit(username, mechanism, LoginEvent.ERROR, "database")
             self.refusal = REFUSALS[TemporaryLoginFailure]
             raise TemporaryLoginFailure() from None
         except LoginRefused as refused:
             self.refusal = REFUSALS.get(type(refused), "auth failed")
             raise
+        finally:
+            if self._delay_due:
+                self._delay()
         if self.stop_event.is_set():  # the server began to stop while this login took its lock
             maildrop.release()
             self.mailbox, self.refusal = None, "server shutting down"
@@ -143,84 +154,102 @@ class DjangoAuthenticator:
         return maildrop
 
     def _login(self, username: str, password: str | None, mechanism: str) -> OrmMaildrop:
-        # Throttled by the login name an address resolves to, and by IPv4 address or IPv6 /64.
-        login_name, group = self._login_name(username), peer_group(self.peer_ip)
-
-        def locked_out() -> str | None:
-            return self.throttle.locked_out(login_name, group, trusted=self.trusted)
-
-        def refuse(scope: str) -> NoReturn:
-            if scope != LoginThrottle.IP:  # guessing at a locked account still counts against its IP
-                self.throttle.failed(login_name, group, trusted=self.trusted, ip_only=True)
-            self._audit(username, mechanism, LoginEvent.LOCKED_OUT, scope)
-            send_safely(login_locked_out, username=username, peer=self.peer, scope=scope)
-            self._fail(username, mechanism, f"locked out ({scope})")
-            raise LoginLockedOut()
-
-        if scope := locked_out():
-            refuse(scope)
+        # Throttled by the login name an address resolves to (in Django's normal form: a name typed in NFD
+        # finds the NFC account), and by IPv4 address or IPv6 /64.
+        group = peer_group(self.peer_ip)
+        with using_database():
+            login_name = self._login_name(get_user_model().normalize_username(username))
+            if scope := self.throttle.locked_out(login_name, group, trusted=self.trusted):
+                self._refuse(username, login_name, group, mechanism, scope)
+            reservation = self.throttle.reserve(
+                login_name, group
+            )  # counted before the check: exact in parallel
+            if not reservation.admitted:
+                self._refuse(username, login_name, group, mechanism, LoginThrottle.ACCOUNT_IP)
         mailbox = None
         if password is not None:
+            mailbox = self._check_credentials(username, login_name, group, password, mechanism)
+        with using_database():
+            if mailbox is None:
+                scope = self.throttle.failed(login_name, group, trusted=self.trusted, ip_only=True)
+                if reservation.last:
+                    scope = LoginThrottle.ACCOUNT_IP
+                self._audit(username, mechanism, LoginEvent.FAILED, "credentials")
+                if scope:
+                    send_safely(login_locked_out, username=username, peer=self.peer, scope=scope)
+                self._fail(username, mechanism, "credentials")
+                raise AuthenticationFailed()
+            self.throttle.succeeded(login_name, group)
+            delay = get_setting("LOGIN_DELAY")
+            if (
+                delay
+                and mailbox.last_login
+                and mailbox.last_login > timezone.now() - timedelta(seconds=delay)
+            ):
+                self._audit(username, mechanism, LoginEvent.LOGIN_DELAY, "", mailbox)
+                raise LoginTooSoon()
             try:
-                mailbox = self._check_credentials(login_name, password, locked_out=locked_out)
-            except _LockedOutWhileQueued as queued:
-                refuse(queued.scope)  # with the password slot given back first
-        if mailbox is None:
-            scope = self.throttle.failed(login_name, group, trusted=self.trusted)
-            self._audit(username, mechanism, LoginEvent.FAILED, "credentials")
-            if scope:
-                send_safely(login_locked_out, username=username, peer=self.peer, scope=scope)
-            self._fail(username, mechanism, "credentials")
-            raise AuthenticationFailed()
-        self.throttle.succeeded(login_name, group)
-        delay = get_setting("LOGIN_DELAY")
-        if delay and mailbox.last_login and mailbox.last_login > timezone.now() - timedelta(seconds=delay):
-            self._audit(username, mechanism, LoginEvent.LOGIN_DELAY, "", mailbox)
-            raise LoginTooSoon()
-        try:
-            maildrop = open_maildrop(mailbox.pk, self.peer)
-        except MailboxInUse:
-            self._audit(username, mechanism, LoginEvent.IN_USE, "", mailbox)
-            raise
-        self._audit(username, mechanism, LoginEvent.SUCCESS, "", mailbox)
-        self.mailbox = mailbox
-        return maildrop
+                maildrop = open_maildrop(mailbox.pk, self.peer)
+            except MailboxInUse:
+                self._audit(username, mechanism, LoginEvent.IN_USE, "", mailbox)
+                raise
+            self._audit(username, mechanism, LoginEvent.SUCCESS, "", mailbox)
+            self.mailbox = mailbox
+            return maildrop
+
+    def _refuse(self, username: str, login_name: str, group: str, mechanism: str, scope: str) -> NoReturn:
+        """A lock-out refuses the attempt without a check (inside ``using_database()``)."""
+        if scope != LoginThrottle.IP:  # guessing at a locked account still counts against its IP
+            self.throttle.failed(login_name, group, trusted=self.trusted, ip_only=True)
+        self._audit(username, mechanism, LoginEvent.LOCKED_OUT, scope)
+        send_safely(login_locked_out, username=username, peer=self.peer, scope=scope)
+        self._fail(username, mechanism, f"locked out ({scope})")
+        raise LoginLockedOut()
 
     def _check_credentials(
-        self, login_name: str, password: str, locked_out: Callable[[], str | None] = lambda: None
+        self, username: str, login_name: str, group: str, password: str, mechanism: str
     ) -> Mailbox | None:
         """The mailbox these credentials open (app password or account password), or None.
 
-        ``locked_out`` is asked again once a password-check slot is free: logins queued behind a burst of
-        guesses must not check passwords for an account the burst has meanwhile locked out. The refusal
-        (and its delay) comes after the slot is given back."""
+        The whole-IP lock-out is looked at again once a password-check slot is free: logins queued behind a
+        burst of guesses from their IP must not check passwords meanwhile refused to it. No database
+        connection is held while queueing for a slot."""
         accepted = get_setting("ACCEPTED_PASSWORDS")
         if accepted in ("app", "both") and looks_like_app_password(password):
             self.app_password_tried = True
-            mailbox = self._mailbox_of(login_name)
-            if mailbox is not None and check_app_password(mailbox, password, self.peer):
-                if self._may_log_in(mailbox.user):
-                    return mailbox
-                self.account_disabled = True
-                return None
+            with using_database():
+                mailbox = self._mailbox_of(login_name)
+                if mailbox is not None and check_app_password(mailbox, password, self.peer):
+                    if self._may_log_in(mailbox.user):
+                        return mailbox
+                    self.account_disabled = True
+                    return None
         if accepted not in ("account", "both"):
             return None
         slots = password_check_slots()
-        if not slots.acquire(timeout=PASSWORD_CHECK_WAIT):
-            raise TemporaryLoginFailure()
+        if not slots.acquire(blocking=False):
+            release_connection()
+            if not slots.acquire(timeout=PASSWORD_CHECK_WAIT):
+                refused("password-checks", "no password-check slot came free in time: answered [SYS/TEMP]")
+                raise TemporaryLoginFailure()
+        user = None
         try:
-            if scope := locked_out():
-                raise _LockedOutWhileQueued(scope)
-            user = authenticate(make_request(self.peer_ip), username=login_name, password=password)
+            with using_database():
+                scope = self.throttle.locked_out(login_name, group, trusted=self.trusted, ip_only=True)
+                if not scope:
+                    user = authenticate(make_request(self.peer_ip), username=login_name, password=password)
         finally:
             slots.release()
-        if user is None:
-            return None
-        mailbox = mailbox_of_user(user) if self._may_log_in(user) else None
-        if mailbox is None or not mailbox.pop3_enabled:
-            self.account_disabled = True
-            return None
-        return mailbox
+        with using_database():
+            if scope:  # with the password slot given back first
+                self._refuse(username, login_name, group, mechanism, scope)
+            if user is None:
+                return None
+            mailbox = mailbox_of_user(user) if self._may_log_in(user) else None
+            if mailbox is None or not mailbox.pop3_enabled:
+                self.account_disabled = True
+                return None
+            return mailbox
 
     @staticmethod
     def _may_log_in(user) -> bool:
@@ -246,7 +275,11 @@ class DjangoAuthenticator:
             reason,
         )
         send_safely(login_failed, username=username, peer=self.peer, mechanism=mechanism, reason=reason)
+        self._delay_due = True  # waited out by __call__, without a database connection
+
+    def _delay(self) -> None:
         self.before_failure_delay()
+        release_connection()
         delay = get_setting("AUTH_FAILURE_DELAY")
         if delay:
             waiting_since = time.monotonic()

@@ -2,12 +2,18 @@
 
 Names that do not exist are counted exactly like real ones, so the throttle reveals no accounts. A lock-out
 refuses further attempts WITHOUT checking the password: a right guess during a lock-out proves nothing.
+
+The per-(name, IP) count is exact under parallel guesses (workers, servers): each attempt is ``reserve``d,
+counted as a failure before its password is checked, and a right password gives the count back
+(``succeeded``). So THROTTLE_ACCOUNT_FAILURES guesses are checked, however many arrive at once.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from django.core.cache import caches
@@ -16,6 +22,7 @@ from django.utils import timezone
 from django.utils.module_loading import import_string
 
 from popserver.conf import get_setting
+from popserver.exceptions import TemporaryLoginFailure
 from popserver.storage.writelock import one_writer
 
 Clock = Callable[[], datetime]
@@ -31,8 +38,14 @@ class Throttle:
     def __init__(self, clock: Clock = timezone.now):
         self.clock = clock
 
-    def locked_out(self, username: str, ip: str, *, trusted: bool) -> str | None:
+    def locked_out(self, username: str, ip: str, *, trusted: bool, ip_only: bool = False) -> str | None:
         """The scope ("account" or "ip") that is locked out for this attempt, or None."""
+        raise NotImplementedError
+
+    def reserve(self, username: str, ip: str) -> Reservation:
+        """Admit one password check for (login name, IP), counted as a failure until ``succeeded``: atomic,
+        so parallel attempts get exactly THROTTLE_ACCOUNT_FAILURES admissions. The admission that reaches
+        the limit starts the lock-out at once (``Reservation.last``)."""
         raise NotImplementedError
 
     def failed(self, username: str, ip: str, *, trusted: bool, ip_only: bool = False) -> str | None:
@@ -41,7 +54,7 @@ class Throttle:
         raise NotImplementedError
 
     def succeeded(self, username: str, ip: str) -> None:
-        """A right password resets its (login name, IP) counter."""
+        """A right password resets its (login name, IP) counter (its reservation included)."""
         raise NotImplementedError
 
     def clear(self, scope: str | None = None, key: str | None = None) -> int:
@@ -68,54 +81,100 @@ class Throttle:
         return scopes
 
 
+@dataclass(frozen=True)
+class Reservation:
+    admitted: bool  # False: the account is locked out for this IP; check nothing
+    last: bool = False  # this admission reached the limit: the lock-out began with it
+
+
+@contextmanager
+def _locked_row(scope: str, key: str, now: datetime) -> Iterator:
+    """The counter row of (scope, key), row-locked in a transaction (SQLite: the writer lock). The row is
+    created first, on its own: ``select_for_update().get_or_create()`` takes gap locks on MariaDB, and
+    parallel first attempts then deadlock."""
+    from popserver.models import LoginThrottle
+
+    for _ in range(3):  # a right password may delete the row between the two steps
+        try:
+            with one_writer():
+                LoginThrottle.objects.get_or_create(scope=scope, key=key, defaults={"window_started": now})
+        except IntegrityError:  # made, then deleted, by others meanwhile: look again
+            continue
+        with one_writer(), transaction.atomic():
+            row = LoginThrottle.objects.select_for_update().filter(scope=scope, key=key).first()
+            if row is not None:
+                yield row
+                return
+    raise TemporaryLoginFailure()
+
+
 class DatabaseThrottle(Throttle):
     """Counters in ``LoginThrottle`` rows, updated under a row lock (SQLite: the IMMEDIATE transaction)."""
 
-    def locked_out(self, username: str, ip: str, *, trusted: bool) -> str | None:
+    def locked_out(self, username: str, ip: str, *, trusted: bool, ip_only: bool = False) -> str | None:
         from popserver.models import LoginThrottle
 
         now = self.clock()
-        for scope, key, _ in self.scopes(username, ip, trusted):
+        for scope, key, _ in self.scopes(username, ip, trusted, ip_only):
             if LoginThrottle.objects.filter(scope=scope, key=key, locked_until__gt=now).exists():
                 return scope
         return None
 
-    def failed(self, username: str, ip: str, *, trusted: bool, ip_only: bool = False) -> str | None:
+    def reserve(self, username: str, ip: str) -> Reservation:
         from popserver.models import LoginThrottle
 
         now = self.clock()
         window = timedelta(seconds=get_setting("THROTTLE_WINDOW"))
+        limit = get_setting("THROTTLE_ACCOUNT_FAILURES")
+        key = account_key(username, ip)
+        if limit > 1:  # most logins: no failure in the window, no row; the insert is the reservation
+            try:
+                with one_writer():
+                    _, created = LoginThrottle.objects.get_or_create(
+                        scope=LoginThrottle.ACCOUNT_IP,
+                        key=key,
+                        defaults={"window_started": now, "failures": 1},
+                    )
+            except IntegrityError:  # made, then deleted, by parallel logins meanwhile
+                created = False
+            if created:
+                return Reservation(admitted=True)
+        with _locked_row(LoginThrottle.ACCOUNT_IP, key, now) as row:
+            if row.locked_until and row.locked_until > now:
+                return Reservation(admitted=False)
+            if row.window_started < now - window:
+                row.failures, row.window_started = 0, now
+            row.failures += 1
+            last = row.failures >= limit
+            if last:
+                row.locked_until = now + timedelta(seconds=get_setting("THROTTLE_LOCKOUT"))
+                row.failures, row.window_started = 0, now
+            row.save()
+            return Reservation(admitted=True, last=last)
+
+    def failed(self, username: str, ip: str, *, trusted: bool, ip_only: bool = False) -> str | None:
+        now = self.clock()
+        window = timedelta(seconds=get_setting("THROTTLE_WINDOW"))
         locked = None
         for scope, key, limit in self.scopes(username, ip, trusted, ip_only):
-            for attempt in range(2):  # a concurrent first failure may create the row between get and create
-                try:
-                    with one_writer(), transaction.atomic():
-                        row, _ = LoginThrottle.objects.select_for_update().get_or_create(
-                            scope=scope, key=key, defaults={"window_started": now}
-                        )
-                        if row.window_started < now - window and not (
-                            row.locked_until and row.locked_until > now
-                        ):
-                            row.failures, row.window_started = 0, now
-                        row.failures += 1
-                        if row.failures >= limit and not (row.locked_until and row.locked_until > now):
-                            row.locked_until = now + timedelta(seconds=get_setting("THROTTLE_LOCKOUT"))
-                            row.failures, row.window_started = 0, now
-                            locked = locked or scope
-                        row.save()
-                    break
-                except IntegrityError:
-                    if attempt:
-                        raise
+            with _locked_row(scope, key, now) as row:
+                if row.window_started < now - window and not (row.locked_until and row.locked_until > now):
+                    row.failures, row.window_started = 0, now
+                row.failures += 1
+                if row.failures >= limit and not (row.locked_until and row.locked_until > now):
+                    row.locked_until = now + timedelta(seconds=get_setting("THROTTLE_LOCKOUT"))
+                    row.failures, row.window_started = 0, now
+                    locked = locked or scope
+                row.save()
         return locked
 
     def succeeded(self, username: str, ip: str) -> None:
         from popserver.models import LoginThrottle
 
-        rows = LoginThrottle.objects.filter(scope=LoginThrottle.ACCOUNT_IP, key=account_key(username, ip))
-        if rows.exists():  # a read first: most logins have no failures to forget, and a write locks SQLite
-            with one_writer():
-                rows.delete()
+        with one_writer():  # the attempt's reservation, and any lock-out it began
+            LoginThrottle.objects.filter(
+                scope=LoginThrottle.ACCOUNT_IP, key=account_key(username, ip)
+            ).delete()
 
     def clear(self, scope: str | None = None, key: str | None = None) -> int:
         from popserver.models import LoginThrottle
@@ -141,12 +200,42 @@ class CacheThrottle(Throttle):
     def _name(kind: str, scope: str, key: str) -> str:
         return f"popserver:throttle:{kind}:{scope}:{hashlib.sha256(key.encode()).hexdigest()}"
 
-    def locked_out(self, username: str, ip: str, *, trusted: bool) -> str | None:
-        for scope, key, _ in self.scopes(username, ip, trusted):
+    def locked_out(self, username: str, ip: str, *, trusted: bool, ip_only: bool = False) -> str | None:
+        for scope, key, _ in self.scopes(username, ip, trusted, ip_only):
             until = self.cache.get(self._name("lock", scope, key))
             if until and until > self.clock().timestamp():
                 return scope
         return None
+
+    def reserve(self, username: str, ip: str) -> Reservation:
+        from popserver.models import LoginThrottle
+
+        key = account_key(username, ip)
+        lock, name = (
+            self._name("lock", LoginThrottle.ACCOUNT_IP, key),
+            self._name("count", LoginThrottle.ACCOUNT_IP, key),
+        )
+        until = self.cache.get(lock)
+        if until and until > self.clock().timestamp():
+            return Reservation(admitted=False)
+        limit, lockout = get_setting("THROTTLE_ACCOUNT_FAILURES"), get_setting("THROTTLE_LOCKOUT")
+        self.cache.add(name, 0, timeout=get_setting("THROTTLE_WINDOW"))
+        try:
+            count = self.cache.incr(name)  # atomic: parallel attempts get distinct counts
+        except ValueError:  # expired between add and incr
+            self.cache.add(name, 1, timeout=get_setting("THROTTLE_WINDOW"))
+            count = 1
+        if count > limit:
+            if not until:  # the admission that reached the limit is setting the lock-out now
+                return Reservation(admitted=False)
+            # The lock-out is over (by the throttle's clock) while its count lives on: a fresh window.
+            self.cache.set(name, 1, timeout=get_setting("THROTTLE_WINDOW"))
+            count = 1
+        if count == limit:
+            self.cache.set(lock, self.clock().timestamp() + lockout, timeout=lockout)
+            self.cache.touch(name, lockout)  # the count ends with the lock-out, not before it
+            return Reservation(admitted=True, last=True)
+        return Reservation(admitted=True)
 
     def failed(self, username: str, ip: str, *, trusted: bool, ip_only: bool = False) -> str | None:
         locked = None
@@ -170,11 +259,19 @@ class CacheThrottle(Throttle):
     def succeeded(self, username: str, ip: str) -> None:
         from popserver.models import LoginThrottle
 
-        self.cache.delete(self._name("count", LoginThrottle.ACCOUNT_IP, account_key(username, ip)))
+        key = account_key(username, ip)
+        self.cache.delete_many(
+            [
+                self._name("count", LoginThrottle.ACCOUNT_IP, key),
+                self._name("lock", LoginThrottle.ACCOUNT_IP, key),
+            ]
+        )
 
     def clear(self, scope: str | None = None, key: str | None = None) -> int:
         if scope and key:
-            return int(bool(self.cache.delete(self._name("lock", scope, key))))
+            cleared = bool(self.cache.delete(self._name("lock", scope, key)))
+            self.cache.delete(self._name("count", scope, key))  # it outlives the lock-out (``reserve``)
+            return int(cleared)
         raise NotImplementedError("the cache throttle clears one scope and key at a time")
 
 

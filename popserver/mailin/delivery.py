@@ -10,6 +10,7 @@ keeping the unique ids the messages had on the old server.
 
 import logging
 import re
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.header import decode_header
@@ -133,7 +134,10 @@ def store_prepared(
         validate_uid(uid)
     store = get_body_store()
     staged = store.stage(prepared.data)  # an object store writes the object now, before any row refers to it
-    with transaction.atomic():
+    # SQLite: queue behind other writers (the server's included) instead of polling; not inside a caller's
+    # transaction, which may already hold SQLite's write lock (taking ours then could only invert the order).
+    writer = nullcontext() if transaction.get_connection().in_atomic_block else one_writer()
+    with writer, transaction.atomic():
         # The row lock serialises deliveries and imports into one mailbox: the quota sum and the counter
         # below see every message committed before it (READ COMMITTED on PostgreSQL and MariaDB; SQLite's
         # IMMEDIATE transactions hold the database's write lock from their start). So of two deliveries

@@ -7,10 +7,9 @@ unknown to the outside (``550 5.1.1``), and a full mailbox is refused at RCPT al
 
 Each copy gets the trace fields Dovecot's LMTP adds, each switchable: ``Return-Path: <sender>`` on top
 (POPSERVER_LMTP_ADD_RETURN_PATH) and ``Delivered-To: recipient`` below it, the address as given in RCPT TO
-(POPSERVER_LMTP_ADD_DELIVERED_TO). Dovecot leaves Delivered-To out of a transaction with several recipients,
-because it stores one copy for all of them; here each mailbox gets its own copy, so each gets its own
-Delivered-To, as with ``deliver --delivered-to`` and Postfix's local(8). The rest of the bytes are what came
-in, with bare LF as CRLF.
+(POPSERVER_LMTP_ADD_DELIVERED_TO), only when the transaction has one recipient, as Dovecot does: then the
+copies of a message to several recipients are the same bytes, and a content-addressed body store keeps one
+object for all of them (issue 21). The rest of the bytes are what came in, with bare LF as CRLF.
 
 The copies of one message are stored in one transaction (one commit, whatever the number of recipients),
 each in its own savepoint: a full mailbox or a failing row refuses that recipient alone. The replies are
@@ -92,8 +91,9 @@ class MailboxDeliveryHandler:
             return [Outcome.TOO_BIG] * len(recipients)
 
         copies: list[tuple[int, Mailbox, PreparedMessage]] = []
+        single = len(recipients) == 1
         for index, recipient in enumerate(recipients):
-            data = self._trace(envelope.sender, recipient.address) + body.data
+            data = self._trace(envelope.sender, recipient.address if single else None) + body.data
             if not data:
                 outcomes[index] = Outcome.REJECTED
             elif len(data) > self.max_message_size:
@@ -144,10 +144,11 @@ class MailboxDeliveryHandler:
         return [o if o is not None else Outcome.TEMPORARY_ERROR for o in outcomes]
 
     # Helpers -------------------------------------------------------------------------------------------
-    def _trace(self, sender: str, recipient: str) -> bytes:
+    def _trace(self, sender: str, recipient: str | None) -> bytes:
+        """Return-Path, and Delivered-To for a transaction with one recipient (``recipient`` None: several)."""
         return trace_fields(
             return_path=sender if self.add_return_path else None,
-            delivered_to=recipient if self.add_delivered_to else None,
+            delivered_to=recipient if self.add_delivered_to and recipient is not None else None,
         )
 
     def _database_error(self, what: str, exc: DatabaseError) -> None:

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import ClassVar, Protocol
 
-from popserver.exceptions import BodyUnavailable, LoginRefused, MessageExpunged
+from popserver.exceptions import BodyUnavailable, LoginRefused, MessageExpunged, ServerBusy
 from popserver.protocol import wire
 from popserver.protocol.commands import (
     AUTHORIZATION_ONLY,
@@ -104,6 +104,9 @@ class Pop3Session:
     unterminated_line_limit = 8192  # this much without a line end closes the session
     max_bad_commands_before_login = 3  # in a row, as Dovecot's pop3-login
     max_bad_commands_after_login = 20  # in a row, as Dovecot's pop3
+    # Command lines of any kind before login (SASL responses included): a client that pipelines thousands of
+    # CAPA cannot keep a thread busy for others' logins. Real clients need fewer than ten.
+    max_commands_before_login = 50
     read_ahead_lines = 128  # pipelined lines looked at for RETR/TOP to announce to the maildrop
 
     # Engine features announced by CAPA (RFC 2449 s.6.4, s.6.6; RFC 3206 s.6): what the session does for
@@ -162,6 +165,7 @@ class Pop3Session:
         self._continuation: Callable[[bytes], Reply] | None = None  # the pending SASL step
         self._sasl_username: bytes = b""
         self._bad_commands = 0
+        self._commands_before_login = 0
         self._read_ahead_to = 0  # buffer offset up to which pipelined RETR/TOP were announced
 
     # The server's side -------------------------------------------------------------------------------
@@ -295,6 +299,14 @@ class Pop3Session:
         return ends[taken - 1] if 0 < taken < len(numbers) else position
 
     def _handle_line(self, raw: bytes) -> Iterator[bytes]:
+        if self.state is State.AUTHORIZATION:
+            self._commands_before_login += 1
+            if self._commands_before_login > self.max_commands_before_login:
+                log.info("%s: over %d commands before login", self.peer, self.max_commands_before_login)
+                self._continuation = None
+                yield wire.err("Too many commands before login.")
+                self._close()
+                return
         # PASS takes the rest of the line, and Django allows long passwords: it gets the continuation limit.
         long_ok = self._continuation is not None or raw[:5].upper() == b"PASS "
         limit = self.continuation_line_limit if long_ok else self.command_line_limit
@@ -347,6 +359,14 @@ class Pop3Session:
             self._bad_commands = 0
             if exc.close_connection:
                 self._close()
+        except ServerBusy as exc:
+            # The database is out of reach for now (the server logged it once for all sessions): [SYS/TEMP],
+            # and the session goes on; after output began, only closing keeps the stream well-formed.
+            self._continuation = None
+            if started:
+                self._close()
+                return
+            yield wire.err(exc.reply)
         except MessageExpunged:
             # Before any output, RETR and TOP answer "-ERR Message N expunged." themselves.
             log.warning("%s: a message was expunged while it was being sent; closing", self.peer)
@@ -689,6 +709,9 @@ class Pop3Session:
         deleted = sorted(maildrop.numbers_to_remove())
         try:
             maildrop.commit()
+        except ServerBusy:  # logged by the server, once for all sessions
+            self._close()
+            return wire.err(COMMIT_FAILED)
         except Exception:
             log.exception("%s: QUIT: committing %d deletions failed", self.peer, len(deleted))
             self._close()  # releases the lock; nothing was deleted; the state stays TRANSACTION

@@ -27,6 +27,7 @@ from ..logins.authenticator import DjangoAuthenticator, printable
 from ..logins.peers import plaintext_allowed
 from ..protocol.session import Pop3Session, State
 from ..protocol.wire import FLUSH
+from ..storage.gate import connection_wanted, holding_connection, in_budget, release_connection
 from ..storage.retention import expire_before_login
 from . import metrics
 from .proxy_protocol import ProxyHeader, ProxyHeaderError, read_header
@@ -38,8 +39,10 @@ RECV_SIZE = 64 * 1024
 # Replies are coalesced up to this many octets per write (few writes: see PITFALLS on Nagle).
 WRITE_COALESCE = 256 * 1024
 MAX_IOVEC = 512  # buffers per sendmsg (Linux allows 1024)
-# A session idle this long gives its database connection back (PostgreSQL allows ~100 in all).
+# A session waiting for its client keeps its database connection (and its slot of the budget) this long at
+# most, and only while no other session of the process waits for one; it looks every DB_IDLE_SLICE.
 DB_IDLE_CLOSE = 1.0
+DB_IDLE_SLICE = 0.05
 
 
 # TCP keepalive: a client that vanished (a phone changing networks) frees its session and mailbox lock in
@@ -93,9 +96,10 @@ class SessionEnded(Exception):
 
 class ConnectionHandler(socketserver.BaseRequestHandler):
     """One connection of any protocol, in its own thread: reads with deadlines (giving the database connection
-    back while idle), batched writes, the TLS handshake."""
+    back before waiting on the client), batched writes, the TLS handshake."""
 
     server: ThreadedServer  # noqa: F821 (popserver.server.listener)
+    shutdown_notice: bytes | None = None  # said to a waiting client when the server stops
 
     def setup(self) -> None:
         self.sock: socket.socket = self.request
@@ -107,6 +111,7 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
         self.autologout = get_setting("AUTOLOGOUT")
         self.login_timeout = get_setting("LOGIN_TIMEOUT")
         self.readable = self.writable = None  # poll objects once ``use_poll`` is on
+        self.told_shutdown = False
         set_socket_options(self.sock)
 
     def use_poll(self) -> None:
@@ -121,15 +126,18 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
         self.sock.setblocking(False)
         self.readable, self.writable = select.poll(), select.poll()
         self.readable.register(self.sock, select.POLLIN)
+        self.readable.register(self.server.registry.stop_fd, select.POLLIN)  # a stop wakes a waiting read
         self.writable.register(self.sock, select.POLLOUT)
 
     # TLS ------------------------------------------------------------------------------------------------
     def handshake(self) -> None:
         """Wrap the socket in TLS, in this session's thread, with a deadline (never in the accept loop)."""
+        release_connection()  # the handshake waits for the client
         context = self.server.tls.context
         self.readable = self.writable = None  # from here on the TLS socket's own timeouts
-        # One deadline for the whole handshake, not per recv(): a byte every few seconds gains nothing.
-        deadline = time.monotonic() + min(HANDSHAKE_TIMEOUT, self.login_timeout)
+        # One deadline for the whole handshake, not per recv(): a byte every few seconds gains nothing. It is
+        # also within the pre-login deadline.
+        deadline = min(time.monotonic() + HANDSHAKE_TIMEOUT, self.connected_at + self.login_timeout)
         try:
             self.sock = context.wrap_socket(self.sock, server_side=True, do_handshake_on_connect=False)
             if not self.server.registry.rewrap(self.request, self.sock):
@@ -140,15 +148,18 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
                     self.sock.do_handshake()
                     break
                 except ssl.SSLWantReadError:
-                    wait = ([self.sock], [])
+                    events = select.POLLIN
                 except ssl.SSLWantWriteError:
-                    wait = ([], [self.sock])
+                    events = select.POLLOUT
                 remaining = deadline - time.monotonic()
-                if remaining <= 0 or not any(select.select(*wait, [], remaining)[:2]):
+                if remaining <= 0 or not self.wait_for(events, remaining):
+                    if self.server.stop_event.is_set():
+                        raise SessionEnded("Server shutting down")
                     self.handshake_ended("timeout")
                     raise SessionEnded("TLS handshake timed out")
             self.sock.setblocking(True)
         except (ssl.SSLError, OSError, ValueError) as exc:
+            # The peer (or a cut to make room) dropped it mid-handshake: the session-end line says so.
             self.handshake_ended("failed")
             raise SessionEnded(f"TLS handshake failed: {exc.__class__.__name__}") from None
         self.handshake_ended("ok")
@@ -156,10 +167,22 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
     def handshake_ended(self, result: str) -> None:
         """A TLS handshake ended: "ok", "failed" or "timeout" (for a protocol's metrics)."""
 
+    def wait_for(self, events: int, timeout: float) -> bool:
+        """Wait until the socket is ready for ``events`` (or closed), the server stops, or ``timeout``
+        passes; True if the socket is ready. ``poll``, not ``select``: descriptors may be over 1023."""
+        if events & select.POLLIN and isinstance(self.sock, ssl.SSLSocket) and self.sock.pending():
+            return True
+        poller = select.poll()
+        poller.register(self.sock.fileno(), events)
+        poller.register(self.server.registry.stop_fd, select.POLLIN)
+        ready = poller.poll(max(timeout, 0.0) * 1000)
+        return any(fd == self.sock.fileno() for fd, _ in ready)
+
     # Input ----------------------------------------------------------------------------------------------
     def read(self, deadline: float, timeout_reply: bytes) -> bytes:
         """Bytes from the client by ``deadline`` (monotonic), else ``timeout_reply`` is sent and the session
-        ends. A connection idle for DB_IDLE_CLOSE gives its database connection back meanwhile."""
+        ends. While it waits, the session gives its database connection back as soon as another session
+        wants one (or after DB_IDLE_CLOSE); a server that stops wakes it to say so."""
         readable = self.readable
         now = time.monotonic()
         if readable is not None and now < deadline:  # what pipelining clients sent is often here already
@@ -172,34 +195,53 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
                     raise SessionEnded("Connection closed")
                 return data
         idle_since = now
-        db_released = False
+        close_when_idle = not in_budget()  # a thread outside the budget (LMTP) closes after DB_IDLE_CLOSE
         while True:
             now = time.monotonic()
             if self.server.stop_event.is_set():
+                self.tell_shutdown()
                 raise SessionEnded("Server shutting down")
             remaining = deadline - now
             if remaining <= 0:
                 self.send_quietly(timeout_reply)
                 raise SessionEnded("Inactivity")
-            wait = remaining if db_released else min(remaining, max(0.0, idle_since + DB_IDLE_CLOSE - now))
+            wait = remaining
+            if holding_connection():
+                if connection_wanted() or now - idle_since >= DB_IDLE_CLOSE:
+                    release_connection()
+                else:
+                    wait = min(remaining, DB_IDLE_SLICE)
+            elif close_when_idle:
+                if now - idle_since >= DB_IDLE_CLOSE:
+                    connections.close_all()
+                    close_when_idle = False
+                else:
+                    wait = min(remaining, idle_since + DB_IDLE_CLOSE - now)
             try:
                 if readable is None:
-                    self.sock.settimeout(max(wait, 0.001))
+                    if not self.wait_for(select.POLLIN, wait):
+                        continue
+                    self.sock.settimeout(
+                        max(remaining, 0.001)
+                    )  # readable: a TLS record may still be arriving
                     data = self.sock.recv(RECV_SIZE)
                 elif readable.poll(max(wait * 1000, 1)):
                     data = self.sock.recv(RECV_SIZE)
                 else:
-                    raise TimeoutError
-            except BlockingIOError:  # a wake-up without data
-                continue
-            except TimeoutError:
-                if not db_released:
-                    connections.close_all()  # idle: give the database connection back
-                    db_released = True
+                    continue
+            except (BlockingIOError, TimeoutError):  # a wake-up without data (a stop, or a TLS record part)
                 continue
             if not data:
+                if self.server.stop_event.is_set():
+                    raise SessionEnded("Server shutting down")
                 raise SessionEnded("Connection closed")
             return data
+
+    def tell_shutdown(self) -> None:
+        """RFC 3206 s.4 (as Dovecot): say why the connection ends when the server stops."""
+        if self.shutdown_notice and not self.told_shutdown:
+            self.told_shutdown = True
+            self.send_quietly(self.shutdown_notice)
 
     # Output ---------------------------------------------------------------------------------------------
     def write_timeout(self) -> float:
@@ -233,15 +275,36 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
         return total
 
     def write(self, buffers: list[bytes]) -> None:
-        """Send ``buffers`` whole: one ``sendmsg`` gather-write (no join) with poll, joined under TLS. A client
-        that stops reading is dropped after ``write_timeout()`` without progress."""
-        if self.writable is not None:
-            send_buffers(self.sock, buffers, self.wait_writable)
-            return
-        self.sock.settimeout(self.write_timeout())
-        self.sock.sendall(buffers[0] if len(buffers) == 1 else b"".join(buffers))
+        """Send ``buffers`` whole: one ``sendmsg`` gather-write (no join) with poll, joined under TLS.
+
+        A write that would wait for the client first gives the session's database connection back; a client
+        that stops reading is dropped after ``write_timeout()`` (before login: at the login deadline)."""
+        try:
+            if self.writable is not None:
+                send_buffers(self.sock, buffers, self.wait_writable)
+            else:
+                self._write_tls(buffers[0] if len(buffers) == 1 else b"".join(buffers))
+        except TimeoutError:
+            raise SessionEnded("Inactivity (the client does not read)") from None
+
+    def _write_tls(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            # After a would-block, OpenSSL wants the same bytes again: the retry starts where this try did.
+            if holding_connection():
+                self.sock.settimeout(0.0)
+                try:
+                    sent = self.sock.send(view)
+                except (ssl.SSLWantWriteError, ssl.SSLWantReadError, BlockingIOError):
+                    release_connection()
+                    continue
+            else:
+                self.sock.settimeout(self.write_timeout())
+                sent = self.sock.send(view)
+            view = view[sent:]
 
     def wait_writable(self) -> None:
+        release_connection()  # the client is not reading: no database connection is held meanwhile
         if not self.writable.poll(self.write_timeout() * 1000):
             raise TimeoutError("the client stopped reading")
 
@@ -256,6 +319,8 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
 
 class Pop3Handler(ConnectionHandler):
     """Runs one ``Pop3Session`` over one socket, in the connection's own thread."""
+
+    shutdown_notice = b"-ERR [SYS/TEMP] Server shutting down.\r\n"
 
     def setup(self) -> None:
         super().setup()
@@ -309,7 +374,8 @@ class Pop3Handler(ConnectionHandler):
                 reason = "Closed by server"
         except SessionEnded as ended:
             reason = ended.reason
-        except (TimeoutError, ConnectionError, OSError) as exc:
+        except (TimeoutError, ConnectionError, OSError, ValueError) as exc:
+            # OSError includes ssl.SSLError; ValueError: a TLS socket closed under us (dropped to make room)
             reason = "Connection closed" if not self.server.stop_event.is_set() else "Server shutting down"
             logger.debug("%s: %s", self.peer, exc)
         finally:
@@ -319,7 +385,7 @@ class Pop3Handler(ConnectionHandler):
             # it ends (``remove``), so a shutdown waits for that bookkeeping.
             self.server.registry.release_slot(self.request)
             self.log_session_end(session, reason, authenticator)
-            connections.close_all()
+            release_connection()
             if self.sock is not self.request:
                 self.sock.close()  # the TLS wrapper; the server closes the accepted socket
 
@@ -435,6 +501,17 @@ class Pop3Handler(ConnectionHandler):
         session.plaintext_allowed = self.plaintext_allowed(tls_active=True)
 
     # Input ----------------------------------------------------------------------------------------------
+    def write_timeout(self) -> float:
+        """Before login, what is left of the login deadline: a client that never reads cannot outstay
+        POPSERVER_LOGIN_TIMEOUT by blocking our writes. After it, the autologout."""
+        session = self.session
+        if session is None or session.state is State.AUTHORIZATION:
+            remaining = self.connected_at + self.login_timeout - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("the login time is over")
+            return remaining
+        return self.autologout
+
     def receive(self, session: Pop3Session, line_deadline: float) -> bytes:
         """Bytes from the client, within the deadline that applies: before login the whole login time
         (Dovecot: 3 minutes), after it the autologout per line (RFC 1939 s.3), not per ``recv()``."""

@@ -20,10 +20,13 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
-from django.db import connections
+from django.db import OperationalError, connections
 
-from ..conf import get_setting, node_name
+from ..conf import get_setting, node_name, worker_share
+from ..exceptions import ServerBusy
 from ..logins.peers import is_trusted_peer, is_trusted_proxy, peer_group
+from ..overload import database_unavailable, refused, summary
+from ..storage.gate import ConnectionGate, release_connection
 from ..storage.lock import refresh_heartbeats, release_all_live_locks, release_dead_locks
 from . import metrics
 from .handler import Pop3Handler
@@ -53,7 +56,8 @@ def parse_address(text: str, default_port: int = 8110) -> tuple[str, int]:
 
 class SessionRegistry:
     """Live connections of one server process (all its listeners), keyed by the accepted socket: the session
-    cap and the cap on unauthenticated connections per IP (IPv6: per /64).
+    cap and the cap on unauthenticated connections per IP (IPv6: per /64), this process's share of the
+    server's (``worker_share``: each of N workers gets 1/N).
 
     A connection is idle before login (it may be dropped to make room), logging in (a password check is
     running: never dropped) or logged in. A dropped or finished connection gives its slot back at once but is
@@ -70,6 +74,58 @@ class SessionRegistry:
         self._dropped: set[socket.socket] = set()  # cut to make room; their threads are ending
         self._slot_free: set[socket.socket] = set()  # dropped or finished, thread still running
         self._emptied = threading.Condition(self._guard)
+        # Readable once the server stops: sessions waiting for their client wake up, say why, and end.
+        self._stop_read, self._stop_write = os.pipe()
+        # With workers: one flag per worker in memory they share, 1 while that worker has a free slot.
+        self._room_flags = None
+        self._room_index = 0
+        self._room_changed = threading.Condition(self._guard)
+
+    @property
+    def stop_fd(self) -> int:
+        return self._stop_read
+
+    def announce_stop(self) -> None:
+        try:
+            os.write(self._stop_write, b"x")
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        for fd in (self._stop_read, self._stop_write):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def share_room(self, flags, index: int) -> None:
+        """Publish this worker's free slots in ``flags[index]`` (shared memory) and read the others': a full
+        worker leaves new connections to one with room instead of refusing them."""
+        self._room_flags, self._room_index = flags, index
+        with self._guard:
+            self._publish_room()
+
+    def _has_room(self) -> bool:
+        return len(self._sockets) - len(self._slot_free) < worker_share("MAX_SESSIONS")
+
+    def _publish_room(self) -> None:  # under _guard
+        if self._room_flags is not None:
+            self._room_flags[self._room_index] = 1 if self._has_room() else 0
+        self._room_changed.notify_all()
+
+    def defer_accept(self, wait: float = 0.01) -> bool:
+        """True if this worker is full while another has room: it waits a moment (for a slot of its own or
+        for the other to take the connection) and does not accept now."""
+        flags = self._room_flags
+        if flags is None:
+            return False
+        with self._guard:
+            if self._has_room():
+                return False
+            if not any(flag for i, flag in enumerate(flags) if i != self._room_index):
+                return False  # every worker is full: accept, to make room or refuse with a reply
+            self._room_changed.wait(wait)
+            return True
 
     def __len__(self) -> int:
         with self._guard:
@@ -93,7 +149,7 @@ class SessionRegistry:
                 if evicted is None:
                     metrics.connection_refused("per_ip")
                     return False
-            elif len(self._sockets) - len(self._slot_free) >= get_setting("MAX_SESSIONS"):
+            elif len(self._sockets) - len(self._slot_free) >= worker_share("MAX_SESSIONS"):
                 if not self._unauthenticated:
                     metrics.connection_refused("full")
                     return False
@@ -107,8 +163,9 @@ class SessionRegistry:
             if droppable:
                 self._unauthenticated[sock] = group
                 self._unauthenticated_by_group.setdefault(group, OrderedDict())[sock] = None
+            self._publish_room()
         if evicted is not None:
-            logger.info("making room for %s: dropping the oldest idle unauthenticated connection", peer_ip)
+            _making_room()
             metrics.connection_dropped()
             disconnect(cut)
         return True
@@ -136,7 +193,7 @@ class SessionRegistry:
             self._unauthenticated[sock] = group
             self._unauthenticated_by_group.setdefault(group, OrderedDict())[sock] = None
         if evicted is not None:
-            logger.info("making room for %s: dropping the oldest idle unauthenticated connection", peer_ip)
+            _making_room()
             metrics.connection_dropped()
             disconnect(cut)
         return True
@@ -144,7 +201,7 @@ class SessionRegistry:
     def _group_is_full(self, group: str) -> bool:
         waiting = self._unauthenticated_by_group.get(group, {})
         logging_in = sum(1 for g in self._logging_in.values() if g == group)
-        return len(waiting) + logging_in >= get_setting("MAX_UNAUTHENTICATED_PER_IP")
+        return len(waiting) + logging_in >= worker_share("MAX_UNAUTHENTICATED_PER_IP")
 
     def _oldest_idle(self, group: str) -> socket.socket | None:
         return next(iter(self._unauthenticated_by_group.get(group, {})), None)
@@ -193,6 +250,7 @@ class SessionRegistry:
                 self._forget_unauthenticated(sock)
                 self._logging_in.pop(sock, None)
                 self._slot_free.add(sock)
+                self._publish_room()
 
     def remove(self, sock: socket.socket) -> None:
         """The connection's thread has ended."""
@@ -202,6 +260,7 @@ class SessionRegistry:
             self._logging_in.pop(sock, None)
             self._dropped.discard(sock)
             self._slot_free.discard(sock)
+            self._publish_room()
             self._emptied.notify_all()
 
     def disconnect_all(self) -> None:
@@ -221,10 +280,21 @@ class SessionRegistry:
             return True
 
 
+def _making_room() -> None:
+    refused(
+        "making-room",
+        "full: dropping the oldest idle unauthenticated connection to make room for a new one",
+        level=logging.INFO,
+    )
+
+
 def disconnect(sock: socket.socket) -> None:
-    """Cut a connection from another thread; its handler's recv() or send() then fails and it ends."""
+    """Cut a connection from another thread; its handler's recv() or send() then fails and it ends.
+
+    At the socket's level even for TLS: ``SSLSocket.shutdown`` also drops the TLS object, under the feet of
+    the thread that may be in its handshake (which then failed with an AttributeError and a traceback)."""
     try:
-        sock.shutdown(socket.SHUT_RDWR)
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
     except OSError:
         pass
 
@@ -244,6 +314,7 @@ class ThreadedServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
     busy_reply = b"-ERR [SYS/TEMP] Too many connections, try again later.\r\n"  # when there is no room
     droppable = True  # an idle connection may be dropped to make room (see SessionRegistry.admit)
     holds_mailbox_locks = True  # its sessions take mailbox locks (released by stop_servers)
+    uses_connection_budget = True  # its sessions' database connections count against the gate
 
     def __init__(
         self,
@@ -257,13 +328,17 @@ class ThreadedServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
         socket_mode: int | None = None,
         proxy_protocol: bool = False,
         is_trusted_proxy: Callable[[str], bool] = is_trusted_proxy,
+        gate: ConnectionGate | None = None,
+        sock: socket.socket | None = None,
     ):
         """``registry`` is shared by all listeners of a process (its limits are per process). ``tls`` enables
         STLS (or, with ``implicit_tls``, TLS from the first byte: RFC 8314); ``is_trusted(peer_ip)`` decides
         which peers count as local for the plaintext policy (tests inject it to play a remote peer while
         binding to 127.0.0.1 only). ``socket_mode``: the permissions of a UNIX socket (e.g. ``0o660``). With
         ``proxy_protocol`` every connection must come from a proxy (``is_trusted_proxy``) and start with a
-        PROXY header (``proxy_protocol.py``)."""
+        PROXY header (``proxy_protocol.py``). ``gate``: the process's budget of database connections (shared
+        by its listeners). ``sock``: a listening socket bound by someone else (the parent of ``runpop3
+        --workers``), shared with other processes."""
         if implicit_tls and tls is None:
             raise ValueError("implicit TLS needs a certificate")
         self.tls, self.implicit_tls, self.is_trusted = tls, implicit_tls, is_trusted
@@ -277,8 +352,17 @@ class ThreadedServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
             address = (host, port)
         self.request_queue_size = get_setting("LISTEN_BACKLOG")
         self.stop_event = stop_event or threading.Event()
-        self.registry = registry or SessionRegistry()
-        super().__init__(address, self.handler_class)
+        # "is None", not "or": an empty registry is falsy (len 0), and listeners must share theirs
+        self.registry = registry if registry is not None else SessionRegistry()
+        self.gate = gate if gate is not None else ConnectionGate()
+        super().__init__(address, self.handler_class, bind_and_activate=sock is None)
+        if sock is not None:
+            self.socket.close()
+            self.socket = sock
+            # Workers share the listening socket: a worker that lost the race for a connection must get
+            # EAGAIN from accept(), not block in it (where it would not see a shutdown).
+            sock.setblocking(False)
+            self.server_address = sock.getsockname()
 
     @property
     def is_unix(self) -> bool:
@@ -287,6 +371,12 @@ class ThreadedServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
     @property
     def port(self) -> int:
         return self.server_address[1]
+
+    def get_request(self):
+        """Accept, unless this worker is full while another has room (then the other accepts it)."""
+        if self.registry.defer_accept():
+            raise BlockingIOError()  # socketserver skips this round
+        return super().get_request()
 
     @property
     def display_address(self) -> str:
@@ -335,7 +425,9 @@ class ThreadedServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
         else:
             trusted = self.is_trusted(peer_ip)
         if not self.registry.admit(request, peer_ip, trusted=trusted, droppable=self.droppable):
-            logger.warning("refusing %s: no room (%d connections)", peer_ip, len(self.registry))
+            refused(
+                "no-room", f"refusing connections: no room ({len(self.registry)} connections in this process)"
+            )
             if not self.implicit_tls:  # a TLS client could not read a plaintext line anyway
                 self.refuse(request, self.busy_reply)
             self.shutdown_request(request)
@@ -365,14 +457,18 @@ class ThreadedServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
             pass
 
     def process_request_thread(self, request, client_address) -> None:
-        try:
-            self.finish_request(request, client_address)
-        except Exception:  # noqa: BLE001 - the connection's last resort: logged, never kills the server
-            self.handle_error(request, client_address)
-        finally:
-            self.registry.remove(request)
-            self.shutdown_request(request)
-            connections.close_all()
+        # A POP3 session's database connections count against the budget (LMTP's are the MTA's: see README).
+        with self.gate.budgeted() if self.uses_connection_budget else contextlib.nullcontext():
+            try:
+                self.finish_request(request, client_address)
+            except Exception:  # noqa: BLE001 - the connection's last resort: logged, never kills the server
+                self.handle_error(request, client_address)
+            finally:
+                self.registry.remove(request)
+                self.shutdown_request(request)
+                release_connection()
+                if not self.uses_connection_budget:
+                    connections.close_all()
 
     def handle_error(self, request, client_address) -> None:
         logger.exception("unexpected error in the session of %s", client_address)
@@ -410,9 +506,15 @@ def remove_stale_socket(path: str) -> None:
         probe.close()
 
 
+# How long sessions get at a stop to hear "-ERR [SYS/TEMP] Server shutting down." and end on their own before
+# the rest are cut (a session in the middle of a large RETR to a slow client would never end by itself).
+SHUTDOWN_NOTICE_WAIT = 1.0
+
+
 def stop_servers(servers: list[ThreadedServer], grace: float | None = None) -> None:
-    """Stop accepting on every listener, end open sessions without UPDATE, wait for them once, then release
-    any lock still held. Call from a thread other than the ones in ``serve_forever()``."""
+    """Stop accepting on every listener, end open sessions without UPDATE (each is told first, when it is
+    waiting for its client), wait for them once, then release any lock still held. Call from a thread other
+    than the ones in ``serve_forever()``."""
     for server in servers:
         server.stop_event.set()
     for server in servers:
@@ -420,29 +522,46 @@ def stop_servers(servers: list[ThreadedServer], grace: float | None = None) -> N
         server.server_close()
     registries = {id(server.registry): server.registry for server in servers}.values()
     for registry in registries:
-        registry.disconnect_all()
-    deadline = time.monotonic() + (get_setting("SHUTDOWN_GRACE") if grace is None else grace)
+        registry.announce_stop()
+    grace = get_setting("SHUTDOWN_GRACE") if grace is None else grace
+    started = time.monotonic()
     for registry in registries:
-        registry.wait_empty(max(0.0, deadline - time.monotonic()))
+        registry.wait_empty(max(0.0, started + min(SHUTDOWN_NOTICE_WAIT, grace) - time.monotonic()))
+    for registry in registries:
+        registry.disconnect_all()
+    for registry in registries:
+        registry.wait_empty(max(0.0, started + grace - time.monotonic()))
     if any(server.holds_mailbox_locks for server in servers):
-        release_all_live_locks()
+        gate = servers[0].gate
+        with gate.budgeted():
+            release_all_live_locks()
+    for registry in registries:
+        if not len(registry):
+            registry.close()
+    summary.flush()
 
 
 class LockHeartbeat(threading.Thread):
-    """Refreshes this process's lock heartbeats so other servers do not take a live session's lock."""
+    """Refreshes this process's lock heartbeats so other servers do not take a live session's lock (with a
+    connection of the process's budget, like any session)."""
 
-    def __init__(self, stop_event: threading.Event):
+    def __init__(self, stop_event: threading.Event, gate: ConnectionGate):
         super().__init__(daemon=True, name="pop3 lock heartbeat")
-        self.stop_event = stop_event
+        self.stop_event, self.gate = stop_event, gate
 
     def run(self) -> None:
-        while not self.stop_event.wait(get_setting("LOCK_HEARTBEAT")):
-            try:
-                refresh_heartbeats()
-            except Exception:
-                logger.exception("could not refresh the lock heartbeats")
-            finally:
-                connections.close_all()
+        with self.gate.budgeted():
+            while not self.stop_event.wait(get_setting("LOCK_HEARTBEAT")):
+                try:
+                    refresh_heartbeats()
+                except ServerBusy:
+                    pass  # logged by the gate; the next beat comes well within LOCK_STALE_AFTER
+                except OperationalError as exc:
+                    database_unavailable(exc, "lock heartbeats")
+                except Exception:
+                    logger.exception("could not refresh the lock heartbeats")
+                finally:
+                    release_connection()
 
 
 def start_servers(
@@ -453,21 +572,34 @@ def start_servers(
     implicit_tls_addresses: list[tuple[str, int]] = (),
     is_trusted: Callable[[str], bool] = is_trusted_peer,
     proxy_protocol: bool = False,
+    sockets: list[tuple[socket.socket, bool]] = (),
+    room: tuple | None = None,
 ) -> list[Pop3Server]:
-    """Free this node's dead locks, bind every listener, start their loops and the lock heartbeat.
-    ``proxy_protocol`` applies to every listener (plain and implicit TLS)."""
-    release_dead_locks()
-    connections.close_all()
+    """Free this node's dead locks, bind every listener (or serve ``sockets``, (listening socket, implicit
+    TLS) pairs bound by a parent process), start their loops and the lock heartbeat. ``proxy_protocol``
+    applies to every listener (plain and implicit TLS). ``room``: (shared flags, this worker's index) for
+    workers (``SessionRegistry.share_room``).
+
+    The process's session registry and its share of the database-connection budget are made here, once
+    for all its listeners."""
+    gate = ConnectionGate()
+    with gate.budgeted():
+        release_dead_locks()
     registry = SessionRegistry()
+    if room is not None:
+        registry.share_room(*room)
     options = {
         "stop_event": stop_event,
         "tls": tls,
         "is_trusted": is_trusted,
         "registry": registry,
         "proxy_protocol": proxy_protocol,
+        "gate": gate,
     }
     servers = [Pop3Server(a, **options) for a in addresses]
     servers += [Pop3Server(a, implicit_tls=True, **options) for a in implicit_tls_addresses]
+    for sock, implicit_tls in sockets:
+        servers.append(Pop3Server(sock.getsockname()[:2], implicit_tls=implicit_tls, sock=sock, **options))
     for server in servers:
         threading.Thread(
             target=server.serve_forever,
@@ -478,5 +610,19 @@ def start_servers(
         kind = "POP3S (implicit TLS)" if server.implicit_tls else "POP3" + (" with STLS" if tls else "")
         kind += " behind a proxy (PROXY protocol)" if proxy_protocol else ""
         logger.info("%s server listening on %s (node %s)", kind, server.display_address, node_name())
-    LockHeartbeat(stop_event).start()
+    LockHeartbeat(stop_event, gate).start()
     return servers
+
+
+def bind_listener(address: tuple[str, int]) -> socket.socket:
+    """A listening socket on ``address``, for worker processes to share (``runpop3 --workers``)."""
+    host, port = address
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(get_setting("LISTEN_BACKLOG"))
+    except BaseException:
+        sock.close()
+        raise
+    return sock

@@ -105,6 +105,7 @@ class LmtpServer(ThreadedServer):
     busy_reply = b"421 4.3.2 Too many connections, try again later\r\n"
     droppable = False  # the MTA may be mid-delivery: never cut to make room
     holds_mailbox_locks = False
+    uses_connection_budget = False  # the MTA's deliveries: counted apart (README: the arithmetic)
 
     def __init__(self, address: tuple[str, int] | str, *, handler_factory: HandlerFactory, **options) -> None:
         self.handler_factory = handler_factory

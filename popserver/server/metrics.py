@@ -14,13 +14,16 @@ first, and every forked worker inherits both), serves ``/metrics`` from the file
 ``worker_started()`` in each worker after the fork and ``process_exited(pid)`` when it reaps one (its
 live gauges go; its counters stay, so totals never go down).
 
-Database errors and lost locks are counted as the server logs them (a handler on the ``popserver`` logger,
-level ERROR): every place that meets one already logs it, and none of them needs to know about metrics.
+Database errors are counted where the server reports them: ``overload.database_unavailable`` (the errors
+load explains, logged a line per interval) tells its observers, and a handler on the ``popserver`` logger
+(level ERROR) sees the others, and lost locks, as they are logged with their exception: every place that
+meets one already reports it, and none of them needs to know about metrics.
 The metrics are runpop3's: ``runlmtp`` does not enable them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -33,6 +36,7 @@ from bisect import bisect_left
 from socketserver import ThreadingMixIn
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
+from .. import overload
 from ..conf import node_name
 from ..exceptions import (
     AuthenticationFailed,
@@ -302,6 +306,12 @@ def worker_started() -> None:
         _state.after_fork()
 
 
+def worker_stopping() -> None:
+    """In a worker about to exit: what its sessions still open have counted goes into its files."""
+    if _state is not None:
+        _state.flush()
+
+
 def process_exited(pid: int) -> None:
     """In the parent, when a worker has been reaped: its live gauges (open sessions) stop counting."""
     if _state is not None and _state.directory is not None:
@@ -422,6 +432,7 @@ class _Metrics:
         self.node.labels(node_name()).set(1)
         self.errors = _ErrorObserver(self)
         logging.getLogger("popserver").addHandler(self.errors)
+        overload.database_error_observers.append(self.database_unavailable)
         self.start_flusher()
 
     def bind(self, module: dict) -> None:
@@ -517,6 +528,11 @@ class _Metrics:
     def database_error(self, name: str) -> None:
         self._database.get(name, self._database["DatabaseError"]).inc()
 
+    def database_unavailable(self, exc: BaseException) -> None:
+        """One of the errors that load explains (``overload.database_unavailable``: logged a line per
+        interval, so not seen by the log observer)."""
+        self.database_error(type(exc).__name__)
+
     def exposition_registry(self):
         if self.directory is None:
             return self.registry
@@ -531,6 +547,8 @@ class _Metrics:
         self.stopping.set()
         self.flush()
         logging.getLogger("popserver").removeHandler(self.errors)
+        with contextlib.suppress(ValueError):
+            overload.database_error_observers.remove(self.database_unavailable)
         if self.http is not None:
             self.http.stop()
             self.http = None
@@ -561,7 +579,8 @@ class _ErrorObserver(logging.Handler):
             if isinstance(exc, CommitFailed) and "lock" in str(exc):
                 self.metrics._lock["lost"].inc()
                 return
-            exc = exc.__cause__ or exc.__context__
+            # What caused it; not what it replaced with "raise ... from None" (counted where it was seen).
+            exc = exc.__cause__ if exc.__cause__ is not None or exc.__suppress_context__ else exc.__context__
 
 
 # The HTTP side -------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from ..conf import get_setting, node_name
 from ..exceptions import MailboxInUse
 from ..models import Mailbox
 from .deletion import BATCH_SIZE, batched
+from .gate import using_database
 from .writelock import one_writer
 
 logger = logging.getLogger("popserver.storage")
@@ -190,7 +191,7 @@ def refresh_heartbeats() -> int:
     touched = 0
     now = timezone.now()
     for batch in batched(tokens, BATCH_SIZE):
-        with one_writer():
+        with using_database(), one_writer():
             touched += Mailbox.objects.filter(lock_token__in=batch).update(lock_heartbeat=now)
     return touched
 
@@ -199,9 +200,13 @@ def release_dead_locks() -> int:
     """Free the locks of this node's dead server processes at once (after a kill -9 and a restart)."""
     me = this_process()
     freed = 0
-    for mailbox in Mailbox.objects.filter(lock_host=me.host).exclude(lock_token=""):
-        if lock_is_stale(mailbox):
-            freed += Mailbox.objects.filter(pk=mailbox.pk, lock_token=mailbox.lock_token).update(**FREE)
+    with using_database():
+        for mailbox in Mailbox.objects.filter(lock_host=me.host).exclude(lock_token=""):
+            if lock_is_stale(mailbox):
+                with one_writer():
+                    freed += Mailbox.objects.filter(pk=mailbox.pk, lock_token=mailbox.lock_token).update(
+                        **FREE
+                    )
     if freed:
         logger.info("freed %d lock(s) left by dead server processes on %s", freed, me.host)
     return freed
@@ -213,7 +218,8 @@ def release_all_live_locks() -> int:
         locks = [lock for lock in _live.values() if lock is not None]
     for lock in locks:
         try:
-            lock.release()
+            with using_database():
+                lock.release()
         except Exception:
             logger.exception("could not release the lock of mailbox %s", lock.mailbox_id)
     return len(locks)

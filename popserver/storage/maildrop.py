@@ -9,14 +9,16 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Sequence
 
-from django.db import transaction
+from django.db import OperationalError, transaction
 
-from ..exceptions import CommitFailed
+from ..exceptions import CommitFailed, ServerBusy
+from ..overload import database_unavailable
 from ..models import Mailbox, Message
 from ..protocol.maildrop import Maildrop, MessageInfo
 from ..signals import messages_deleted, send_safely
 from .bodies import REF_FIELDS, BodyRef, read_body, read_small_bodies
 from .deletion import delete_messages
+from .gate import using_database
 from .lock import MailboxLock
 from .retention import RetentionPolicy, hide_messages, policy_of_mailbox, record_first_retrievals
 from .writelock import one_writer
@@ -40,7 +42,8 @@ def open_maildrop(mailbox_id: int, peer: str = "") -> OrmMaildrop:
         messages = Message.objects.visible().filter(mailbox_id=mailbox_id).order_by("id")
         return policy, list(messages.values_list("size", "uid", "has_header_end", *REF_FIELDS))
 
-    lock, (policy, rows) = MailboxLock.take(mailbox_id, peer, then=snapshot)
+    with using_database():
+        lock, (policy, rows) = MailboxLock.take(mailbox_id, peer, then=snapshot)
     return OrmMaildrop(lock, rows, policy)
 
 
@@ -78,11 +81,12 @@ class OrmMaildrop(Maildrop):
         return self.lock.released
 
     def read(self, number: int) -> Iterator[bytes]:
-        # Each chunk is its own short query: no transaction is open while the caller writes to a socket.
+        # Each chunk is its own short query: no transaction is open while the caller writes to a socket,
+        # and between two chunks the connection may go back to the budget.
         body = self._prefetched.pop(number, None)
         if body is not None:
             return iter((body,))
-        return read_body(self.ref(number))
+        return _within_budget(read_body(self.ref(number)))
 
     def prefetch(self, numbers: Sequence[int]) -> int:
         """Read the next small bodies in one query: at most ``PREFETCH_MESSAGES`` of them and
@@ -104,7 +108,11 @@ class OrmMaildrop(Maildrop):
                     octets += size
             taken += 1
         if len(chosen) > 1:
-            bodies = read_small_bodies(chosen)
+            try:
+                with using_database():
+                    bodies = read_small_bodies(chosen)
+            except (ServerBusy, OperationalError):  # no read-ahead now: each RETR reads (or refuses) its own
+                return 0
             self._prefetched = {by_id[message_id]: body for message_id, body in bodies.items()}
         return taken
 
@@ -120,36 +128,71 @@ class OrmMaildrop(Maildrop):
         ids = [self.message_ids[n - 1] for n in numbers]
         octets = sum(self.info(n).size for n in numbers)
         retrieved = [self.message_ids[n - 1] for n in sorted(self.retrieved - marked)]
-        with one_writer(), transaction.atomic():
-            if not self.lock.is_held():
-                raise CommitFailed("the mailbox lock was lost")
-            if self.policy.keep_deleted_days:
-                hide_messages(ids, self.mailbox_id)
-            else:
-                delete_messages(ids, mailbox_id=self.mailbox_id)
-            record_first_retrievals(retrieved)
-            self.lock.free()
-        self.retrieved.clear()
-        self.lock.forget()
-        if ids:
-            mailbox_id = self.mailbox_id
-            # Outside the write lock (a slow receiver must not hold up every writer); at once, or when an
-            # outer transaction commits. robust: the deletions are committed, whatever a receiver does.
-            transaction.on_commit(lambda: _announce_deleted(mailbox_id, len(ids), octets), robust=True)
+        try:
+            with using_database():
+                with one_writer(), transaction.atomic():
+                    if not self.lock.is_held():
+                        raise CommitFailed("the mailbox lock was lost")
+                    if self.policy.keep_deleted_days:
+                        hide_messages(ids, self.mailbox_id)
+                    else:
+                        delete_messages(ids, mailbox_id=self.mailbox_id)
+                    record_first_retrievals(retrieved)
+                    self.lock.free()
+                self.retrieved.clear()
+                self.lock.forget()
+                if ids:
+                    mailbox_id = self.mailbox_id
+                    # Outside the write lock (a slow receiver must not hold up every writer); at once, or when
+                    # an outer transaction commits. robust: the deletions are committed, whatever a receiver does.
+                    transaction.on_commit(
+                        lambda: _announce_deleted(mailbox_id, len(ids), octets), robust=True
+                    )
+        except OperationalError as exc:
+            database_unavailable(exc, "QUIT")
+            raise ServerBusy() from None
 
     def release(self) -> None:
-        """No UPDATE (RFC 1939 s.6), but what was retrieved was retrieved: its first retrieval is recorded."""
-        if self.retrieved and not self.lock.released:
-            ids = [self.message_ids[n - 1] for n in sorted(self.retrieved)]
-            self.retrieved.clear()
+        """No UPDATE (RFC 1939 s.6), but what was retrieved was retrieved: its first retrieval is recorded.
+
+        Under overload the release may not reach the database: the lock is then forgotten here (stale at once
+        for this process, for the others after POPSERVER_LOCK_STALE_AFTER or when this process ends)."""
+        try:
+            with using_database():
+                if self.retrieved and not self.lock.released:
+                    ids = [self.message_ids[n - 1] for n in sorted(self.retrieved)]
+                    self.retrieved.clear()
+                    try:
+                        with one_writer():
+                            record_first_retrievals(ids)
+                    except Exception:  # the lock must still go; the retrieval time is only lost
+                        logger.exception(
+                            "mailbox %s: could not record %d first retrievals", self.mailbox_id, len(ids)
+                        )
+                self.lock.release()
+        except (ServerBusy, OperationalError) as exc:
+            self.lock.forget()
+            if isinstance(exc, OperationalError):
+                database_unavailable(exc, "releasing a mailbox lock")
+
+
+def _within_budget(chunks: Iterator[bytes]) -> Iterator[bytes]:
+    """Each chunk read with a connection of the budget, given back (if wanted) while the caller sends it."""
+    try:
+        while True:
             try:
-                with one_writer():
-                    record_first_retrievals(ids)
-            except Exception:  # the lock must still go; the retrieval time is only lost
-                logger.exception(
-                    "mailbox %s: could not record %d first retrievals", self.mailbox_id, len(ids)
-                )
-        self.lock.release()
+                with using_database():
+                    chunk = next(chunks)
+            except StopIteration:
+                return
+            except OperationalError as exc:
+                database_unavailable(exc, "reading a message")
+                raise ServerBusy() from None
+            yield chunk
+    finally:
+        close = getattr(chunks, "close", None)
+        if close is not None:
+            close()
 
 
 def _announce_deleted(mailbox_id: int, count: int, octets: int) -> None:

@@ -25,11 +25,13 @@ from django.db.models import Q, Sum
 from django.utils import timezone
 
 from ..conf import get_setting
-from ..exceptions import MailboxInUse
+from ..exceptions import MailboxInUse, ServerBusy
 from ..models import Mailbox, Message
+from ..overload import refused
 from ..signals import messages_deleted, send_safely
 from ..protocol.wire import expire_value
 from .deletion import BATCH_SIZE, batched, delete_messages
+from .gate import using_database
 from .lock import MailboxLock
 from .writelock import one_writer
 
@@ -81,8 +83,8 @@ def expire_before_login() -> str | None:
     EXPIRE line) when the database cannot say: CAPA must not fail for it."""
     try:
         return _expire_before_login()
-    except DatabaseError:
-        logger.warning("EXPIRE for CAPA before login: the database did not answer; not announced")
+    except (DatabaseError, ServerBusy):  # once per interval under load (popserver.overload)
+        refused("capa-expire", "EXPIRE for CAPA before login: the database did not answer; not announced")
         return None
 
 
@@ -94,9 +96,11 @@ def _expire_before_login() -> str:
         if _before_login and _before_login[1] == site and now - _before_login[0] < BEFORE_LOGIN_CACHE_SECONDS:
             return _before_login[2]
     values: set[int | None] = {site}
-    for policy, days in (
-        Mailbox.objects.exclude(expire_policy="").values_list("expire_policy", "expire_days").distinct()
-    ):
+    with using_database():  # only when the cache is stale: CAPA floods take no connection
+        policies = list(
+            Mailbox.objects.exclude(expire_policy="").values_list("expire_policy", "expire_days").distinct()
+        )
+    for policy, days in policies:
         values.add(days if policy == "days" else NEVER)
     strictest = min(values, key=lambda value: float("inf") if value is None else value)
     tag = expire_value(strictest) + (" USER" if len(values) > 1 else "")

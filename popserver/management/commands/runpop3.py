@@ -1,17 +1,20 @@
-"""``manage.py runpop3 [ADDR:PORT]``: run the POP3 server in the foreground until SIGINT or SIGTERM."""
+"""``manage.py runpop3 [ADDR:PORT] [--workers N|auto]``: run the POP3 server in the foreground until SIGINT or
+SIGTERM (one process, or N worker processes under a supervisor: ``popserver.server.workers``)."""
 
 import errno
-import signal
 import threading
 
+from django.core.checks import Warning as CheckWarning
 from django.core.management.base import BaseCommand, CommandError
 from django.db import DatabaseError
 
-from popserver.conf import get_setting
+from popserver.checks.database import check_connection_budget
+from popserver.conf import get_setting, worker_share
 from popserver.server import metrics
-from popserver.server.listener import parse_address, start_servers, stop_servers
+from popserver.server.listener import bind_listener, parse_address, start_servers, stop_servers
 from popserver.server.node import NodeHeartbeat, NodeNameInUse, claim_node_name, release_node_name
 from popserver.server.tls import TlsConfigError, TlsContextHolder
+from popserver.server.workers import SignalFlags, Supervisor, parse_workers, use_connection_pool
 
 ERRORS = {
     errno.EACCES: "You don't have permission to access that port.",
@@ -38,10 +41,16 @@ class Command(BaseCommand):
             "from the load balancers in POPSERVER_PROXY_TRUSTED_NETWORKS, and closes other connections.",
         )
         parser.add_argument(
+            "--workers",
+            default="1",
+            help="worker processes serving the same listeners (default 1; 'auto': one per core). The "
+            "server's limits and POPSERVER_DB_CONNECTIONS are split between them.",
+        )
+        parser.add_argument(
             "--metrics",
             metavar="ADDR:PORT",
-            help="serve Prometheus metrics on http://ADDR:PORT/metrics (PORT alone: on 127.0.0.1); needs "
-            "the prometheus-client package (pip install 'popserver[metrics]').",
+            help="serve Prometheus metrics on http://ADDR:PORT/metrics (PORT alone: on 127.0.0.1), the sums "
+            "of every worker; needs the prometheus-client package (pip install 'popserver[metrics]').",
         )
 
     def handle(self, *args, **options):
@@ -52,6 +61,15 @@ class Command(BaseCommand):
             metrics_address = self.metrics_address(options["metrics"]) if options["metrics"] else None
         except ValueError as exc:
             raise CommandError(f"Invalid address: {exc}") from None
+        try:
+            workers = parse_workers(options["workers"])
+        except ValueError:
+            raise CommandError(f"--workers: {options['workers']!r} is not a number >= 1 or 'auto'.") from None
+        if workers > get_setting("DB_CONNECTIONS"):
+            raise CommandError(
+                f"--workers {workers}: POPSERVER_DB_CONNECTIONS ({get_setting('DB_CONNECTIONS')}) is the budget of "
+                "all workers together, and each needs at least one connection."
+            )
         certfile = options["certfile"] or get_setting("TLS_CERTFILE")
         keyfile = options["keyfile"] or get_setting("TLS_KEYFILE")
         tls = None
@@ -62,7 +80,6 @@ class Command(BaseCommand):
                 raise CommandError(f"TLS: {exc}") from None
         elif tls_addresses or keyfile:
             raise CommandError("TLS: --tls-port and --keyfile need --certfile (or POPSERVER_TLS_CERTFILE).")
-
         if options["proxy_protocol"] and not get_setting("PROXY_TRUSTED_NETWORKS"):
             raise CommandError(
                 "--proxy-protocol: POPSERVER_PROXY_TRUSTED_NETWORKS is empty, so every connection would be "
@@ -74,68 +91,23 @@ class Command(BaseCommand):
             raise CommandError(str(exc)) from None
         except DatabaseError as exc:
             raise CommandError(f"Database: {exc} (has 'manage.py migrate' run?)") from None
-
-        self.check_body_storage()
+        self.metrics_server = None
         try:
-            metrics_server = self.start_metrics(metrics_address) if metrics_address else None
-        except CommandError:
+            self.check_body_storage()
+            for warning in check_connection_budget(databases=["default"]):
+                if isinstance(warning, CheckWarning):
+                    self.stderr.write(f"{warning.id}: {warning.msg} {warning.hint or ''}".strip())
+            if metrics_address:
+                # Before the listeners (the first connection counts) and before any fork (workers inherit
+                # the multiprocess directory and write their own files in it).
+                self.metrics_server = self.start_metrics(metrics_address, multiprocess=workers > 1)
+            if workers == 1:
+                self.serve_in_this_process(address, tls_addresses, tls, options["proxy_protocol"])
+            else:
+                self.serve_with_workers(address, tls_addresses, tls, workers, options["proxy_protocol"])
+        finally:
+            metrics.disable()
             release_node_name()
-            raise
-        stop = threading.Event()
-        # Signal handlers only set flags: shutdown() must run outside the serving threads.
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, lambda *_: stop.set())
-        reload_requested = threading.Event()
-        # SIGHUP (logrotate, systemctl reload) reloads the certificate; without TLS it is ignored, never fatal.
-        signal.signal(signal.SIGHUP, lambda *_: reload_requested.set())
-        try:
-            servers = start_servers(
-                [address],
-                stop,
-                tls=tls,
-                implicit_tls_addresses=tls_addresses,
-                proxy_protocol=options["proxy_protocol"],
-            )
-        except OSError as exc:
-            release_node_name()
-            metrics.disable()
-            raise CommandError(f"Error: {ERRORS.get(exc.errno, exc.strerror or exc)}") from None
-        NodeHeartbeat(stop).start()
-        listening = [f"{'POP3S' if s.implicit_tls else 'POP3'} on {s.display_address}" for s in servers]
-        if metrics_server is not None:
-            listening.append(f"metrics on http://{metrics_server.display_address}/metrics")
-        self.stdout.write("popserver: " + ", ".join(listening) + ". Quit with CONTROL-C.")
-        self.stdout.flush()
-        while not stop.wait(0.5):
-            if reload_requested.is_set():
-                reload_requested.clear()
-                if tls is not None:
-                    tls.reload()
-        stop_servers(servers)
-        metrics.disable()
-        release_node_name()
-        self.stdout.write("popserver: stopped.")
-
-    @staticmethod
-    def metrics_address(text: str) -> tuple[str, int]:
-        text = str(text).strip()
-        bare_ipv6 = text.count(":") > 1 and not text.startswith("[")
-        if bare_ipv6 or not (text.isdigit() or text.rpartition(":")[2].isdigit()):
-            raise ValueError(f"--metrics {text!r} needs a port (ADDR:PORT or PORT)")
-        return parse_address(text)
-
-    @staticmethod
-    def start_metrics(address: tuple[str, int]) -> metrics.MetricsHttpServer:
-        """Metrics before the listeners: the first connection is counted. One process: its own registry."""
-        try:
-            metrics.enable()
-            return metrics.serve(address)
-        except metrics.MetricsUnavailable as exc:
-            metrics.disable()
-            raise CommandError(str(exc)) from None
-        except OSError as exc:
-            metrics.disable()
-            raise CommandError(f"Metrics: {ERRORS.get(exc.errno, exc.strerror or exc)}") from None
 
     @staticmethod
     def check_body_storage() -> None:
@@ -148,8 +120,97 @@ class Command(BaseCommand):
             if problem:
                 raise CommandError(f"The body storage cannot be used: {problem}")
 
+    def serve_in_this_process(self, address, tls_addresses, tls, proxy_protocol: bool) -> None:
+        # Signal handlers only set flags: shutdown() must run outside the serving threads.
+        signals = SignalFlags()
+        use_connection_pool(worker_share("DB_CONNECTIONS"), get_setting("DB_CONNECTION_WAIT"))
+        stop = threading.Event()
+        try:
+            servers = start_servers(
+                [address], stop, tls=tls, implicit_tls_addresses=tls_addresses, proxy_protocol=proxy_protocol
+            )
+        except OSError as exc:
+            signals.close()
+            raise CommandError(f"Error: {ERRORS.get(exc.errno, exc.strerror or exc)}") from None
+        NodeHeartbeat(stop).start()
+        self.announce([(s.display_address, s.implicit_tls) for s in servers])
+        # SIGHUP (logrotate, systemctl reload) reloads the certificate; without TLS it is ignored, never fatal.
+        try:
+            while not signals.stop_requested:
+                signals.wait(0.5)
+                if signals.take_reload() and tls is not None:
+                    tls.reload()
+        finally:
+            signals.close()
+        stop.set()
+        stop_servers(servers)
+        self.stdout.write("popserver: stopped.")
+
+    def serve_with_workers(self, address, tls_addresses, tls, workers: int, proxy_protocol: bool) -> None:
+        listeners = []
+        try:
+            for listen, implicit_tls in [(address, False)] + [(a, True) for a in tls_addresses]:
+                listeners.append((bind_listener(listen), implicit_tls))
+        except OSError as exc:
+            for sock, _ in listeners:
+                sock.close()
+            raise CommandError(f"Error: {ERRORS.get(exc.errno, exc.strerror or exc)}") from None
+        supervisor = Supervisor(listeners, workers, tls=tls, proxy_protocol=proxy_protocol)
+        stop = threading.Event()
+
+        def ready():
+            NodeHeartbeat(stop).start()  # the node's claim is the parent's (its pid and instance)
+            self.announce([(display(sock), implicit) for sock, implicit in listeners], workers=workers)
+
+        try:
+            supervisor.run(ready)
+        finally:
+            stop.set()
+        for sock, _ in listeners:
+            sock.close()
+        self.stdout.write("popserver: stopped.")
+
+    def announce(self, listeners, workers: int = 1) -> None:
+        serving = [f"{'POP3S' if implicit else 'POP3'} on {where}" for where, implicit in listeners]
+        if self.metrics_server is not None:
+            serving.append(f"metrics on http://{self.metrics_server.display_address}/metrics")
+        self.stdout.write(
+            "popserver: "
+            + ", ".join(serving)
+            + (f" ({workers} workers)" if workers > 1 else "")
+            + ". Quit with CONTROL-C."
+        )
+        self.stdout.flush()
+
+    @staticmethod
+    def metrics_address(text: str) -> tuple[str, int]:
+        text = str(text).strip()
+        bare_ipv6 = text.count(":") > 1 and not text.startswith("[")
+        if bare_ipv6 or not (text.isdigit() or text.rpartition(":")[2].isdigit()):
+            raise ValueError(f"--metrics {text!r} needs a port (ADDR:PORT or PORT)")
+        return parse_address(text)
+
+    @staticmethod
+    def start_metrics(address: tuple[str, int], *, multiprocess: bool) -> metrics.MetricsHttpServer:
+        """One process: its own registry. Workers: prometheus-client's multiprocess mode, served by this
+        (the supervising) process from the files of every worker."""
+        try:
+            metrics.enable(multiprocess=multiprocess)
+            return metrics.serve(address)
+        except metrics.MetricsUnavailable as exc:
+            metrics.disable()
+            raise CommandError(str(exc)) from None
+        except OSError as exc:
+            metrics.disable()
+            raise CommandError(f"Metrics: {ERRORS.get(exc.errno, exc.strerror or exc)}") from None
+
     @staticmethod
     def tls_address(text: str, default_host: str) -> tuple[str, int]:
         if str(text).isdigit():
             return default_host, int(text)
         return parse_address(str(text), default_port=995)
+
+
+def display(sock) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
