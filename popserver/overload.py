@@ -99,8 +99,15 @@ def refused(kind: str, message: str, *, level: int = logging.WARNING) -> None:
     summary.note(kind, message, level=level)
 
 
+# Called with every error ``database_unavailable`` is told of, before the summary log thins them out (the
+# server's metrics count them: ``popserver.server.metrics``).
+database_error_observers: list[Callable[[BaseException], None]] = []
+
+
 def database_unavailable(exc: BaseException, what: str) -> None:
     """A database error that load explains (too many connections, a pool or lock timeout): one summary
     line per interval, no traceback."""
+    for observe in database_error_observers:
+        observe(exc)
     text = " ".join(str(exc).split())[:200] or type(exc).__name__
     refused("database", f"database unavailable ({what}): {type(exc).__name__}: {text}")

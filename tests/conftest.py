@@ -194,13 +194,15 @@ class Runpop3Process:
         self._stderr_reader = threading.Thread(target=self._read_stderr, daemon=True)
         self._stderr_reader.start()
         self.port = 0
-        self.tls_port = None
+        self.tls_port = self.metrics_port = None
         for line in self.proc.stdout:  # blocks until the first line; the fixture's timeout bounds it
             match = re.search(r"POP3 on 127\.0\.0\.1:(\d+)", line)
             if match:
                 self.port = int(match.group(1))
                 if tls := re.search(r"POP3S on 127\.0\.0\.1:(\d+)", line):
                     self.tls_port = int(tls.group(1))
+                if metrics := re.search(r"metrics on http://127\.0\.0\.1:(\d+)/", line):
+                    self.metrics_port = int(metrics.group(1))
                 break
         if not self.port:
             self.proc.wait(timeout=10)

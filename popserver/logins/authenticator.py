@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Callable
 from datetime import timedelta
 from typing import NoReturn
@@ -110,6 +111,12 @@ class DjangoAuthenticator:
         self.last_username = ""
         self.last_mechanism = ""
         self.refusal = ""
+        # About the last login, for the server's metrics: the password was checked as an app password; the
+        # credentials were right but the account may not use POP3 (refused like a wrong password); the
+        # seconds spent in the failed-login delay (not part of the time the login took).
+        self.app_password_tried = False
+        self.account_disabled = False
+        self.failure_delay_waited = 0.0
 
     def __call__(self, username: str, password: str | None, *, mechanism: str = "USER") -> OrmMaildrop:
         """Log in, or raise a ``LoginRefused``. ``password`` None: credentials that cannot be right (the
@@ -117,6 +124,8 @@ class DjangoAuthenticator:
         self.attempts += 1
         self.last_username, self.last_mechanism = username, mechanism
         self._delay_due = False
+        self.app_password_tried = self.account_disabled = False
+        self.failure_delay_waited = 0.0
         try:
             maildrop = self._login(username, password, mechanism)
         except ServerBusy:  # no connection within the wait: logged once for all sessions by the gate
@@ -207,10 +216,14 @@ class DjangoAuthenticator:
         connection is held while queueing for a slot."""
         accepted = get_setting("ACCEPTED_PASSWORDS")
         if accepted in ("app", "both") and looks_like_app_password(password):
+            self.app_password_tried = True
             with using_database():
                 mailbox = self._mailbox_of(login_name)
                 if mailbox is not None and check_app_password(mailbox, password, self.peer):
-                    return mailbox if self._may_log_in(mailbox.user) else None
+                    if self._may_log_in(mailbox.user):
+                        return mailbox
+                    self.account_disabled = True
+                    return None
         if accepted not in ("account", "both"):
             return None
         slots = password_check_slots()
@@ -230,10 +243,11 @@ class DjangoAuthenticator:
         with using_database():
             if scope:  # with the password slot given back first
                 self._refuse(username, login_name, group, mechanism, scope)
-            if user is None or not self._may_log_in(user):
+            if user is None:
                 return None
-            mailbox = mailbox_of_user(user)
+            mailbox = mailbox_of_user(user) if self._may_log_in(user) else None
             if mailbox is None or not mailbox.pop3_enabled:
+                self.account_disabled = True
                 return None
             return mailbox
 
@@ -268,7 +282,9 @@ class DjangoAuthenticator:
         release_connection()
         delay = get_setting("AUTH_FAILURE_DELAY")
         if delay:
+            waiting_since = time.monotonic()
             self.stop_event.wait(delay)
+            self.failure_delay_waited = time.monotonic() - waiting_since
 
     def _audit(self, username: str, mechanism: str, outcome: str, reason: str, mailbox=None) -> None:
         audit.record_login(

@@ -21,7 +21,7 @@ from django.db import connections
 from django.utils import timezone
 
 from ..conf import get_setting, node_name
-from ..exceptions import TemporaryLoginFailure
+from ..exceptions import LoginRefused, MailboxInUse, TemporaryLoginFailure
 from ..logins.audit import session_ended
 from ..logins.authenticator import DjangoAuthenticator, printable
 from ..logins.peers import plaintext_allowed
@@ -29,6 +29,7 @@ from ..protocol.session import Pop3Session, State
 from ..protocol.wire import FLUSH
 from ..storage.gate import connection_wanted, holding_connection, in_budget, release_connection
 from ..storage.retention import expire_before_login
+from . import metrics
 from .proxy_protocol import ProxyHeader, ProxyHeaderError, read_header
 from .tls import HANDSHAKE_TIMEOUT
 
@@ -154,11 +155,17 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
                 if remaining <= 0 or not self.wait_for(events, remaining):
                     if self.server.stop_event.is_set():
                         raise SessionEnded("Server shutting down")
+                    self.handshake_ended("timeout")
                     raise SessionEnded("TLS handshake timed out")
             self.sock.setblocking(True)
         except (ssl.SSLError, OSError, ValueError) as exc:
             # The peer (or a cut to make room) dropped it mid-handshake: the session-end line says so.
+            self.handshake_ended("failed")
             raise SessionEnded(f"TLS handshake failed: {exc.__class__.__name__}") from None
+        self.handshake_ended("ok")
+
+    def handshake_ended(self, result: str) -> None:
+        """A TLS handshake ended: "ok", "failed" or "timeout" (for a protocol's metrics)."""
 
     def wait_for(self, events: int, timeout: float) -> bool:
         """Wait until the socket is ready for ``events`` (or closed), the server stops, or ``timeout``
@@ -319,6 +326,10 @@ class Pop3Handler(ConnectionHandler):
         super().setup()
         self.session: Pop3Session | None = None
         self.proxy_header: ProxyHeader | None = None
+        metrics.session_opened()
+
+    def finish(self) -> None:
+        metrics.session_closed(self.session)
 
     # Main loop ------------------------------------------------------------------------------------------
     def handle(self) -> None:
@@ -339,11 +350,16 @@ class Pop3Handler(ConnectionHandler):
             if self.server.implicit_tls:
                 self.handshake()
             self.use_poll()
-            self.send([session.greeting()])
+            tally = getattr(session, "tally", None)  # with metrics on: the session's command counts
+            greeted = self.send([session.greeting()])
+            if tally is not None:
+                tally.sent += greeted
             line_deadline = time.monotonic() + self.autologout
             while not session.closed:
                 data = self.receive(session, line_deadline)
                 produced = self.send(session.receive(data))
+                if tally is not None:
+                    tally.batch_sent(produced)
                 if produced:
                     line_deadline = time.monotonic() + self.autologout
                 if session.wants_tls:
@@ -391,9 +407,11 @@ class Pop3Handler(ConnectionHandler):
         try:
             header = read_header(self.sock, get_setting("PROXY_HEADER_TIMEOUT"))
         except ProxyHeaderError as exc:
+            metrics.proxy_header(exc.kind)
             if not self.server.stop_event.is_set():
                 logger.warning("closing %s: bad PROXY header (%s)", proxy, exc.reason)
             return False
+        metrics.proxy_header("health_check" if header.local else "ok")
         self.proxy_header = header
         if header.source is not None:
             self.peer_ip, self.peer_port = header.source
@@ -427,16 +445,22 @@ class Pop3Handler(ConnectionHandler):
             # logged in before "+OK Logged in." is sent: from then on the client relies on its slot.
             registry = self.server.registry
             if not registry.begin_login(self.request):
+                metrics.login(metrics.login_method(mechanism, False), "temporary", None)
                 raise TemporaryLoginFailure()  # dropped to make room: its socket is already cut
+            started = time.perf_counter()
             try:
                 maildrop = authenticator(username, password, mechanism=mechanism)
-            except BaseException:
+            except BaseException as exc:
                 registry.end_login(self.request, logged_in=False)
+                if metrics.enabled and isinstance(exc, LoginRefused):
+                    self.count_login(mechanism, exc, started)
                 raise
             registry.end_login(self.request, logged_in=True)
+            if metrics.enabled:
+                self.count_login(mechanism, None, started)
             return maildrop
 
-        return Pop3Session(
+        return metrics.session_class(
             authenticate,
             peer=self.peer,
             greeting=get_setting("GREETING"),
@@ -449,10 +473,25 @@ class Pop3Handler(ConnectionHandler):
             client_workarounds=frozenset(get_setting("CLIENT_WORKAROUNDS")),
         )
 
+    def count_login(self, mechanism: str, refused: LoginRefused | None, started: float) -> None:
+        authenticator = self.authenticator
+        seconds = time.perf_counter() - started - authenticator.failure_delay_waited
+        metrics.login(
+            metrics.login_method(mechanism, authenticator.app_password_tried),
+            metrics.login_result(refused, disabled=authenticator.account_disabled),
+            max(seconds, 0.0),
+        )
+        if isinstance(refused, MailboxInUse):
+            metrics.lock_refused("in_use")
+
     def plaintext_allowed(self, tls_active: bool) -> bool:
         return plaintext_allowed(tls_active=tls_active, trusted=self.authenticator.trusted)
 
     # TLS ------------------------------------------------------------------------------------------------
+    def handshake_ended(self, result: str) -> None:
+        # An implicit-TLS listener offers no STLS (the session is TLS already): the listener tells the mode.
+        metrics.tls_handshake("implicit" if self.server.implicit_tls else "stls", result)
+
     def start_tls(self, session: Pop3Session) -> None:
         """RFC 2595 s.4: after "+OK Begin TLS negotiation now." the session's pipelined plaintext has already
         been discarded by the engine; handshake, then a fresh AUTHORIZATION state."""

@@ -28,6 +28,7 @@ from ..logins.peers import is_trusted_peer, is_trusted_proxy, peer_group
 from ..overload import database_unavailable, refused, summary
 from ..storage.gate import ConnectionGate, release_connection
 from ..storage.lock import refresh_heartbeats, release_all_live_locks, release_dead_locks
+from . import metrics
 from .handler import Pop3Handler
 from .tls import TlsContextHolder
 
@@ -146,9 +147,11 @@ class SessionRegistry:
             if not trusted and self._group_is_full(group):
                 evicted = self._oldest_idle(group)
                 if evicted is None:
+                    metrics.connection_refused("per_ip")
                     return False
             elif len(self._sockets) - len(self._slot_free) >= worker_share("MAX_SESSIONS"):
                 if not self._unauthenticated:
+                    metrics.connection_refused("full")
                     return False
                 evicted = next(iter(self._unauthenticated))
             if evicted is not None:
@@ -163,6 +166,7 @@ class SessionRegistry:
             self._publish_room()
         if evicted is not None:
             _making_room()
+            metrics.connection_dropped()
             disconnect(cut)
         return True
 
@@ -180,6 +184,7 @@ class SessionRegistry:
                 evicted = self._oldest_idle(group)
                 if evicted is None:
                     self._slot_free.add(sock)  # refused: its slot is free, its thread ends at once
+                    metrics.connection_refused("per_ip")
                     return False
                 self._forget_unauthenticated(evicted)
                 self._dropped.add(evicted)
@@ -189,6 +194,7 @@ class SessionRegistry:
             self._unauthenticated_by_group.setdefault(group, OrderedDict())[sock] = None
         if evicted is not None:
             _making_room()
+            metrics.connection_dropped()
             disconnect(cut)
         return True
 
@@ -411,6 +417,7 @@ class ThreadedServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
                 logger.info(
                     "refusing %s: not in POPSERVER_PROXY_TRUSTED_NETWORKS (PROXY protocol listener)", peer_ip
                 )
+                metrics.connection_refused("untrusted_proxy")
                 self.shutdown_request(request)
                 return
             # Not capped per IP until its header names the client (SessionRegistry.readdress).
@@ -434,8 +441,11 @@ class ThreadedServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
             ).start()
         except RuntimeError:  # no thread could be started: give the slot back
             logger.exception("could not start a session thread for %s", peer_ip)
+            metrics.connection_refused("no_thread")
             self.registry.remove(request)
             self.shutdown_request(request)
+            return
+        metrics.connection_accepted()
 
     @staticmethod
     def refuse(request: socket.socket, line: bytes) -> None:

@@ -60,11 +60,12 @@ PP2_CLIENT_CERT_SESS = 0x04
 
 
 class ProxyHeaderError(PopserverError):
-    """No complete, valid PROXY header: ``reason`` is a short text for the log line."""
+    """No complete, valid PROXY header: ``reason`` is a short text for the log line; ``kind`` is "invalid",
+    "timeout" (not all of it within the time) or "closed" (the connection ended or failed first)."""
 
-    def __init__(self, reason: str):
+    def __init__(self, reason: str, kind: str = "invalid"):
         super().__init__(reason)
-        self.reason = reason
+        self.reason, self.kind = reason, kind
 
 
 @dataclass(frozen=True)
@@ -310,18 +311,18 @@ def read_header(
 def _recv(sock: socket.socket, size: int, deadline: float, flags: int = 0) -> bytes:
     remaining = deadline - time.monotonic()
     if remaining <= 0:
-        raise ProxyHeaderError("timed out waiting for the PROXY header")
+        raise ProxyHeaderError("timed out waiting for the PROXY header", "timeout")
     try:
         sock.settimeout(remaining)
         data = sock.recv(size, flags)
     except TimeoutError:
-        raise ProxyHeaderError("timed out waiting for the PROXY header") from None
+        raise ProxyHeaderError("timed out waiting for the PROXY header", "timeout") from None
     except OSError as exc:
         raise ProxyHeaderError(
-            f"connection error before the PROXY header: {exc.__class__.__name__}"
+            f"connection error before the PROXY header: {exc.__class__.__name__}", "closed"
         ) from None
     if not data:
-        raise ProxyHeaderError("connection closed before the end of the PROXY header")
+        raise ProxyHeaderError("connection closed before the end of the PROXY header", "closed")
     return data
 
 

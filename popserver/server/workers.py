@@ -30,6 +30,7 @@ from django.db import connections
 from ..conf import get_setting, set_worker_count, worker_share
 from ..logins.peers import is_trusted_peer
 from ..storage.lock import release_dead_locks
+from . import metrics
 from .listener import start_servers, stop_servers
 from .tls import TlsContextHolder
 
@@ -212,12 +213,14 @@ class Supervisor:
         if pid == 0:  # the worker: never returns into the caller's stack
             code = 1
             try:
+                metrics.worker_started()
                 if self.signals is not None:
                     self.signals.close_pipe()
                 code = self.serve(number)
             except BaseException:
                 logger.exception("worker %d failed", number)
             finally:
+                metrics.worker_stopping()
                 logging.shutdown()
                 os._exit(code)
         self.workers[pid] = (number, time.monotonic())
@@ -230,7 +233,16 @@ class Supervisor:
         set_worker_count(self.count)
         use_connection_pool(worker_share("DB_CONNECTIONS"), get_setting("DB_CONNECTION_WAIT"))
         stop = threading.Event()
-        servers = start_servers([], stop, tls=self.tls, sockets=self.listeners, is_trusted=self.is_trusted)
+        servers = start_servers(
+            [],
+            stop,
+            tls=self.tls,
+            sockets=self.listeners,
+            is_trusted=self.is_trusted,
+            proxy_protocol=self.proxy_protocol,
+            room=(self.room, number - 1),
+        )
+        self.serving[number - 1] = 1  # the parent announces the server once every worker accepts
         while not signals.stop_requested:
             signals.wait(0.5)
             if signals.take_reload() and self.tls is not None:
@@ -261,6 +273,7 @@ class Supervisor:
             if pid not in self.workers:
                 continue
             number, started = self.workers.pop(pid)
+            metrics.process_exited(pid)
             self.room[number - 1] = self.serving[number - 1] = 0
             ended.append(number)
             lived = time.monotonic() - started
@@ -287,6 +300,7 @@ class Supervisor:
                 break
             if pid:
                 number, _ = self.workers.pop(pid, (0, 0))
+                metrics.process_exited(pid)
                 if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
                     logger.info("worker %d (pid %d) stopped", number, pid)
                 else:

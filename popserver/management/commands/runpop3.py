@@ -10,6 +10,7 @@ from django.db import DatabaseError
 
 from popserver.checks.database import check_connection_budget
 from popserver.conf import get_setting, worker_share
+from popserver.server import metrics
 from popserver.server.listener import bind_listener, parse_address, start_servers, stop_servers
 from popserver.server.node import NodeHeartbeat, NodeNameInUse, claim_node_name, release_node_name
 from popserver.server.tls import TlsConfigError, TlsContextHolder
@@ -45,12 +46,19 @@ class Command(BaseCommand):
             help="worker processes serving the same listeners (default 1; 'auto': one per core). The "
             "server's limits and POPSERVER_DB_CONNECTIONS are split between them.",
         )
+        parser.add_argument(
+            "--metrics",
+            metavar="ADDR:PORT",
+            help="serve Prometheus metrics on http://ADDR:PORT/metrics (PORT alone: on 127.0.0.1), the sums "
+            "of every worker; needs the prometheus-client package (pip install 'popserver[metrics]').",
+        )
 
     def handle(self, *args, **options):
         try:
             address = parse_address(options["addrport"] or get_setting("LISTEN"))
             tls_listen = options["tls_port"] or get_setting("TLS_LISTEN")
             tls_addresses = [self.tls_address(tls_listen, address[0])] if tls_listen else []
+            metrics_address = self.metrics_address(options["metrics"]) if options["metrics"] else None
         except ValueError as exc:
             raise CommandError(f"Invalid address: {exc}") from None
         try:
@@ -83,16 +91,22 @@ class Command(BaseCommand):
             raise CommandError(str(exc)) from None
         except DatabaseError as exc:
             raise CommandError(f"Database: {exc} (has 'manage.py migrate' run?)") from None
+        self.metrics_server = None
         try:
             self.check_body_storage()
             for warning in check_connection_budget(databases=["default"]):
                 if isinstance(warning, CheckWarning):
                     self.stderr.write(f"{warning.id}: {warning.msg} {warning.hint or ''}".strip())
+            if metrics_address:
+                # Before the listeners (the first connection counts) and before any fork (workers inherit
+                # the multiprocess directory and write their own files in it).
+                self.metrics_server = self.start_metrics(metrics_address, multiprocess=workers > 1)
             if workers == 1:
                 self.serve_in_this_process(address, tls_addresses, tls, options["proxy_protocol"])
             else:
                 self.serve_with_workers(address, tls_addresses, tls, workers, options["proxy_protocol"])
         finally:
+            metrics.disable()
             release_node_name()
 
     @staticmethod
@@ -157,13 +171,38 @@ class Command(BaseCommand):
         self.stdout.write("popserver: stopped.")
 
     def announce(self, listeners, workers: int = 1) -> None:
+        serving = [f"{'POP3S' if implicit else 'POP3'} on {where}" for where, implicit in listeners]
+        if self.metrics_server is not None:
+            serving.append(f"metrics on http://{self.metrics_server.display_address}/metrics")
         self.stdout.write(
             "popserver: "
-            + ", ".join(f"{'POP3S' if implicit else 'POP3'} on {where}" for where, implicit in listeners)
+            + ", ".join(serving)
             + (f" ({workers} workers)" if workers > 1 else "")
             + ". Quit with CONTROL-C."
         )
         self.stdout.flush()
+
+    @staticmethod
+    def metrics_address(text: str) -> tuple[str, int]:
+        text = str(text).strip()
+        bare_ipv6 = text.count(":") > 1 and not text.startswith("[")
+        if bare_ipv6 or not (text.isdigit() or text.rpartition(":")[2].isdigit()):
+            raise ValueError(f"--metrics {text!r} needs a port (ADDR:PORT or PORT)")
+        return parse_address(text)
+
+    @staticmethod
+    def start_metrics(address: tuple[str, int], *, multiprocess: bool) -> metrics.MetricsHttpServer:
+        """One process: its own registry. Workers: prometheus-client's multiprocess mode, served by this
+        (the supervising) process from the files of every worker."""
+        try:
+            metrics.enable(multiprocess=multiprocess)
+            return metrics.serve(address)
+        except metrics.MetricsUnavailable as exc:
+            metrics.disable()
+            raise CommandError(str(exc)) from None
+        except OSError as exc:
+            metrics.disable()
+            raise CommandError(f"Metrics: {ERRORS.get(exc.errno, exc.strerror or exc)}") from None
 
     @staticmethod
     def tls_address(text: str, default_host: str) -> tuple[str, int]:
