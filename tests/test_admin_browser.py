@@ -93,10 +93,11 @@ def browser(tmp_path):
 
 def wait_for(driver, condition):
     """WebDriverWait, failing with the page's address and text (a bare TimeoutException says nothing)."""
-    from selenium.common.exceptions import TimeoutException
+    from selenium.common.exceptions import TimeoutException, WebDriverException
 
     try:
-        return WebDriverWait(driver, WAIT).until(condition)
+        # A page being replaced (after a click) can make a lookup fail with a stale node: try again.
+        return WebDriverWait(driver, WAIT, ignored_exceptions=(WebDriverException,)).until(condition)
     except TimeoutException:
         page = driver.find_element(By.TAG_NAME, "body").text[:3000]
         pytest.fail(f"waited {WAIT} s in vain at {driver.current_url}; the page says:\n{page}")
