@@ -17,6 +17,7 @@ from popserver.overload import SummaryLog
 from popserver.protocol.session import Pop3Session
 from popserver.server.tls import TlsContextHolder
 from popserver.storage.gate import using_database
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.live
 
@@ -36,15 +37,6 @@ def read_all(sock: socket.socket) -> bytes:
     while chunk := sock.recv(65536):
         data += chunk
     return data
-
-
-def wait_for(predicate, timeout: float = 10.0, interval: float = 0.02):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := predicate():
-            return value
-        threading.Event().wait(interval)
-    raise AssertionError(f"condition not met within {timeout}s")
 
 
 def login(server, user: str = "alice", password: str = "secret") -> socket.socket:

@@ -14,6 +14,7 @@ from popserver.mailin.delivery import deliver
 from popserver.models import Mailbox, Message
 from popserver.protocol.wire import normalize_line_endings
 from tests.conftest import CORPUS_SIZES, corpus_files
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.live
 
@@ -50,16 +51,6 @@ def login_raw(server, user="alice", password="secret") -> socket.socket:
     sock.sendall(f"USER {user}\r\nPASS {password}\r\n".encode())
     assert read_lines(sock, 2) == [b"+OK", b"+OK Logged in."]
     return sock
-
-
-def wait_for(predicate, timeout: float = 10.0, interval: float = 0.02):
-    """Poll ``predicate`` until it is true or the deadline passes (no sleeping as synchronisation)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := predicate():
-            return value
-        threading.Event().wait(interval)
-    raise AssertionError(f"condition not met within {timeout}s")
 
 
 def is_locked(mailbox) -> bool:

@@ -17,6 +17,7 @@ from popserver.mailin.delivery import deliver
 from popserver.models import LoginEvent, Mailbox
 from popserver.server.workers import describe_status, parse_workers
 from tests.conftest import manage_py_command, subprocess_env
+from tests.waiting import wait_for as _wait_for
 
 pytestmark = pytest.mark.live
 
@@ -34,12 +35,7 @@ def first_line(sock: socket.socket) -> bytes:
 
 
 def wait_for(predicate, timeout: float = 15.0, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := predicate():
-            return value
-        threading.Event().wait(interval)
-    raise AssertionError(f"condition not met within {timeout}s")
+    return _wait_for(predicate, timeout, interval)  # subprocess workers take longer to settle
 
 
 def login(sock: socket.socket, user: str, password: str = "secret") -> bytes:
