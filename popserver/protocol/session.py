@@ -166,6 +166,9 @@ class Pop3Session:
         self._sasl_username: bytes = b""
         self._bad_commands = 0
         self._commands_before_login = 0
+        # Why the session cut its client before login for abuse (the server may penalise its address, as
+        # Dovecot's anvil does); None when it was not.
+        self.cut_before_login: str | None = None
         self._read_ahead_to = 0  # buffer offset up to which pipelined RETR/TOP were announced
 
     # The server's side -------------------------------------------------------------------------------
@@ -246,7 +249,7 @@ class Pop3Session:
                             "%s: input line over %d octets without a line end", self.peer, len(buffer) - start
                         )
                         yield wire.err("Input line too long.")
-                        self._close()
+                        self._cut("Input line too long")
                     break
                 raw = bytes(buffer[start : end + 1])
                 start = end + 1
@@ -305,7 +308,7 @@ class Pop3Session:
                 log.info("%s: over %d commands before login", self.peer, self.max_commands_before_login)
                 self._continuation = None
                 yield wire.err("Too many commands before login.")
-                self._close()
+                self._cut("Too many commands before login")
                 return
         # PASS takes the rest of the line, and Django allows long passwords: it gets the continuation limit.
         long_ok = self._continuation is not None or raw[:5].upper() == b"PASS "
@@ -423,12 +426,18 @@ class Pop3Session:
         self._bad_commands += 1
         if self.state is State.AUTHORIZATION and self._bad_commands >= self.max_bad_commands_before_login:
             yield wire.err("Too many invalid bad commands.")
-            self._close()
+            self._cut("Too many invalid commands")
         elif self.state is State.TRANSACTION and self._bad_commands > self.max_bad_commands_after_login:
             # Dovecot's pop3: the 21st bad command in a row closes (``++bad_counter > 20``); pop3-login's
             # limit above closes at the 3rd.
             yield wire.err("Too many bad commands.")
             self._close()
+
+    def _cut(self, reason: str) -> None:
+        """Close for abuse; before login ``cut_before_login`` says why (Dovecot's words where it has them)."""
+        if self.state is State.AUTHORIZATION:
+            self.cut_before_login = reason
+        self._close()
 
     def _close(self) -> None:
         """End the session from our side; a maildrop still open is released, never committed."""
