@@ -95,31 +95,59 @@ def test_penalties_come_from_the_settings_and_zero_turns_them_off(settings):
 
 
 # The box ---------------------------------------------------------------------------------------------------
-def test_the_box_releases_a_connection_when_its_penalty_is_over():
-    clock = FakeClock()
-    box = PenaltyBox(clock=clock)
-    released, dropped = threading.Event(), []
-    box.hold(1002, released.set, lambda: dropped.append(1))
-    assert len(box) == 1 and not released.is_set()
-    clock.now = 1002
-    box.wake()
-    assert released.wait(10)
-    wait_for(lambda: len(box) == 0)
-    assert not dropped
-    box.close()
-
-
-def test_a_full_box_closes_its_oldest_and_closing_it_closes_the_rest(monkeypatch):
-    monkeypatch.setattr(PenaltyBox, "capacity", 2)
+@pytest.fixture
+def box():
     box = PenaltyBox(clock=FakeClock())
-    dropped: list[int] = []
-    for n in range(3):
-        box.hold(2000 + n, lambda: pytest.fail("released"), lambda n=n: dropped.append(n))
-    assert dropped == [0] and len(box) == 2
+    yield box
     box.close()
-    assert sorted(dropped) == [0, 1, 2] and len(box) == 0
-    box.hold(2000, lambda: pytest.fail("released"), lambda: dropped.append(3))  # closed: dropped at once
-    assert dropped[-1] == 3
+
+
+def waiting(box, until: float, silent_until: float):
+    """A connection held in ``box``: (the client's socket, released event, dropped event)."""
+    ours, theirs = socket.socketpair()
+    released, dropped = threading.Event(), threading.Event()
+    box.hold(ours, until, silent_until, released.set, lambda: (ours.close(), dropped.set()))
+    return theirs, released, dropped
+
+
+def test_a_client_that_waits_for_its_greeting_goes_after_the_short_wait_one_that_talks_first_waits_it_all(
+    box,
+):
+    talker, talker_released, _ = waiting(box, until=1008, silent_until=1002)
+    silent, silent_released, _ = waiting(box, until=1008, silent_until=1002)
+    talker.sendall(b"CAPA\r\n")  # before any greeting: a robot's pipelining (postscreen's "pregreet")
+    wait_for(lambda: box.talkers == 1)
+    box.clock.now = 1002
+    box.wake()
+    assert silent_released.wait(10)
+    # Both were due at 1002 and looked at together: the talker stays.
+    assert not talker_released.is_set() and len(box) == 1
+    box.clock.now = 1008
+    box.wake()
+    assert talker_released.wait(10)
+    wait_for(lambda: len(box) == 0)
+    talker.close(), silent.close()
+
+
+def test_a_client_that_hangs_up_is_closed_at_once(box):
+    client, released, dropped = waiting(box, until=1015, silent_until=1002)
+    client.close()
+    assert dropped.wait(10)
+    wait_for(lambda: len(box) == 0)
+    assert not released.is_set()
+
+
+def test_a_full_box_closes_its_oldest_and_closing_it_closes_the_rest(monkeypatch, box):
+    monkeypatch.setattr(PenaltyBox, "capacity", 2)
+    held = [waiting(box, until=2000, silent_until=2000) for _ in range(3)]
+    assert held[0][2].is_set() and not held[1][2].is_set() and len(box) == 2
+    box.close()
+    assert all(dropped.is_set() and not released.is_set() for _, released, dropped in held)
+    assert len(box) == 0
+    late = waiting(box, until=2000, silent_until=2000)  # closed: dropped at once
+    assert late[2].is_set()
+    for client, _, _ in [*held, late]:
+        client.close()
 
 
 # Checks ----------------------------------------------------------------------------------------------------

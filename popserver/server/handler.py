@@ -444,9 +444,14 @@ class Pop3Handler(ConnectionHandler):
                 return False
             # A penalised client (penalties.py) is known only now: it waits out its penalty in this thread.
             trusted = self.server.is_trusted(self.peer_ip)
-            until = None if trusted else self.server.registry.penalties.held_until(peer_group(self.peer_ip))
-            if until is not None and self.server.stop_event.wait(until - time.monotonic()):
-                return False
+            penalties = self.server.registry.penalties
+            until = None if trusted else penalties.held_until(peer_group(self.peer_ip))
+            if until is not None:
+                silent_until = until if self.server.implicit_tls else time.monotonic() + penalties.first
+                if self.wait_for(select.POLLIN, min(silent_until, until) - time.monotonic()):
+                    self.server.stop_event.wait(until - time.monotonic())  # it talked first: all of it
+                if self.server.stop_event.is_set():
+                    return False
         logger.debug(
             "%s: PROXY v%d header from %s%s%s",
             self.peer,

@@ -434,16 +434,22 @@ class ThreadedServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
         self.admit_request(request, client_address, trusted=trusted)
 
     def hold(self, request, client_address, peer_ip: str, until: float) -> None:
-        """A penalised address: the connection waits unanswered in the penalty box (no thread, no slot) until
-        the penalty in force now is over, then is admitted as any other."""
+        """A penalised address: the connection waits unanswered in the penalty box (no thread, no slot), the
+        first step of the penalty if it waits for its greeting, the penalty in force now if it talks first;
+        then it is admitted as any other."""
         refused(
             "penalty",
             f"holding connections of addresses cut for abuse before login (e.g. {peer_ip}) until their "
             "penalty is over",
             level=logging.INFO,
         )
+        penalties = self.registry.penalties
+        # Where the client speaks first (implicit TLS: its ClientHello) silence tells nothing: the whole penalty.
+        silent_until = until if self.implicit_tls else penalties.clock() + penalties.first
         self.registry.penalty_box.hold(
+            request,
             until,
+            silent_until,
             release=lambda: self.admit_request(request, client_address, trusted=False),
             drop=lambda: self.shutdown_request(request),
         )

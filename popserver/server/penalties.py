@@ -15,9 +15,13 @@ Penalties are per process (each worker learns its own), like the caps on connect
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import itertools
 import logging
+import os
+import select
+import socket
 import threading
 import time
 from collections import OrderedDict, deque
@@ -109,73 +113,103 @@ class Penalties:
 
 @dataclass
 class _Held:
-    until: float
+    sock: socket.socket
+    until: float  # the whole penalty: for a client that talks before its greeting
     release: Callable[[], None]  # admit the connection (its listener's ``admit_request``)
     drop: Callable[[], None]  # close it unanswered
+    talked: bool = False
     done: bool = False
 
 
 class PenaltyBox:
-    """Connections of penalised addresses, waiting for their penalty to end: a heap and one thread per
-    process (started at the first use). Each address may have ``per_group()`` connections waiting, the whole
-    box ``capacity``; over either the oldest waiting one is closed."""
+    """Connections of penalised addresses, waiting unanswered: one thread per process (started at the first
+    use) that polls them and keeps a heap of when each may go.
 
-    capacity = 1024  # descriptors, not threads
+    A connection that waits for its greeting, as every mail client does (RFC 1939 s.4: the server speaks
+    first), goes at its ``silent_until``, the short wait; one that talks before its greeting (Postfix's
+    postscreen calls it "pregreet": a client that does not wait for its turn is a robot) waits out the whole
+    penalty. One that hangs up is closed at once. At most ``capacity`` wait (descriptors, not threads: well
+    within a service's usual 1,024 files); over it the oldest waiting one is closed unanswered. There is no cap
+    per address: a flooder whose connection is closed reconnects at once, and would spin instead of wait."""
 
-    def __init__(
-        self, per_group: Callable[[], int] = lambda: 16, clock: Callable[[], float] = time.monotonic
-    ):
-        self.per_group, self.clock = per_group, clock
-        self._guard = threading.Condition()
+    capacity = 512
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
+        self.clock = clock
+        self._guard = threading.Lock()
         self._heap: list[tuple[float, int, _Held]] = []
-        self._by_group: dict[str, deque[_Held]] = {}
-        self._order: deque[_Held] = deque()  # oldest first, for the box's own cap
-        self._count = 0
+        self._arrived: list[_Held] = []  # registered with the poll object by the box's own thread
+        self._by_fd: dict[int, _Held] = {}
+        self._order: deque[_Held] = deque()  # oldest first, for the box's cap
+        self._count = self._talkers = 0
         self._sequence = itertools.count()
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._wake_read = self._wake_write = -1
 
     def __len__(self) -> int:
         with self._guard:
             return self._count
 
-    def hold(self, until: float, release: Callable[[], None], drop: Callable[[], None]) -> None:
-        """Keep a connection until ``until`` (monotonic), then ``release()`` it; ``drop()`` it if it must make
-        room or the box closes."""
-        item = _Held(until, release, drop)
+    @property
+    def talkers(self) -> int:
+        """How many waiting connections talked before their greeting."""
+        with self._guard:
+            return self._talkers
+
+    def hold(
+        self,
+        sock: socket.socket,
+        until: float,
+        silent_until: float,
+        release: Callable[[], None],
+        drop: Callable[[], None],
+    ) -> None:
+        """Keep ``sock`` until ``silent_until`` (monotonic) if it stays silent, else until ``until``; then
+        ``release()`` it. ``drop()`` it if it hangs up, must make room or the box closes."""
+        item = _Held(sock, until, release, drop)
         dropped: list[_Held] = []
         with self._guard:
             if self._closed:
                 dropped.append(item)
             else:
+                if self._thread is None:
+                    self._wake_read, self._wake_write = os.pipe()
+                    os.set_blocking(self._wake_read, False)
+                    self._thread = threading.Thread(target=self._run, daemon=True, name="pop3 penalty box")
+                    self._thread.start()
                 self._order.append(item)
+                self._arrived.append(item)
                 self._count += 1
                 while self._count > self.capacity:
                     dropped.append(self._forget(self._oldest()))
-                heapq.heappush(self._heap, (until, next(self._sequence), item))
-                if self._thread is None:
-                    self._thread = threading.Thread(target=self._run, daemon=True, name="pop3 penalty box")
-                    self._thread.start()
-                self._guard.notify()
+                sequence = next(self._sequence)
+                heapq.heappush(self._heap, (min(silent_until, until), sequence, item))
+                if silent_until < until:
+                    heapq.heappush(self._heap, (until, sequence, item))
+        self.wake()
         for held in dropped:
             _quietly(held.drop)
 
     def wake(self) -> None:
-        """Look at the clock again now (for a test that moves a clock of its own)."""
-        with self._guard:
-            self._guard.notify()
+        """Look at the connections and the clock again now (a new one; a test that moved its clock)."""
+        if self._wake_write >= 0:
+            try:
+                os.write(self._wake_write, b"x")
+            except OSError:
+                pass  # closed, or the pipe is full: the box wakes anyway
 
     def close(self) -> None:
         """Close every waiting connection (the server stops); later ``hold`` calls close theirs at once."""
         with self._guard:
             self._closed = True
-            waiting = [self._forget(item) for _, _, item in self._heap if not item.done]
+            waiting = [self._forget(item) for item in list(self._order) if not item.done]
             self._heap.clear()
-            self._guard.notify()
+        self.wake()
         for held in waiting:
             _quietly(held.drop)
 
-    def _oldest(self) -> _Held:
+    def _oldest(self) -> _Held:  # under _guard
         while self._order[0].done:
             self._order.popleft()
         return self._order[0]
@@ -183,30 +217,92 @@ class PenaltyBox:
     def _forget(self, item: _Held) -> _Held:  # under _guard
         item.done = True
         self._count -= 1
+        self._talkers -= item.talked
         while self._order and self._order[0].done:
             self._order.popleft()
         return item
 
     def _run(self) -> None:
-        while True:
-            due: list[_Held] = []
-            with self._guard:
-                while not self._closed:
-                    while self._heap and self._heap[0][2].done:
-                        heapq.heappop(self._heap)
-                    now = self.clock()
-                    if self._heap and self._heap[0][0] <= now:
-                        break
-                    self._guard.wait(self._heap[0][0] - now if self._heap else None)
-                if self._closed:
-                    return
-                now = self.clock()
-                while self._heap and self._heap[0][0] <= now:
-                    _, _, item = heapq.heappop(self._heap)
-                    if not item.done:
-                        due.append(self._forget(item))
-            for held in due:
-                _quietly(held.release)
+        poller = select.poll()
+        poller.register(self._wake_read, select.POLLIN)
+        try:
+            while True:
+                with self._guard:
+                    if self._closed:
+                        return
+                    self._watch_arrivals(poller)
+                    due = self._due(poller)
+                    timeout = self._heap[0][0] - self.clock() if self._heap else None
+                for held in due:
+                    _quietly(held.release)
+                if due:
+                    continue
+                ready = poller.poll(None if timeout is None else max(timeout, 0.0) * 1000 + 1)
+                self._look(poller, ready)
+        finally:
+            for fd in (self._wake_read, self._wake_write):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+
+    def _watch_arrivals(self, poller) -> None:  # under _guard
+        for item in self._arrived:
+            if not item.done:
+                try:
+                    fd = item.sock.fileno()
+                    poller.register(fd, select.POLLIN)
+                except (OSError, ValueError):
+                    continue
+                self._by_fd[fd] = item
+        self._arrived.clear()
+        for fd, item in list(self._by_fd.items()):
+            if item.done:  # released or dropped meanwhile: no longer ours to watch
+                self._unwatch(poller, fd)
+
+    def _due(self, poller) -> list[_Held]:  # under _guard
+        """Connections whose time has come: the short wait of a silent one, the whole penalty of any."""
+        now = self.clock()
+        due = []
+        while self._heap and self._heap[0][0] <= now:
+            when, _, item = heapq.heappop(self._heap)
+            if item.done or (item.talked and when < item.until):
+                continue
+            due.append(self._forget(item))
+        for item in due:
+            with contextlib.suppress(OSError, ValueError):
+                self._unwatch(poller, item.sock.fileno())
+        return due
+
+    def _unwatch(self, poller, fd: int) -> None:
+        self._by_fd.pop(fd, None)
+        with contextlib.suppress(KeyError, ValueError):
+            poller.unregister(fd)
+
+    def _look(self, poller, ready: list[tuple[int, int]]) -> None:
+        """Data before the greeting marks a talker (watched no further); a hang-up is closed at once."""
+        gone = []
+        with self._guard:
+            for fd, _ in ready:
+                if fd == self._wake_read:
+                    with contextlib.suppress(OSError):
+                        os.read(fd, 4096)
+                    continue
+                item = self._by_fd.get(fd)
+                if item is None or item.done:
+                    continue
+                try:
+                    peeked = item.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    peeked = b""
+                self._unwatch(poller, fd)
+                if peeked:
+                    item.talked = True
+                    self._talkers += 1
+                else:
+                    gone.append(self._forget(item))
+        for held in gone:
+            _quietly(held.drop)
 
 
 def _quietly(action: Callable[[], None]) -> None:
