@@ -11,6 +11,7 @@ from django.test import override_settings
 
 from popserver.mailin.delivery import deliver
 from popserver.server.penalties import Penalties, PenaltyBox
+from tests.proxyheaders import v1
 from tests.test_overload import read_line
 from tests.test_session import Client
 from tests.waiting import wait_for
@@ -247,3 +248,25 @@ def test_the_penalty_box_closes_its_connections_when_the_server_stops(remote_ser
     server.stop()
     assert held.recv(100) == b""  # closed unanswered
     held.close()
+
+
+@pytest.mark.live
+def test_behind_a_proxy_the_client_in_the_header_is_penalised_not_the_proxy(settings, pop3_server_factory):
+    settings.POPSERVER_PROXY_TRUSTED_NETWORKS = ["127.0.0.1/32"]
+    server = pop3_server_factory(proxy_protocol=True)
+    registry = server.server.registry
+    registry.penalties = Penalties(first=0.2, longest=15, clock=FakeClock())
+    with server.socket() as sock:
+        sock.sendall(v1(("192.0.2.10", 50000)) + b"CAPA\r\n" * 60)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    assert data.endswith(b"-ERR Too many commands before login.\r\n")
+    assert registry.penalties.held_until("192.0.2.10") == 1000.2
+    assert registry.penalties.held_until("127.0.0.1") is None
+    with server.socket() as other:  # another client of the same proxy
+        other.sendall(v1(("192.0.2.20", 50000)))
+        assert read_line(other).startswith(b"+OK")
+    with server.socket() as again:  # the penalised client waits in its thread, then is served
+        again.sendall(v1(("192.0.2.10", 50001)))
+        assert read_line(again).startswith(b"+OK")

@@ -447,9 +447,10 @@ class Pop3Handler(ConnectionHandler):
             penalties = self.server.registry.penalties
             until = None if trusted else penalties.held_until(peer_group(self.peer_ip))
             if until is not None:
-                silent_until = until if self.server.implicit_tls else time.monotonic() + penalties.first
-                if self.wait_for(select.POLLIN, min(silent_until, until) - time.monotonic()):
-                    self.server.stop_event.wait(until - time.monotonic())  # it talked first: all of it
+                now = penalties.clock()
+                silent_until = until if self.server.implicit_tls else now + penalties.first
+                if self.wait_for(select.POLLIN, min(silent_until, until) - now):
+                    self.server.stop_event.wait(until - penalties.clock())  # it talked first: all of it
                 if self.server.stop_event.is_set():
                     return False
         logger.debug(
