@@ -169,6 +169,7 @@ class Pop3Session:
         # Why the session cut its client before login for abuse (the server may penalise its address, as
         # Dovecot's anvil does); None when it was not.
         self.cut_before_login: str | None = None
+        self._capa_before_login: tuple[tuple[bool, bool, bool], bytes] | None = None
         self._read_ahead_to = 0  # buffer offset up to which pipelined RETR/TOP were announced
 
     # The server's side -------------------------------------------------------------------------------
@@ -582,8 +583,16 @@ class Pop3Session:
     # AUTHORIZATION and both states -------------------------------------------------------------------
     @command("CAPA", states=BOTH_STATES, capability="CAPA")
     def pop_CAPA(self) -> Reply:
-        """RFC 2449 s.5: the capabilities, one per line, derived from the registry."""
-        return wire.multiline(wire.ok(), self.capabilities())
+        """RFC 2449 s.5: the capabilities, one per line, derived from the registry.
+
+        Before login the reply is built once per session while what it depends on stays the same (TLS, the
+        plaintext policy): a client that repeats CAPA, as floods do, costs a comparison, not a new list."""
+        if self.state is not State.AUTHORIZATION:
+            return wire.multiline(wire.ok(), self.capabilities())
+        key = (self.tls_active, self.tls_available, self.plaintext_allowed)
+        if self._capa_before_login is None or self._capa_before_login[0] != key:
+            self._capa_before_login = (key, wire.multiline(wire.ok(), self.capabilities()))
+        return self._capa_before_login[1]
 
     @command(
         "STLS",
