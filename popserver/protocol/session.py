@@ -306,7 +306,8 @@ class Pop3Session:
         if self.state is State.AUTHORIZATION:
             self._commands_before_login += 1
             if self._commands_before_login > self.max_commands_before_login:
-                log.info("%s: over %d commands before login", self.peer, self.max_commands_before_login)
+                # DEBUG: the server's session-end line gives the reason (cut_before_login) at INFO
+                log.debug("%s: over %d commands before login", self.peer, self.max_commands_before_login)
                 self._continuation = None
                 yield wire.err("Too many commands before login.")
                 self._cut("Too many commands before login")
