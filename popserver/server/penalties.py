@@ -176,6 +176,7 @@ class PenaltyBox:
                 if self._thread is None:
                     self._wake_read, self._wake_write = os.pipe()
                     os.set_blocking(self._wake_read, False)
+                    os.set_blocking(self._wake_write, False)  # a full pipe already means "wake up"
                     self._thread = threading.Thread(target=self._run, daemon=True, name="pop3 penalty box")
                     self._thread.start()
                 self._order.append(item)
@@ -193,11 +194,12 @@ class PenaltyBox:
 
     def wake(self) -> None:
         """Look at the connections and the clock again now (a new one; a test that moved its clock)."""
-        if self._wake_write >= 0:
-            try:
-                os.write(self._wake_write, b"x")
-            except OSError:
-                pass  # closed, or the pipe is full: the box wakes anyway
+        with self._guard:  # the box's thread closes the pipe under it: never a write to a reused descriptor
+            if self._wake_write >= 0:
+                try:
+                    os.write(self._wake_write, b"x")
+                except OSError:
+                    pass  # full (BlockingIOError): the box wakes anyway
 
     def close(self) -> None:
         """Close every waiting connection (the server stops); later ``hold`` calls close theirs at once."""
@@ -240,9 +242,11 @@ class PenaltyBox:
                 ready = poller.poll(None if timeout is None else max(timeout, 0.0) * 1000 + 1)
                 self._look(poller, ready)
         finally:
-            for fd in (self._wake_read, self._wake_write):
-                with contextlib.suppress(OSError):
-                    os.close(fd)
+            with self._guard:
+                for fd in (self._wake_read, self._wake_write):
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+                self._wake_read = self._wake_write = -1
 
     def _watch_arrivals(self, poller) -> None:  # under _guard
         for item in self._arrived:
