@@ -41,6 +41,12 @@ DEFAULTS: dict[str, Any] = {
     "DB_CONNECTIONS": 20,
     "DB_CONNECTION_WAIT": 10,
     "LISTEN_BACKLOG": 128,
+    # An address whose client was cut for abuse before login (over the budget of 50 commands, 3 bad commands
+    # in a row, an endless line) has its next connections held, unanswered, this many seconds, doubled at
+    # each new offence up to PRELOGIN_PENALTY_MAX (Dovecot's auth penalty: 2, 4, 8, 15). 0: no penalty.
+    # Never for TRUSTED_NETWORKS.
+    "PRELOGIN_PENALTY": 2.0,
+    "PRELOGIN_PENALTY_MAX": 15.0,
     # Timeouts (seconds)
     "AUTOLOGOUT": 600,  # idle time per line after login; RFC 1939 s.3: at least 10 minutes
     "LOGIN_TIMEOUT": 180,  # whole time allowed before login (Dovecot: 3 minutes)

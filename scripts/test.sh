@@ -33,7 +33,8 @@ fi
 MARIADB_TESTS=(tests/test_maildrop_orm.py tests/test_delivery.py tests/test_deliver_command.py tests/test_auth.py tests/test_server_live.py
                tests/test_deliver_options.py tests/test_quota.py tests/test_importmail.py tests/test_exportmail.py
                tests/test_mail_backend.py tests/test_retention.py tests/test_quota_warnings.py
-               tests/test_overview.py tests/test_lmtp_live.py tests/test_lmtp_postfix.py tests/test_stored_bodies.py
+               tests/test_overview.py tests/test_lmtp_live.py tests/test_lmtp_postfix.py tests/test_lmtp_exim.py
+               tests/test_stored_bodies.py
                tests/test_stored_bodies_crash.py tests/test_overload.py tests/test_workers.py)
 # Arguments that name test files replace that list; others (-k, -x...) filter it.
 for arg in "$@"; do

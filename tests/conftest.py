@@ -183,6 +183,29 @@ def pop3_server(pop3_server_factory):
     return pop3_server_factory()
 
 
+@pytest.fixture
+def lmtp_server(transactional_db):
+    """lmtp_server(address) -> a started in-thread LMTP server (runlmtp's) delivering into the mailboxes, on
+    ("127.0.0.1", 0) or a UNIX socket path (mode 666); stopped at teardown. For the tests with a real MTA."""
+    import threading
+
+    from popserver.mailin.lmtp import MailboxDeliveryHandler
+    from popserver.server.listener import stop_servers
+    from popserver.server.lmtp import start_lmtp_servers
+
+    started = []
+
+    def start(address):
+        stop = threading.Event()
+        started.extend(
+            start_lmtp_servers([address], stop, handler_factory=MailboxDeliveryHandler, socket_mode=0o666)
+        )
+        return started[-1]
+
+    yield start
+    stop_servers(started, grace=10)
+
+
 class Runpop3Process:
     """``manage.py runpop3 127.0.0.1:0`` as a subprocess on the test database; the port is read from its
     stdout. Stopped (SIGTERM, then SIGKILL) by the fixture, before the database is flushed."""

@@ -13,17 +13,15 @@ import smtplib
 import socket
 import subprocess
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from popserver.delivery import deliver
-from popserver.mailin.lmtp import MailboxDeliveryHandler
 from popserver.models import Message
-from popserver.server.listener import stop_servers
-from popserver.server.lmtp import start_lmtp_servers
+from tests import mta
+from tests.mta import free_port, message_through, pop3_retr_all
 
 pytestmark = [pytest.mark.live, pytest.mark.slow]
 
@@ -86,12 +84,6 @@ queue_run_delay = 2s
 virtual_mailbox_domains = example.org
 virtual_transport = {transport}
 """
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Postfix:
@@ -160,35 +152,6 @@ class Postfix:
             time.sleep(0.1)  # sync-ok: Postfix has no event to wait on; bounded poll of its log
 
 
-def wait_for_messages(username: str, count: int, postfix: Postfix) -> None:
-    deadline = time.monotonic() + DEADLINE
-    while Message.objects.filter(mailbox__user__username=username).count() < count:
-        assert time.monotonic() < deadline, f"not delivered to {username}:\n{postfix.log_text()}"
-        time.sleep(0.1)  # sync-ok: bounded poll of the database for Postfix's delivery
-
-
-def pop3_retr_all(server) -> list[bytes]:
-    """Every message of alice's mailbox as POP3 sends it (raw socket: exact bytes), then QUIT."""
-    with server.socket() as sock:
-        reader = sock.makefile("rb")
-        assert reader.readline().startswith(b"+OK")
-        sock.sendall(b"USER alice\r\nPASS secret\r\nSTAT\r\n")
-        assert reader.readline().startswith(b"+OK")
-        assert reader.readline().startswith(b"+OK")
-        count = int(reader.readline().split()[1])
-        messages = []
-        for number in range(1, count + 1):
-            sock.sendall(b"RETR %d\r\n" % number)
-            assert reader.readline().startswith(b"+OK")
-            lines = []
-            while (line := reader.readline()) != b".\r\n":
-                lines.append(line[1:] if line.startswith(b".") else line)
-            messages.append(b"".join(lines))
-        sock.sendall(b"QUIT\r\n")
-        assert reader.readline().startswith(b"+OK")
-    return messages
-
-
 @pytest.fixture
 def postfix_root():
     if POSTFIX is None:
@@ -199,21 +162,6 @@ def postfix_root():
     os.chmod(root, 0o755)  # Postfix's processes (user postfix) walk into it
     yield root
     shutil.rmtree(root, ignore_errors=True)
-
-
-@pytest.fixture
-def lmtp_server(transactional_db):
-    started = []
-
-    def start(address):
-        stop = threading.Event()
-        started.extend(
-            start_lmtp_servers([address], stop, handler_factory=MailboxDeliveryHandler, socket_mode=0o666)
-        )
-        return started[-1]
-
-    yield start
-    stop_servers(started, grace=10)
 
 
 @pytest.fixture
@@ -231,34 +179,16 @@ def postfix_factory(postfix_root):
         instance.stop()
 
 
-MESSAGE = (
-    b"From: Sender <sender@example.net>\r\n"
-    b"To: alice@example.org\r\n"
-    b"Subject: through Postfix\r\n"
-    b"Message-ID: <e2e-1@example.net>\r\n"
-    b"Date: Tue, 01 Dec 2026 10:00:00 +0000\r\n"
-    b"MIME-Version: 1.0\r\n"
-    b"Content-Type: text/plain; charset=utf-8\r\n"
-    b"Content-Transfer-Encoding: 8bit\r\n"
-    b"\r\n"
-    b".a line that starts with a dot\r\n"
-    b"\xc3\xbcber 8-bit\r\n"
-    b"..\r\n"
-    b"last line\r\n"
-)
+MESSAGE = message_through("Postfix")
+RECEIVED_BY = b"by mx.popserver.test (Postfix)"
 
 
 def check_delivered(data: bytes, recipient: str | None) -> None:
-    """Return-Path and Delivered-To on top (as Dovecot's LMTP adds them: Delivered-To only when the
-    transaction had one recipient, ``recipient`` None), then Postfix's Received, then the message's own
-    bytes, unchanged."""
-    head, _, rest = data.partition(b"\r\nReceived: ")
-    expected = [b"Return-Path: <sender@example.net>"]
-    if recipient is not None:
-        expected.append(b"Delivered-To: " + recipient.encode())
-    assert head.split(b"\r\n") == expected
-    assert rest.endswith(MESSAGE)
-    assert b"by mx.popserver.test (Postfix)" in rest
+    mta.check_delivered(data, recipient, MESSAGE, RECEIVED_BY)
+
+
+def wait_for_messages(username: str, count: int, postfix: Postfix) -> None:
+    mta.wait_for_messages(username, count, postfix.log_text, DEADLINE)
 
 
 def test_postfix_delivers_over_lmtp_tcp_and_pop3_serves_it(

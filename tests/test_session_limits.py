@@ -471,3 +471,21 @@ def test_a_long_password_is_not_a_long_command():
     password = "p" * 3000
     c.auth.add("longpw", password, MemoryMaildrop([]))
     assert c.send(b"USER longpw\r\nPASS " + password.encode() + b"\r\n") == b"+OK\r\n+OK Logged in.\r\n"
+
+
+def test_capa_before_login_is_built_once_while_what_it_depends_on_stays(monkeypatch):
+    c = Client(tls_available=True)
+    built = []
+    capabilities = c.session.capabilities
+    monkeypatch.setattr(c.session, "capabilities", lambda: built.append(1) or capabilities())
+    first = c.send(b"CAPA\r\n")
+    assert b"STLS\r\n" in first and b"USER\r\n" in first
+    assert c.send(b"CAPA\r\n" * 3) == first * 3 and len(built) == 1
+    c.session.plaintext_allowed = False  # as after a policy change: no USER, no SASL
+    changed = c.send(b"CAPA\r\n")
+    assert b"USER\r\n" not in changed and b"STLS\r\n" in changed and len(built) == 2
+    c.session.plaintext_allowed = True
+    assert c.send(b"CAPA\r\n") == first
+    c.login()
+    after = c.send(b"CAPA\r\n")
+    assert b"UIDL\r\n" in after and b"USER\r\n" not in after

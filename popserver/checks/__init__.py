@@ -24,12 +24,14 @@ Errors only where the server truly cannot run; everything else is a warning, so 
 | E040 | bodies in a Django storage (POPSERVER_BODY_STORE, or objects already stored) but STORAGES lacks the alias |
 | E041 | the body storage is, or shares its place with, the site's public storages or MEDIA_ROOT/STATIC_ROOT |
 | E042 | the body storage cannot take and give back an object (``check --deploy``; ``runpop3`` refuses to start) |
+| E060 | POPSERVER_PRELOGIN_PENALTY_MAX is below POPSERVER_PRELOGIN_PENALTY |
 | W001 | Argon2 is not the first password hasher |
 | W002 | POPSERVER_AUTOLOGOUT below RFC 1939's 10 minutes |
 | W003 | POPSERVER_BODY_CHUNK_SIZE over 8 MiB |
 | W004 | POPSERVER_PLAINTEXT_AUTH = "always" |
 | W005 | the throttle cache is not shared between processes |
 | W006 | one server's POPSERVER_DB_CONNECTIONS exceeds the database's max_connections (``database`` tag) |
+| W060 | POPSERVER_PRELOGIN_PENALTY_MAX over 60 s (clients give up waiting for the greeting) |
 | E180 | a mail-client configuration setting cannot be read (``popserver/clientconfig/checks.py``) |
 | W180 | ``popserver.clientconfig.urls`` is installed but nothing is published |
 | W181 | an endpoint is published to mail clients without TLS on a non-loopback host |

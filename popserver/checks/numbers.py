@@ -35,7 +35,7 @@ WHOLE_NUMBERS = (
     "LOGIN_DELAY",
     "LMTP_MAX_RECIPIENTS",
 )
-NON_NEGATIVE_NUMBERS = ("AUTH_FAILURE_DELAY", "LOGIN_DELAY")
+NON_NEGATIVE_NUMBERS = ("AUTH_FAILURE_DELAY", "LOGIN_DELAY", "PRELOGIN_PENALTY", "PRELOGIN_PENALTY_MAX")
 QUOTAS = ("QUOTA_BYTES", "QUOTA_MESSAGES")  # whole numbers; 0 is unlimited
 MAX_CHUNK_SIZE = 8 * 1024 * 1024  # MariaDB's default max_allowed_packet is 16 MiB
 
@@ -73,6 +73,35 @@ def check_delays(app_configs=None, **kwargs):
         for name in NON_NEGATIVE_NUMBERS
         if not _is_number(value := get_setting(name)) or value < 0
     ]
+
+
+# Mail clients give up on a greeting that does not come: Outlook after 60 s by default (Thunderbird 100 s).
+CLIENT_GREETING_PATIENCE = 60
+
+
+@register()
+def check_prelogin_penalty(app_configs=None, **kwargs):
+    first, longest = get_setting("PRELOGIN_PENALTY"), get_setting("PRELOGIN_PENALTY_MAX")
+    if not (_is_number(first) and _is_number(longest)) or first <= 0:
+        return []  # E007 speaks of values that are not numbers; 0 turns penalties off
+    if longest < first:
+        return [
+            Error(
+                f"POPSERVER_PRELOGIN_PENALTY_MAX ({longest!r}) is below POPSERVER_PRELOGIN_PENALTY ({first!r}).",
+                hint="The first penalty doubles up to the longest: make the longest at least the first.",
+                id="popserver.E060",
+            )
+        ]
+    if longest > CLIENT_GREETING_PATIENCE:
+        return [
+            Warning(
+                f"POPSERVER_PRELOGIN_PENALTY_MAX is {longest!r} seconds: a mail client sharing an address with "
+                f"an abuser gives up waiting for the greeting after about {CLIENT_GREETING_PATIENCE} seconds.",
+                hint="Dovecot's penalties stop at 15 seconds.",
+                id="popserver.W060",
+            )
+        ]
+    return []
 
 
 @register()

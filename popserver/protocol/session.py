@@ -166,6 +166,10 @@ class Pop3Session:
         self._sasl_username: bytes = b""
         self._bad_commands = 0
         self._commands_before_login = 0
+        # Why the session cut its client before login for abuse (the server may penalise its address, as
+        # Dovecot's anvil does); None when it was not.
+        self.cut_before_login: str | None = None
+        self._capa_before_login: tuple[tuple[bool, bool, bool], bytes] | None = None
         self._read_ahead_to = 0  # buffer offset up to which pipelined RETR/TOP were announced
 
     # The server's side -------------------------------------------------------------------------------
@@ -246,7 +250,7 @@ class Pop3Session:
                             "%s: input line over %d octets without a line end", self.peer, len(buffer) - start
                         )
                         yield wire.err("Input line too long.")
-                        self._close()
+                        self._cut("Input line too long")
                     break
                 raw = bytes(buffer[start : end + 1])
                 start = end + 1
@@ -302,10 +306,11 @@ class Pop3Session:
         if self.state is State.AUTHORIZATION:
             self._commands_before_login += 1
             if self._commands_before_login > self.max_commands_before_login:
-                log.info("%s: over %d commands before login", self.peer, self.max_commands_before_login)
+                # DEBUG: the server's session-end line gives the reason (cut_before_login) at INFO
+                log.debug("%s: over %d commands before login", self.peer, self.max_commands_before_login)
                 self._continuation = None
                 yield wire.err("Too many commands before login.")
-                self._close()
+                self._cut("Too many commands before login")
                 return
         # PASS takes the rest of the line, and Django allows long passwords: it gets the continuation limit.
         long_ok = self._continuation is not None or raw[:5].upper() == b"PASS "
@@ -423,12 +428,18 @@ class Pop3Session:
         self._bad_commands += 1
         if self.state is State.AUTHORIZATION and self._bad_commands >= self.max_bad_commands_before_login:
             yield wire.err("Too many invalid bad commands.")
-            self._close()
+            self._cut("Too many invalid commands")
         elif self.state is State.TRANSACTION and self._bad_commands > self.max_bad_commands_after_login:
             # Dovecot's pop3: the 21st bad command in a row closes (``++bad_counter > 20``); pop3-login's
             # limit above closes at the 3rd.
             yield wire.err("Too many bad commands.")
             self._close()
+
+    def _cut(self, reason: str) -> None:
+        """Close for abuse; before login ``cut_before_login`` says why (Dovecot's words where it has them)."""
+        if self.state is State.AUTHORIZATION:
+            self.cut_before_login = reason
+        self._close()
 
     def _close(self) -> None:
         """End the session from our side; a maildrop still open is released, never committed."""
@@ -573,8 +584,16 @@ class Pop3Session:
     # AUTHORIZATION and both states -------------------------------------------------------------------
     @command("CAPA", states=BOTH_STATES, capability="CAPA")
     def pop_CAPA(self) -> Reply:
-        """RFC 2449 s.5: the capabilities, one per line, derived from the registry."""
-        return wire.multiline(wire.ok(), self.capabilities())
+        """RFC 2449 s.5: the capabilities, one per line, derived from the registry.
+
+        Before login the reply is built once per session while what it depends on stays the same (TLS, the
+        plaintext policy): a client that repeats CAPA, as floods do, costs a comparison, not a new list."""
+        if self.state is not State.AUTHORIZATION:
+            return wire.multiline(wire.ok(), self.capabilities())
+        key = (self.tls_active, self.tls_available, self.plaintext_allowed)
+        if self._capa_before_login is None or self._capa_before_login[0] != key:
+            self._capa_before_login = (key, wire.multiline(wire.ok(), self.capabilities()))
+        return self._capa_before_login[1]
 
     @command(
         "STLS",

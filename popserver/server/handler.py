@@ -24,7 +24,7 @@ from ..conf import get_setting, node_name
 from ..exceptions import LoginRefused, MailboxInUse, TemporaryLoginFailure
 from ..logins.audit import record_session, session_ended
 from ..logins.authenticator import DjangoAuthenticator, printable
-from ..logins.peers import plaintext_allowed
+from ..logins.peers import peer_group, plaintext_allowed
 from ..protocol.session import Pop3Session, State
 from ..protocol.wire import FLUSH
 from ..storage.gate import connection_wanted, holding_connection, in_budget, release_connection
@@ -373,6 +373,8 @@ class Pop3Handler(ConnectionHandler):
                 reason = "Aborted login by logging out"
             elif session.quit_received:
                 reason = "Logout failed, nothing deleted"
+            elif session.cut_before_login:
+                reason = session.cut_before_login
             else:
                 reason = "Closed by server"
         except SessionEnded as ended:
@@ -383,6 +385,7 @@ class Pop3Handler(ConnectionHandler):
             logger.debug("%s: %s", self.peer, exc)
         finally:
             session.abandon()  # releases the lock without UPDATE unless QUIT already committed
+            self.penalise(session)
             # The client is done: its slot is free before the bookkeeping below (which may wait for a busy
             # database), so a client that reconnects at once finds room. The thread stays counted until
             # it ends (``remove``), so a shutdown waits for that bookkeeping.
@@ -391,6 +394,20 @@ class Pop3Handler(ConnectionHandler):
             release_connection()
             if self.sock is not self.request:
                 self.sock.close()  # the TLS wrapper; the server closes the accepted socket
+
+    def penalise(self, session: Pop3Session) -> None:
+        """An address whose client was cut for abuse before login gets a penalty (``penalties.py``, as
+        Dovecot's anvil): its next connections wait before they are greeted. Never a trusted network."""
+        if session.cut_before_login is None or self.authenticator.trusted:
+            return
+        seconds = self.server.registry.penalties.offence(peer_group(self.peer_ip))
+        if seconds:
+            logger.debug(
+                "%s: %s; its address waits %gs before its next greeting",
+                self.peer,
+                session.cut_before_login,
+                seconds,
+            )
 
     @property
     def tls_at_proxy(self) -> bool:
@@ -428,6 +445,17 @@ class Pop3Handler(ConnectionHandler):
                 if not self.server.implicit_tls:
                     self.send_quietly(b"-ERR [SYS/TEMP] Too many connections, try again later.\r\n")
                 return False
+            # A penalised client (penalties.py) is known only now: it waits out its penalty in this thread.
+            trusted = self.server.is_trusted(self.peer_ip)
+            penalties = self.server.registry.penalties
+            until = None if trusted else penalties.held_until(peer_group(self.peer_ip))
+            if until is not None:
+                now = penalties.clock()
+                silent_until = until if self.server.implicit_tls else now + penalties.first
+                if self.wait_for(select.POLLIN, min(silent_until, until) - now):
+                    self.server.stop_event.wait(until - penalties.clock())  # it talked first: all of it
+                if self.server.stop_event.is_set():
+                    return False
         logger.debug(
             "%s: PROXY v%d header from %s%s%s",
             self.peer,

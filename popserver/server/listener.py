@@ -30,6 +30,7 @@ from ..storage.gate import ConnectionGate, release_connection
 from ..storage.lock import refresh_heartbeats, release_all_live_locks, release_dead_locks
 from . import metrics
 from .handler import Pop3Handler
+from .penalties import Penalties, PenaltyBox
 from .tls import TlsContextHolder
 
 logger = logging.getLogger("popserver.server")
@@ -80,6 +81,9 @@ class SessionRegistry:
         self._room_flags = None
         self._room_index = 0
         self._room_changed = threading.Condition(self._guard)
+        # Addresses cut for abuse before login, and their connections waiting out the penalty (penalties.py)
+        self.penalties = Penalties()
+        self.penalty_box = PenaltyBox()
 
     @property
     def stop_fd(self) -> int:
@@ -424,6 +428,38 @@ class ThreadedServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
             trusted = True
         else:
             trusted = self.is_trusted(peer_ip)
+        if not trusted and (until := self.registry.penalties.held_until(peer_group(peer_ip))) is not None:
+            self.hold(request, client_address, peer_ip, until)
+            return
+        self.admit_request(request, client_address, trusted=trusted)
+
+    def hold(self, request, client_address, peer_ip: str, until: float) -> None:
+        """A penalised address: the connection waits unanswered in the penalty box (no thread, no slot), the
+        first step of the penalty if it waits for its greeting, the penalty in force now if it talks first;
+        then it is admitted as any other."""
+        refused(
+            "penalty",
+            f"holding connections of addresses cut for abuse before login (e.g. {peer_ip}) until their "
+            "penalty is over",
+            level=logging.INFO,
+        )
+        penalties = self.registry.penalties
+        # Where the client speaks first (implicit TLS: its ClientHello) silence tells nothing: the whole penalty.
+        silent_until = until if self.implicit_tls else penalties.clock() + penalties.first
+        self.registry.penalty_box.hold(
+            request,
+            until,
+            silent_until,
+            release=lambda: self.admit_request(request, client_address, trusted=False),
+            drop=lambda: self.shutdown_request(request),
+        )
+
+    def admit_request(self, request, client_address, *, trusted: bool) -> None:
+        """Admit or refuse at once (no blocking work), then a thread for the connection."""
+        peer_ip, peer_port = self.peer_address(client_address)
+        if self.stop_event.is_set():
+            self.shutdown_request(request)
+            return
         if not self.registry.admit(request, peer_ip, trusted=trusted, droppable=self.droppable):
             refused(
                 "no-room", f"refusing connections: no room ({len(self.registry)} connections in this process)"
@@ -522,6 +558,7 @@ def stop_servers(servers: list[ThreadedServer], grace: float | None = None) -> N
         server.server_close()
     registries = {id(server.registry): server.registry for server in servers}.values()
     for registry in registries:
+        registry.penalty_box.close()
         registry.announce_stop()
     grace = get_setting("SHUTDOWN_GRACE") if grace is None else grace
     started = time.monotonic()
