@@ -90,6 +90,15 @@ def bodies_held(mailbox=None) -> int:
 database_store_only = pytest.mark.parametrize("body_store", ["database"], indirect=True)
 
 
+def failing_insert(sender, **kwargs):
+    """A ``pre_save`` receiver that makes a real database error inside the insert's transaction (on
+    PostgreSQL it spoils the transaction): what a savepoint around the insert must contain."""
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT * FROM popserver_no_such_table")
+
+
 @pytest.fixture
 def make_mailbox(db):
     """make_mailbox(username, password="secret", email=None) -> Mailbox (creates the user too)."""

@@ -23,6 +23,7 @@ from popserver.models import LoginEvent, LoginThrottle, Mailbox
 from popserver.signals import login_failed, login_locked_out
 from popserver.logins.throttle import CacheThrottle, DatabaseThrottle
 from tests import backends
+from tests.conftest import failing_insert
 
 COUNTING = ["tests.backends.CountingBackend"]
 
@@ -199,15 +200,24 @@ def test_unknown_names_are_throttled_exactly_like_real_ones(alice, clock, counti
 
 @override_settings(POPSERVER_THROTTLE_ACCOUNT_FAILURES=3)
 def test_success_resets_the_account_counter(alice, clock):
+    """The right password comes as the attempt that reaches the limit: its reservation began a lock-out,
+    which the release in the login's transaction lifts with the count."""
     throttle = DatabaseThrottle(clock)
     for _ in range(2):
         with pytest.raises(AuthenticationFailed):
             login("alice", "wrong", throttle=throttle)
+    assert LoginThrottle.objects.get(scope=LoginThrottle.ACCOUNT_IP).failures == 2
     login("alice", "right", throttle=throttle).release()
+    assert not LoginThrottle.objects.filter(scope=LoginThrottle.ACCOUNT_IP).exists()
     for _ in range(2):
         with pytest.raises(AuthenticationFailed):
             login("alice", "wrong", throttle=throttle)
     login("alice", "right", throttle=throttle).release()
+    for _ in range(3):  # a fresh count: the third guess starts the lock-out
+        with pytest.raises(AuthenticationFailed):
+            login("alice", "wrong", throttle=throttle)
+    with pytest.raises(LoginLockedOut):
+        login("alice", "right", throttle=throttle)
 
 
 @override_settings(POPSERVER_THROTTLE_ACCOUNT_FAILURES=3, POPSERVER_THROTTLE_WINDOW=60)
@@ -521,3 +531,24 @@ def test_parallel_guesses_get_exactly_the_limit_of_checks(make_mailbox, counting
         thread.join(60)
     assert outcomes.count(AuthenticationFailed) == 4 and outcomes.count(LoginLockedOut) == 16
     assert counting_backend.count("carol") == 4
+
+
+def test_a_login_commits_its_release_and_audit_with_the_lock(alice):
+    """After a right password, the reservation's release and the LoginEvent are in the lock's transaction:
+    all three are there afterwards, and an audit row that cannot be written breaks none of the others."""
+    from django.db.models.signals import pre_save
+
+    maildrop = login("alice", "right")
+    assert Mailbox.objects.get(pk=alice.pk).lock_token == maildrop.token
+    assert not LoginThrottle.objects.exists()
+    assert list(LoginEvent.objects.values_list("outcome", flat=True)) == [LoginEvent.SUCCESS]
+    maildrop.release()
+    pre_save.connect(failing_insert, sender=LoginEvent)
+    try:
+        maildrop = login("alice", "right")
+    finally:
+        pre_save.disconnect(failing_insert, sender=LoginEvent)
+    assert Mailbox.objects.get(pk=alice.pk).lock_token == maildrop.token  # the login stands
+    assert not LoginThrottle.objects.exists()
+    assert LoginEvent.objects.count() == 1  # the second one could not be written
+    maildrop.release()

@@ -13,7 +13,7 @@ from django.test import override_settings
 from popserver.mailin.delivery import deliver
 from popserver.models import Mailbox, Message
 from popserver.protocol.wire import normalize_line_endings
-from tests.conftest import CORPUS_SIZES, corpus_files
+from tests.conftest import CORPUS_SIZES, corpus_files, failing_insert
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.live
@@ -622,6 +622,73 @@ def test_sessions_and_logins_are_audited(pop3_server, alice):
     assert record.retrieved_bytes > 0 and record.deleted_bytes > 0 and record.peer_ip == "127.0.0.1"
     outcomes = list(LoginEvent.objects.order_by("time", "id").values_list("outcome", flat=True))
     assert outcomes == ["failed", "success"]
+
+
+@pytest.fixture
+def ended_sessions():
+    """The ``session_closed`` signals sent during the test (the session's end is over once one is here)."""
+    from popserver.signals import session_closed
+
+    ended: list = []
+
+    def receiver(sender=None, **kwargs):
+        ended.append(kwargs["stats"])
+
+    session_closed.connect(receiver, weak=False, dispatch_uid="test-ended-sessions")
+    yield ended
+    session_closed.disconnect(dispatch_uid="test-ended-sessions")
+
+
+def dele_one_and_quit(server, ended: list, before_quit=lambda: None) -> bytes:
+    """Log in as alice, DELE 1, QUIT; the QUIT reply (or the -ERR as bytes) once the session has ended."""
+    client = server.poplib()
+    client.user("alice")
+    client.pass_("secret")
+    client.dele(1)
+    before_quit()
+    try:
+        reply = client.quit()
+    except poplib.error_proto as refused:
+        reply = refused.args[0]
+    wait_for(lambda: ended)
+    return reply
+
+
+def test_quit_writes_the_session_record_once_in_its_own_transaction(pop3_server, alice, ended_sessions):
+    """The SessionRecord goes into QUIT's transaction; the session's end then writes no second one."""
+    from popserver.models import SessionRecord
+
+    assert dele_one_and_quit(pop3_server, ended_sessions).startswith(b"+OK")
+    assert list(SessionRecord.objects.values_list("end_reason", "deleted_count")) == [("Logged out", 1)]
+    assert Message.objects.filter(mailbox=alice).count() == 2 and not is_locked(alice)
+
+
+def test_a_quit_that_cannot_commit_records_its_session_at_the_end(pop3_server, alice, ended_sessions):
+    """The lock lost under the session: QUIT answers -ERR, deletes nothing, and the record written in its
+    transaction went with it; the session's end records it instead, with nothing deleted."""
+    from popserver.models import SessionRecord
+
+    def lose_the_lock():
+        Mailbox.objects.filter(pk=alice.pk).update(lock_token="someone-else")
+
+    assert dele_one_and_quit(pop3_server, ended_sessions, lose_the_lock).startswith(b"-ERR")
+    records = list(SessionRecord.objects.values_list("end_reason", "deleted_count"))
+    assert records == [("Logout failed, nothing deleted", 0)]
+    assert Message.objects.filter(mailbox=alice).count() == 3
+
+
+def test_a_session_record_that_cannot_be_written_does_not_undo_quit(pop3_server, alice, ended_sessions):
+    from django.db.models.signals import pre_save
+
+    from popserver.models import SessionRecord
+
+    pre_save.connect(failing_insert, sender=SessionRecord)
+    try:
+        assert dele_one_and_quit(pop3_server, ended_sessions).startswith(b"+OK")
+    finally:
+        pre_save.disconnect(failing_insert, sender=SessionRecord)
+    assert Message.objects.filter(mailbox=alice).count() == 2 and not is_locked(alice)
+    assert not SessionRecord.objects.exists()
 
 
 def test_the_clients_own_address_reaches_the_backend_and_the_audit(pop3_server, alice, settings):

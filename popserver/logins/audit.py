@@ -9,7 +9,9 @@ import ipaddress
 import logging
 from datetime import timedelta
 
-from django.db import OperationalError
+from contextlib import AbstractContextManager, nullcontext
+
+from django.db import OperationalError, transaction
 from django.utils import timezone
 
 from popserver.conf import get_setting, node_name
@@ -41,9 +43,11 @@ def record_login(
     mailbox=None,
     tls_at_proxy: bool = False,
 ) -> None:
-    """``tls``: the client used TLS, to this server or (``tls_at_proxy``) to the load balancer in front."""
+    """``tls``: the client used TLS, to this server or (``tls_at_proxy``) to the load balancer in front.
+
+    Inside a transaction (a login's lock) the row commits with it, behind a savepoint of its own."""
     try:
-        with using_database(), one_writer():
+        with using_database(), one_writer(), _on_its_own():
             LoginEvent.objects.create(
                 username=username[:255],
                 peer_ip=_ip_or_none(peer_ip),
@@ -63,11 +67,18 @@ def record_login(
         logger.exception("could not record a login event")
 
 
+def _on_its_own() -> AbstractContextManager:
+    """A savepoint inside a transaction, so that an audit row that cannot be written breaks nothing else;
+    outside one, nothing (the insert autocommits)."""
+    return transaction.atomic() if transaction.get_connection().in_atomic_block else nullcontext()
+
+
 def record_session(
     *, mailbox, username: str, peer_ip: str, started_at, duration: float, end_reason: str, stats
-) -> None:
+) -> bool:
+    """True if written. Inside a transaction (QUIT's) the row commits with it, behind a savepoint of its own."""
     try:
-        with using_database(), one_writer():
+        with using_database(), one_writer(), _on_its_own():
             SessionRecord.objects.create(
                 mailbox=mailbox,
                 username=username[:255],
@@ -81,36 +92,53 @@ def record_session(
                 deleted_count=stats.deleted_count,
                 deleted_bytes=stats.deleted_bytes,
             )
+        return True
     except ServerBusy:
         pass  # the gate logged it
     except OperationalError as exc:
         database_unavailable(exc, "recording a session")
     except Exception:
         logger.exception("could not record a session")
+    return False
 
 
 def session_ended(
-    *, mailbox, username: str, peer: str, peer_ip: str, started_at, duration: float, end_reason: str, stats
+    *,
+    mailbox,
+    username: str,
+    peer: str,
+    peer_ip: str,
+    started_at,
+    duration: float,
+    end_reason: str,
+    stats,
+    recorded: bool = False,
 ) -> None:
-    """A logged-in session is over, however it ended: its SessionRecord, then the ``session_closed`` signal
-    (whose receivers may query: within the connection budget)."""
+    """A logged-in session is over, however it ended: its SessionRecord (unless ``recorded`` already, in
+    QUIT's transaction), then the ``session_closed`` signal (whose receivers may query: within the connection
+    budget)."""
     try:
         with using_database():
-            _session_ended(mailbox, username, peer, peer_ip, started_at, duration, end_reason, stats)
+            _session_ended(
+                mailbox, username, peer, peer_ip, started_at, duration, end_reason, stats, recorded
+            )
     except ServerBusy:
         pass  # the gate logged it
 
 
-def _session_ended(mailbox, username, peer, peer_ip, started_at, duration, end_reason, stats) -> None:
-    record_session(
-        mailbox=mailbox,
-        username=username,
-        peer_ip=peer_ip,
-        started_at=started_at,
-        duration=duration,
-        end_reason=end_reason,
-        stats=stats,
-    )
+def _session_ended(
+    mailbox, username, peer, peer_ip, started_at, duration, end_reason, stats, recorded
+) -> None:
+    if not recorded:
+        record_session(
+            mailbox=mailbox,
+            username=username,
+            peer_ip=peer_ip,
+            started_at=started_at,
+            duration=duration,
+            end_reason=end_reason,
+            stats=stats,
+        )
     send_safely(
         session_closed,
         mailbox=mailbox,

@@ -124,6 +124,7 @@ class DjangoAuthenticator:
         self.attempts += 1
         self.last_username, self.last_mechanism = username, mechanism
         self._delay_due = False
+        self._reservation_due: tuple[str, str] | None = None  # a right password's, until given back
         self.app_password_tried = self.account_disabled = False
         self.failure_delay_waited = 0.0
         try:
@@ -138,6 +139,8 @@ class DjangoAuthenticator:
                 logger.exception("login for %r from %s: database error", printable(username), self.peer)
             with contextlib.suppress(ServerBusy):
                 with using_database():
+                    with contextlib.suppress(DatabaseError):  # a right password's reservation was rolled back
+                        self._give_back_reservation()
                     self._audit(username, mechanism, LoginEvent.ERROR, "database")
             self.refusal = REFUSALS[TemporaryLoginFailure]
             raise TemporaryLoginFailure() from None
@@ -179,23 +182,37 @@ class DjangoAuthenticator:
                     send_safely(login_locked_out, username=username, peer=self.peer, scope=scope)
                 self._fail(username, mechanism, "credentials")
                 raise AuthenticationFailed()
-            self.throttle.succeeded(login_name, group)
+            self._reservation_due = (login_name, group)  # given back by every way out from here
             delay = get_setting("LOGIN_DELAY")
             if (
                 delay
                 and mailbox.last_login
                 and mailbox.last_login > timezone.now() - timedelta(seconds=delay)
             ):
+                self._give_back_reservation()
                 self._audit(username, mechanism, LoginEvent.LOGIN_DELAY, "", mailbox)
                 raise LoginTooSoon()
+
+            def with_the_lock() -> None:
+                # One commit for a clean login: the reservation given back and the audit row go in the
+                # lock's transaction.
+                self._give_back_reservation()
+                self._audit(username, mechanism, LoginEvent.SUCCESS, "", mailbox)
+
             try:
-                maildrop = open_maildrop(mailbox.pk, self.peer)
+                maildrop = open_maildrop(mailbox.pk, self.peer, mailbox=mailbox, also=with_the_lock)
             except MailboxInUse:
+                self._give_back_reservation()
                 self._audit(username, mechanism, LoginEvent.IN_USE, "", mailbox)
                 raise
-            self._audit(username, mechanism, LoginEvent.SUCCESS, "", mailbox)
+            self._reservation_due = None  # committed with the lock
             self.mailbox = mailbox
             return maildrop
+
+    def _give_back_reservation(self) -> None:
+        """A right password: its reservation no longer counts (``Throttle.succeeded``)."""
+        if self._reservation_due is not None:
+            self.throttle.succeeded(*self._reservation_due)
 
     def _refuse(self, username: str, login_name: str, group: str, mechanism: str, scope: str) -> NoReturn:
         """A lock-out refuses the attempt without a check (inside ``using_database()``)."""

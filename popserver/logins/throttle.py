@@ -5,7 +5,8 @@ refuses further attempts WITHOUT checking the password: a right guess during a l
 
 The per-(name, IP) count is exact under parallel guesses (workers, servers): each attempt is ``reserve``d,
 counted as a failure before its password is checked, and a right password gives the count back
-(``succeeded``). So THROTTLE_ACCOUNT_FAILURES guesses are checked, however many arrive at once.
+(``succeeded``, in the login's own transaction). So THROTTLE_ACCOUNT_FAILURES guesses are checked, however
+many arrive at once. A clean login costs one insert before the check (``reserve``) and one delete after it.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from django.core.cache import caches
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connections, router, transaction
+from django.db.models import Q
 from django.utils import timezone
 from django.utils.module_loading import import_string
 
@@ -54,7 +56,8 @@ class Throttle:
         raise NotImplementedError
 
     def succeeded(self, username: str, ip: str) -> None:
-        """A right password resets its (login name, IP) counter (its reservation included)."""
+        """A right password resets its (login name, IP) counter (its reservation included). Called inside
+        the login's transaction (the lock and the audit row): it commits with them."""
         raise NotImplementedError
 
     def clear(self, scope: str | None = None, key: str | None = None) -> int:
@@ -108,17 +111,58 @@ def _locked_row(scope: str, key: str, now: datetime) -> Iterator:
     raise TemporaryLoginFailure()
 
 
+# The insert that does nothing when the row exists, per vendor: (statement, suffix).
+_INSERT_IF_ABSENT = {
+    "postgresql": ("INSERT INTO", " ON CONFLICT DO NOTHING"),
+    "sqlite": ("INSERT OR IGNORE INTO", ""),
+    "mysql": ("INSERT IGNORE INTO", ""),
+}
+
+
+def _insert_reservation(key: str, now: datetime) -> bool:
+    """A fresh (account, IP) counter at one failure, in ONE autocommitted statement where the database has an
+    insert-if-absent (PostgreSQL, SQLite, MariaDB/MySQL): True if this attempt made it. Elsewhere Django's
+    ``get_or_create`` (a look-up, then the insert in a transaction)."""
+    from popserver.models import LoginThrottle
+
+    connection = connections[router.db_for_write(LoginThrottle)]
+    forms = _INSERT_IF_ABSENT.get(connection.vendor)
+    if forms is None:
+        try:
+            with one_writer():
+                _, created = LoginThrottle.objects.get_or_create(
+                    scope=LoginThrottle.ACCOUNT_IP, key=key, defaults={"window_started": now, "failures": 1}
+                )
+        except IntegrityError:  # made, then deleted, by parallel logins meanwhile
+            return False
+        return created
+    quote = connection.ops.quote_name
+    columns = ", ".join(quote(name) for name in ("scope", "key", "failures", "window_started"))
+    sql = f"{forms[0]} {quote(LoginThrottle._meta.db_table)} ({columns}) VALUES (%s, %s, %s, %s){forms[1]}"
+    with one_writer(), connection.cursor() as cursor:
+        cursor.execute(sql, [LoginThrottle.ACCOUNT_IP, key, 1, connection.ops.adapt_datetimefield_value(now)])
+        return cursor.rowcount == 1
+
+
 class DatabaseThrottle(Throttle):
     """Counters in ``LoginThrottle`` rows, updated under a row lock (SQLite: the IMMEDIATE transaction)."""
 
     def locked_out(self, username: str, ip: str, *, trusted: bool, ip_only: bool = False) -> str | None:
         from popserver.models import LoginThrottle
 
-        now = self.clock()
-        for scope, key, _ in self.scopes(username, ip, trusted, ip_only):
-            if LoginThrottle.objects.filter(scope=scope, key=key, locked_until__gt=now).exists():
-                return scope
-        return None
+        scopes = self.scopes(username, ip, trusted, ip_only)
+        if not scopes:
+            return None
+        either = Q()
+        for scope, key, _ in scopes:
+            either |= Q(scope=scope, key=key)
+        # One look-up for every scope that applies (a login's first query): the first locked one wins.
+        locked = set(
+            LoginThrottle.objects.filter(either, locked_until__gt=self.clock()).values_list(
+                "scope", flat=True
+            )
+        )
+        return next((scope for scope, _, _ in scopes if scope in locked), None)
 
     def reserve(self, username: str, ip: str) -> Reservation:
         from popserver.models import LoginThrottle
@@ -127,18 +171,9 @@ class DatabaseThrottle(Throttle):
         window = timedelta(seconds=get_setting("THROTTLE_WINDOW"))
         limit = get_setting("THROTTLE_ACCOUNT_FAILURES")
         key = account_key(username, ip)
-        if limit > 1:  # most logins: no failure in the window, no row; the insert is the reservation
-            try:
-                with one_writer():
-                    _, created = LoginThrottle.objects.get_or_create(
-                        scope=LoginThrottle.ACCOUNT_IP,
-                        key=key,
-                        defaults={"window_started": now, "failures": 1},
-                    )
-            except IntegrityError:  # made, then deleted, by parallel logins meanwhile
-                created = False
-            if created:
-                return Reservation(admitted=True)
+        # Most logins: no failure in the window, no row; the insert is the reservation (one statement).
+        if limit > 1 and _insert_reservation(key, now):
+            return Reservation(admitted=True)
         with _locked_row(LoginThrottle.ACCOUNT_IP, key, now) as row:
             if row.locked_until and row.locked_until > now:
                 return Reservation(admitted=False)

@@ -726,19 +726,19 @@ class Pop3Session:
             return wire.ok("Logging out")
         maildrop = self._opened()
         deleted = sorted(maildrop.numbers_to_remove())
+        # Counted before the commit, which may record the session with them; taken back if it fails.
+        self.stats.deleted_count = len(deleted)
+        self.stats.deleted_bytes = sum(maildrop.info(number).size for number in deleted)
         try:
             maildrop.commit()
-        except ServerBusy:  # logged by the server, once for all sessions
-            self._close()
-            return wire.err(COMMIT_FAILED)
-        except Exception:
-            log.exception("%s: QUIT: committing %d deletions failed", self.peer, len(deleted))
+        except Exception as exc:
+            self.stats.deleted_count = self.stats.deleted_bytes = 0
+            if not isinstance(exc, ServerBusy):  # that one is logged by the server, once for all sessions
+                log.exception("%s: QUIT: committing %d deletions failed", self.peer, len(deleted))
             self._close()  # releases the lock; nothing was deleted; the state stays TRANSACTION
             return wire.err(COMMIT_FAILED)
         self.state = State.UPDATE
         self._maildrop = None  # commit() released the lock
-        self.stats.deleted_count = len(deleted)
-        self.stats.deleted_bytes = sum(maildrop.info(number).size for number in deleted)
         self._close()
         return wire.ok("Logging out, messages deleted." if deleted else "Logging out.")
 

@@ -22,7 +22,7 @@ from django.utils import timezone
 
 from ..conf import get_setting, node_name
 from ..exceptions import LoginRefused, MailboxInUse, TemporaryLoginFailure
-from ..logins.audit import session_ended
+from ..logins.audit import record_session, session_ended
 from ..logins.authenticator import DjangoAuthenticator, printable
 from ..logins.peers import peer_group, plaintext_allowed
 from ..protocol.session import Pop3Session, State
@@ -34,6 +34,8 @@ from .proxy_protocol import ProxyHeader, ProxyHeaderError, read_header
 from .tls import HANDSHAKE_TIMEOUT
 
 logger = logging.getLogger("popserver.server")
+
+LOGGED_OUT = "Logged out"  # the end reason of a session that QUIT committed
 
 RECV_SIZE = 64 * 1024
 # Replies are coalesced up to this many octets per write (few writes: see PITFALLS on Nagle).
@@ -325,6 +327,7 @@ class Pop3Handler(ConnectionHandler):
     def setup(self) -> None:
         super().setup()
         self.session: Pop3Session | None = None
+        self.recorded_at_quit = False  # the SessionRecord went into QUIT's transaction (``record_at_quit``)
         self.proxy_header: ProxyHeader | None = None
         metrics.session_opened()
 
@@ -365,7 +368,7 @@ class Pop3Handler(ConnectionHandler):
                 if session.wants_tls:
                     self.start_tls(session)
             if session.state is State.UPDATE:
-                reason = "Logged out"
+                reason = LOGGED_OUT
             elif session.quit_received and session.username is None:  # QUIT before login (Dovecot's words)
                 reason = "Aborted login by logging out"
             elif session.quit_received:
@@ -486,6 +489,7 @@ class Pop3Handler(ConnectionHandler):
             registry.end_login(self.request, logged_in=True)
             if metrics.enabled:
                 self.count_login(mechanism, None, started)
+            maildrop.at_commit = self.record_at_quit
             return maildrop
 
         return metrics.session_class(
@@ -549,6 +553,20 @@ class Pop3Handler(ConnectionHandler):
         return self.read(deadline, b"-ERR Disconnected for inactivity.\r\n")
 
     # Session end ----------------------------------------------------------------------------------------
+    def record_at_quit(self) -> None:
+        """Inside QUIT's transaction: the session's record as a clean logout ends it, so that QUIT and the
+        record commit once (it counts only if that commit succeeds: ``log_session_end``)."""
+        session = self.session
+        self.recorded_at_quit = record_session(
+            mailbox=self.authenticator.mailbox,
+            username=session.username,
+            peer_ip=self.peer_ip,
+            started_at=self.started_at,
+            duration=time.monotonic() - self.connected_at,
+            end_reason=LOGGED_OUT,
+            stats=session.stats,
+        )
+
     def log_session_end(self, session: Pop3Session, reason: str, authenticator: DjangoAuthenticator) -> None:
         duration = time.monotonic() - self.connected_at
         node = node_name()
@@ -603,4 +621,5 @@ class Pop3Handler(ConnectionHandler):
             duration=duration,
             end_reason=reason,
             stats=stats,
+            recorded=self.recorded_at_quit and session.state is State.UPDATE,  # QUIT's commit had it
         )

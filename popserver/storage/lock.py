@@ -107,11 +107,19 @@ class MailboxLock:
 
     @classmethod
     def take(
-        cls, mailbox_id: int, peer: str, then: Callable[[Mailbox], T], *, stamp_login: bool = True
+        cls,
+        mailbox_id: int,
+        peer: str,
+        then: Callable[[Mailbox], T],
+        *,
+        stamp_login: bool = True,
+        mailbox: Mailbox | None = None,
     ) -> tuple[MailboxLock, T]:
         """Take the lock and run ``then(mailbox)`` in the same transaction, with the mailbox row as the lock
         read it (the snapshot sees what the lock saw).
 
+        ``mailbox``: the row as the caller read it a moment ago (a login). A free lock is then taken by the
+        conditional UPDATE alone, and ``then`` gets that row; a held or stale one is looked at as usual.
         Stamps ``last_login`` (unless ``stamp_login`` is false: maintenance, not a login). Raises
         ``MailboxInUse`` if a live session holds the lock.
         """
@@ -122,7 +130,7 @@ class MailboxLock:
         with _live_guard:
             _live[lock.token] = None
         try:
-            result = lock._take(peer, me, then, stamp_login)
+            result = lock._take(peer, me, then, stamp_login, mailbox)
         except BaseException:
             with _live_guard:
                 _live.pop(lock.token, None)
@@ -131,22 +139,36 @@ class MailboxLock:
             _live[lock.token] = lock
         return lock, result
 
-    def _take(self, peer: str, me: ProcessIdentity, then: Callable[[Mailbox], T], stamp_login: bool) -> T:
+    def _take(
+        self,
+        peer: str,
+        me: ProcessIdentity,
+        then: Callable[[Mailbox], T],
+        stamp_login: bool,
+        known: Mailbox | None,
+    ) -> T:
         now = timezone.now()
+        fields = {
+            "lock_token": self.token,
+            "lock_host": me.host,
+            "lock_pid": me.pid,
+            "lock_instance": me.instance,
+            "lock_peer": peer[:64],
+            "locked_at": now,
+            "lock_heartbeat": now,
+            **({"last_login": now} if stamp_login else {}),
+        }
         with one_writer(), transaction.atomic():
+            # A free lock (most logins): the conditional UPDATE is the whole test, and it row-locks the mailbox
+            # until the commit as select_for_update() would.
+            if known is not None and Mailbox.objects.filter(pk=self.mailbox_id, lock_token="").update(
+                **fields
+            ):
+                return then(known)
             mailbox = Mailbox.objects.select_for_update().get(pk=self.mailbox_id)
             if mailbox.lock_token and not lock_is_stale(mailbox, now):
                 raise MailboxInUse()
-            taken = Mailbox.objects.filter(pk=self.mailbox_id, lock_token=mailbox.lock_token).update(
-                lock_token=self.token,
-                lock_host=me.host,
-                lock_pid=me.pid,
-                lock_instance=me.instance,
-                lock_peer=peer[:64],
-                locked_at=now,
-                lock_heartbeat=now,
-                **({"last_login": now} if stamp_login else {}),
-            )
+            taken = Mailbox.objects.filter(pk=self.mailbox_id, lock_token=mailbox.lock_token).update(**fields)
             if taken != 1:
                 raise MailboxInUse()
             if mailbox.lock_token:
@@ -162,9 +184,10 @@ class MailboxLock:
         """Inside a transaction: True if the row still carries our token (and, where possible, row-locked)."""
         return Mailbox.objects.select_for_update().filter(pk=self.mailbox_id, lock_token=self.token).exists()
 
-    def free(self) -> None:
-        """Clear the row's lock fields if they are still ours; call ``forget()`` once the transaction is done."""
-        Mailbox.objects.filter(pk=self.mailbox_id, lock_token=self.token).update(**FREE)
+    def free(self) -> bool:
+        """Clear the row's lock fields if they are still ours (True), row-locking them until the transaction
+        ends; call ``forget()`` once it is done. False: the lock was lost."""
+        return Mailbox.objects.filter(pk=self.mailbox_id, lock_token=self.token).update(**FREE) == 1
 
     def release(self) -> None:
         """Free the lock on its own (no UPDATE of messages); idempotent."""

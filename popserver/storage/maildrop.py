@@ -7,7 +7,7 @@ QUIT does with deleted and retrieved messages follows the mailbox's policy (``po
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from django.db import OperationalError, transaction
 
@@ -31,19 +31,31 @@ PREFETCH_OCTETS = 1024 * 1024
 SMALL_MESSAGE = 256 * 1024  # larger ones are never read ahead
 
 
-def open_maildrop(mailbox_id: int, peer: str = "") -> OrmMaildrop:
+def open_maildrop(
+    mailbox_id: int,
+    peer: str = "",
+    *,
+    mailbox: Mailbox | None = None,
+    also: Callable[[], None] | None = None,
+) -> OrmMaildrop:
     """Take the mailbox's exclusive lock and its snapshot (RFC 1939 s.4), stamp last_login.
 
-    Raises MailboxInUse if another live session holds the lock.
+    ``mailbox``: the row as the login just read it (``MailboxLock.take``). ``also``: writes that belong to
+    the login (the throttle's reservation given back, the audit row), run in the lock's transaction so that
+    a login commits once. Raises MailboxInUse if another live session holds the lock (nothing of ``also``
+    is then written).
     """
 
-    def snapshot(mailbox: Mailbox) -> tuple[RetentionPolicy, list[tuple]]:
-        policy = policy_of_mailbox(mailbox)
+    def snapshot(locked: Mailbox) -> tuple[RetentionPolicy, list[tuple]]:
+        policy = policy_of_mailbox(locked)
         messages = Message.objects.visible().filter(mailbox_id=mailbox_id).order_by("id")
-        return policy, list(messages.values_list("size", "uid", "has_header_end", *REF_FIELDS))
+        rows = list(messages.values_list("size", "uid", "has_header_end", *REF_FIELDS))
+        if also is not None:
+            also()
+        return policy, rows
 
     with using_database():
-        lock, (policy, rows) = MailboxLock.take(mailbox_id, peer, then=snapshot)
+        lock, (policy, rows) = MailboxLock.take(mailbox_id, peer, then=snapshot, mailbox=mailbox)
     return OrmMaildrop(lock, rows, policy)
 
 
@@ -67,6 +79,8 @@ class OrmMaildrop(Maildrop):
         self.policy = policy or RetentionPolicy(keep_deleted_days=0, expire_days=None)
         self.expire_days = self.policy.expire_days
         self._prefetched: dict[int, bytes] = {}  # number -> body, read ahead for pipelined commands
+        # Set by the server: the session's own record, written in QUIT's transaction (one commit per QUIT).
+        self.at_commit: Callable[[], None] | None = None
 
     def ref(self, number: int) -> BodyRef:
         """Where the body of message ``number`` is, as the snapshot saw it."""
@@ -117,9 +131,9 @@ class OrmMaildrop(Maildrop):
         return taken
 
     def commit(self) -> None:
-        """RFC 1939 s.6 UPDATE: delete the marked messages and release the lock in ONE transaction, after
-        checking the lock is still ours; the first retrievals are recorded in it too. On any failure nothing
-        is deleted.
+        """RFC 1939 s.6 UPDATE: delete the marked messages and release the lock in ONE transaction, only if
+        the lock is still ours; the first retrievals (and ``at_commit``'s writes) go in it too. On any failure
+        nothing is deleted.
 
         Under a keep-deleted policy the marked messages are hidden instead (restorable); under EXPIRE 0 the
         retrieved messages go as if marked."""
@@ -131,14 +145,18 @@ class OrmMaildrop(Maildrop):
         try:
             with using_database():
                 with one_writer(), transaction.atomic():
-                    if not self.lock.is_held():
+                    # Freed first: the UPDATE finds out whether the lock is still ours and row-locks the
+                    # mailbox; nobody sees it free before the deletions are committed with it.
+                    if not self.lock.free():
                         raise CommitFailed("the mailbox lock was lost")
-                    if self.policy.keep_deleted_days:
-                        hide_messages(ids, self.mailbox_id)
-                    else:
-                        delete_messages(ids, mailbox_id=self.mailbox_id)
+                    if ids:
+                        if self.policy.keep_deleted_days:
+                            hide_messages(ids, self.mailbox_id)
+                        else:
+                            delete_messages(ids, mailbox_id=self.mailbox_id)
                     record_first_retrievals(retrieved)
-                    self.lock.free()
+                    if self.at_commit is not None:
+                        self.at_commit()
                 self.retrieved.clear()
                 self.lock.forget()
                 if ids:
