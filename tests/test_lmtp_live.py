@@ -21,7 +21,7 @@ from django.test import override_settings
 
 from popserver.delivery import deliver
 from popserver.mailin.lmtp import MailboxDeliveryHandler
-from popserver.models import Address, Message
+from popserver.models import Address, DeliveryCount, Message
 from popserver.server.listener import stop_servers
 from popserver.server.lmtp import start_lmtp_servers
 from popserver.server.tls import TlsContextHolder
@@ -195,6 +195,9 @@ def test_multi_recipient_mix_gets_a_reply_per_recipient(lmtp, make_mailbox, capl
     assert stored("tight") == [] and stored("off") == [] and len(stored("full")) == 1
     saved = [r.getMessage() for r in caplog.records if "saved mail" in r.getMessage()]
     assert len(saved) == 2 and "msgid=<m1@example.net>" in saved[0]
+    # The admin's count, written once for the transaction: deliver's message and the two copies, not the
+    # copy whose savepoint rolled back.
+    assert sum(DeliveryCount.objects.values_list("messages", flat=True)) == 3
 
 
 def test_login_name_and_alias_resolve_as_deliver_does(lmtp, make_mailbox):

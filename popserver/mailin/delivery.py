@@ -10,7 +10,9 @@ keeping the unique ids the messages had on the old server.
 
 import logging
 import re
-from contextlib import nullcontext
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.header import decode_header
@@ -183,7 +185,7 @@ def store_prepared(
         # object, which popgc removes.
         notice = None if warning is None else _save(mailbox, warning, warning_uid, store, server_notice=True)
         if send_signal:
-            transaction.on_commit(partial(count_delivery, message.size))
+            transaction.on_commit(partial(_count_committed, message.size))
             transaction.on_commit(
                 partial(signals.send_safely, signals.message_delivered, mailbox=mailbox, message=message)
             )
@@ -250,18 +252,46 @@ def quota_warning_message(
     return PreparedMessage(data, parse_display_headers(data))
 
 
-def count_delivery(octets: int, now: datetime | None = None) -> None:
-    """Add a delivery to its hour's ``DeliveryCount`` (the admin's overview). Runs after the delivery has
-    committed, in its own short write; a failure is logged and changes nothing for the delivery."""
+_batch = threading.local()  # tally: [messages, octets] while counting_deliveries() is open in this thread
+
+
+def _count_committed(octets: int) -> None:
+    """A delivery committed (an on-commit hook, dropped with a savepoint that rolled back): counted now, or
+    added to the thread's open batch (``counting_deliveries``)."""
+    tally = getattr(_batch, "tally", None)
+    if tally is None:
+        count_delivery(octets)
+    else:
+        tally[0] += 1
+        tally[1] += octets
+
+
+@contextmanager
+def counting_deliveries() -> Iterator[None]:
+    """The deliveries committed inside the block are added to ``DeliveryCount`` in one write when it ends
+    (LMTP: one write for all the copies of a message instead of one each). Not re-entrant."""
+    _batch.tally = tally = [0, 0]
+    try:
+        yield
+    finally:
+        _batch.tally = None
+        if tally[0]:
+            count_delivery(tally[1], messages=tally[0])
+
+
+def count_delivery(octets: int, now: datetime | None = None, *, messages: int = 1) -> None:
+    """Add ``messages`` deliveries of ``octets`` in all to their hour's ``DeliveryCount`` (the admin's
+    overview). Runs after the deliveries have committed, in its own short write; a failure is logged and
+    changes nothing for them."""
     hour = (now or timezone.now()).replace(minute=0, second=0, microsecond=0)
-    add = {"messages": F("messages") + 1, "octets": F("octets") + octets}
+    add = {"messages": F("messages") + messages, "octets": F("octets") + octets}
     try:
         with one_writer():
             if DeliveryCount.objects.filter(hour=hour).update(**add):
                 return
             try:
                 with transaction.atomic():  # the hour's first delivery: one process creates its row
-                    DeliveryCount.objects.create(hour=hour, messages=1, octets=octets)
+                    DeliveryCount.objects.create(hour=hour, messages=messages, octets=octets)
             except IntegrityError:
                 DeliveryCount.objects.filter(hour=hour).update(**add)
     except DatabaseError:

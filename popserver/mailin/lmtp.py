@@ -34,6 +34,7 @@ from ..storage.gate import using_database
 from ..storage.writelock import one_writer
 from .delivery import (
     DisplayHeaders,
+    counting_deliveries,
     PreparedMessage,
     header_value,
     prepare_message,
@@ -111,7 +112,8 @@ class MailboxDeliveryHandler:
             # One copy: store_prepared's own transaction is enough (two round trips fewer than a savepoint).
             outer = transaction.atomic() if len(copies) > 1 else nullcontext()
             # One lock order for every delivery (the mailbox rows, by primary key): no deadlock between two.
-            with using_database(), one_writer(), outer:
+            # The admin's delivery count: one write after the commit for all the copies (not one each).
+            with using_database(), counting_deliveries(), one_writer(), outer:
                 for index, mailbox, prepared in sorted(copies, key=lambda copy: copy[1].pk):
                     try:
                         # With several copies store_prepared's atomic() is a savepoint: a refusal undoes its

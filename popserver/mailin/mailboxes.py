@@ -14,7 +14,17 @@ from django.contrib.auth.base_user import BaseUserManager
 from django.core.exceptions import FieldDoesNotExist, ValidationError
 from django.core.validators import validate_email
 from django.db import models, transaction
-from django.db.models import CharField, Count, Q, Sum, Value
+from django.db.models import (
+    BooleanField,
+    CharField,
+    Count,
+    Exists,
+    ExpressionWrapper,
+    Q,
+    Subquery,
+    Sum,
+    Value,
+)
 from django.db.models.functions import Lower
 from django.utils import timezone
 
@@ -32,6 +42,11 @@ def find_mailbox(name: str, *, plus_detail: bool = False, auto_create: bool | No
     mailbox gets one. The mailbox comes with its ``user`` loaded.
     """
     for candidate in _candidates(name.strip(), plus_detail):
+        mailbox, settled = _quick_look_up(candidate)
+        if settled:
+            if mailbox is not None:
+                return mailbox
+            continue
         user = user_of_login(candidate)
         mailbox = mailbox_of_user(user, auto_create=auto_create) if user is not None else None
         if mailbox is None:
@@ -41,6 +56,42 @@ def find_mailbox(name: str, *, plus_detail: bool = False, auto_create: bool | No
         if mailbox is not None:
             return mailbox
     return None
+
+
+def _quick_look_up(candidate: str) -> tuple[Mailbox | None, bool]:
+    """The common cases in one query: (mailbox, True) when the rules below settle it, else (None, False)
+    and the caller takes the long way (users without a mailbox, login names that differ only in case).
+
+    The query finds the mailbox of the login name ``candidate`` as spelled (over the user model's unique
+    index) and that of the address (over the case-insensitive index), with whether any login name equals
+    it case-insensitively. An exact login name always wins (so does it in ``user_of_login``); an address
+    settles it only when no login name matches in any case; nothing found and no such login name: unknown.
+    """
+    User = get_user_model()
+    login_field = f"user__{User.USERNAME_FIELD}"
+    folded = _folded(candidate)
+    of_login = Mailbox.objects.filter(**{login_field: candidate}).values("pk")[:1]
+    of_address = (
+        Address.objects.alias(folded=Lower("address"))
+        .filter(folded=folded)
+        .order_by("pk")
+        .values("mailbox")[:1]
+    )
+    any_login = User._default_manager.alias(folded=Lower(User.USERNAME_FIELD)).filter(folded=folded)
+    found = list(
+        Mailbox.objects.select_related("user")
+        .filter(Q(pk=Subquery(of_login)) | Q(pk=Subquery(of_address)))
+        .annotate(
+            is_login=ExpressionWrapper(Q(**{login_field: candidate}), output_field=BooleanField()),
+            any_login=Exists(any_login),
+        )
+    )
+    for mailbox in found:
+        if mailbox.is_login:
+            return mailbox, True
+    if found:
+        return (found[0], True) if len(found) == 1 and not found[0].any_login else (None, False)
+    return None, not any_login.exists()
 
 
 def user_of_login(login: str):
