@@ -37,6 +37,7 @@ from popserver.mailin.mailboxes import find_mailbox
 from popserver.models import DeliveryCount, Mailbox, Message, new_uid_validity
 from popserver.protocol.wire import has_header_end, normalize_line_endings
 from popserver.storage.bodies import BodyStore, get_body_store
+from popserver.storage.compiled import CompiledQuery, Update
 from popserver.storage.writelock import one_writer
 
 logger = logging.getLogger(__name__)
@@ -112,6 +113,21 @@ def prepare_message(data: bytes) -> PreparedMessage:
     return PreparedMessage(data, parse_display_headers(data))
 
 
+_STATE_FIELDS = ("next_uid", "uid_validity", "quota_bytes", "quota_messages")
+_LOCKED_STATE = CompiledQuery(
+    lambda pk: Mailbox.objects.select_for_update().filter(pk=pk).values_list(*_STATE_FIELDS),
+    model=Mailbox,
+    kinds=(int,),
+    write=True,
+)
+_SET_NEXT_UID = CompiledQuery(
+    lambda next_uid, pk: Update(Mailbox.objects.filter(pk=pk), next_uid=next_uid),
+    model=Mailbox,
+    kinds=(int, int),
+    write=True,
+)
+
+
 def store_prepared(
     mailbox: Mailbox,
     prepared: PreparedMessage,
@@ -144,12 +160,10 @@ def store_prepared(
         # below see every message committed before it (READ COMMITTED on PostgreSQL and MariaDB; SQLite's
         # IMMEDIATE transactions hold the database's write lock from their start). So of two deliveries
         # racing across a warning share, exactly one sees itself crossing it.
-        state = (
-            Mailbox.objects.select_for_update()
-            .filter(pk=mailbox.pk)
-            .values("next_uid", "uid_validity", "quota_bytes", "quota_messages")
-            .get()
-        )
+        locked = _LOCKED_STATE.rows(mailbox.pk)  # compiled once: this runs for every copy of every message
+        if not locked:
+            raise Mailbox.DoesNotExist(f"mailbox {mailbox.pk} is gone")
+        state = dict(zip(_STATE_FIELDS, locked[0], strict=True))
         crossing = warning = None
         if enforce_quota:
             applying = quota.limits(state["quota_bytes"], state["quota_messages"])
@@ -178,7 +192,7 @@ def store_prepared(
             warning_uid = format_uid(next_uid, uid_validity)
             next_uid += 1
         if next_uid != state["next_uid"]:
-            Mailbox.objects.filter(pk=mailbox.pk).update(next_uid=next_uid)
+            _SET_NEXT_UID.execute(next_uid, mailbox.pk)
         mailbox.next_uid, mailbox.uid_validity = next_uid, uid_validity
         message = _save(mailbox, prepared, uid, store, staged)
         # The warning's body is staged here, inside the transaction: a crash leaves at most an unreferenced

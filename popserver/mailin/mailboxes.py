@@ -6,7 +6,6 @@ with no ``username`` field included). Names and addresses compare case-insensiti
 own lower-casing on both sides.
 """
 
-import copy
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -14,7 +13,7 @@ from django.contrib.auth import get_user_model, password_validation
 from django.contrib.auth.base_user import BaseUserManager
 from django.core.exceptions import FieldDoesNotExist, ValidationError
 from django.core.validators import validate_email
-from django.db import connections, models, router, transaction
+from django.db import models, transaction
 from django.db.models import (
     BooleanField,
     CharField,
@@ -27,11 +26,11 @@ from django.db.models import (
     Value,
 )
 from django.db.models.functions import Lower
-from django.db.models.query import get_related_populators
 from django.utils import timezone
 
 from popserver.conf import get_setting
 from popserver.models import Address, Mailbox
+from popserver.storage.compiled import CompiledQuery
 
 
 # The look-up ---------------------------------------------------------------------------------------------
@@ -68,10 +67,10 @@ def _quick_look_up(candidate: str) -> tuple[Mailbox | None, bool]:
     index) and that of the address (over the case-insensitive index), with whether any login name equals
     it case-insensitively. An exact login name always wins (so does it in ``user_of_login``); an address
     settles it only when no login name matches in any case; nothing found and no such login name: unknown.
-    The SQL is compiled once per database and user model (``_QuickQuery``): building and compiling it
+    The SQL is compiled once per database and user model (``storage.compiled``): building and compiling it
     again for every recipient was most of LMTP's CPU per RCPT.
     """
-    found = _QuickQuery.run(candidate)
+    found = _QUICK_QUERY.instances(candidate)
     for mailbox in found:
         if mailbox.is_login:
             return mailbox, True
@@ -85,69 +84,27 @@ def _logins_in_any_case(candidate: str):
     return User._default_manager.alias(folded=Lower(User.USERNAME_FIELD)).filter(folded=_folded(candidate))
 
 
-class _QuickQuery:
-    """``_quick_look_up``'s query, compiled once per (database, user model) with a placeholder name, then
-    run with the candidate in every parameter, its rows made into mailboxes as Django's own iterator does
-    (converters, ``select_related`` user, the annotations)."""
-
-    PLACEHOLDER = "popserver:quick-look-up"
-    _compiled: dict[tuple, tuple] = {}
-
-    @classmethod
-    def queryset(cls, candidate: str):
-        User = get_user_model()
-        login_field = f"user__{User.USERNAME_FIELD}"
-        of_login = Mailbox.objects.filter(**{login_field: candidate}).values("pk")[:1]
-        of_address = (
-            Address.objects.alias(folded=Lower("address"))
-            .filter(folded=_folded(candidate))
-            .order_by("pk")
-            .values("mailbox")[:1]
+def _quick_queryset(candidate: str):
+    User = get_user_model()
+    login_field = f"user__{User.USERNAME_FIELD}"
+    of_login = Mailbox.objects.filter(**{login_field: candidate}).values("pk")[:1]
+    of_address = (
+        Address.objects.alias(folded=Lower("address"))
+        .filter(folded=_folded(candidate))
+        .order_by("pk")
+        .values("mailbox")[:1]
+    )
+    return (
+        Mailbox.objects.select_related("user")
+        .filter(Q(pk=Subquery(of_login)) | Q(pk=Subquery(of_address)))
+        .annotate(
+            is_login=ExpressionWrapper(Q(**{login_field: candidate}), output_field=BooleanField()),
+            any_login=Exists(_logins_in_any_case(candidate)),
         )
-        return (
-            Mailbox.objects.select_related("user")
-            .filter(Q(pk=Subquery(of_login)) | Q(pk=Subquery(of_address)))
-            .annotate(
-                is_login=ExpressionWrapper(Q(**{login_field: candidate}), output_field=BooleanField()),
-                any_login=Exists(_logins_in_any_case(candidate)),
-            )
-        )
-
-    @classmethod
-    def run(cls, candidate: str) -> list[Mailbox]:
-        alias = router.db_for_read(Mailbox)
-        connection = connections[alias]
-        key = (alias, connection.vendor, get_user_model()._meta.label)
-        compiled = cls._compiled.get(key)
-        if compiled is None:
-            compiler = cls.queryset(cls.PLACEHOLDER).query.get_compiler(using=alias)
-            sql, params = compiler.as_sql()
-            compiled = cls._compiled[key] = (compiler, sql, params)
-        compiler, sql, params = compiled
-        with connection.cursor() as cursor:
-            cursor.execute(sql, [candidate if p == cls.PLACEHOLDER else p for p in params])
-            rows = cursor.fetchall()
-        if not rows:
-            return []
-        compiler = copy.copy(compiler)
-        compiler.connection = connection  # this thread's, for the converters
-        return list(_instances(compiler, rows, alias))
+    )
 
 
-def _instances(compiler, rows: list, alias: str):
-    """Model instances from ``rows`` of ``compiler``'s query (``django.db.models.query.ModelIterable``)."""
-    select, klass_info = compiler.select, compiler.klass_info
-    fields = klass_info["select_fields"]
-    start, end = fields[0], fields[-1] + 1
-    init_list = [column[0].target.attname for column in select[start:end]]
-    populators = get_related_populators(klass_info, select, alias)
-    for row in compiler.results_iter(results=[rows]):
-        instance = klass_info["model"].from_db(alias, init_list, row[start:end])
-        for populator in populators:
-            populator.populate(row, instance)
-        for name, position in compiler.annotation_col_map.items():
-            setattr(instance, name, row[position])
-        yield instance
+_QUICK_QUERY = CompiledQuery(_quick_queryset, model=Mailbox)
 
 
 def user_of_login(login: str):
