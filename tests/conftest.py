@@ -210,13 +210,15 @@ class Runpop3Process:
     """``manage.py runpop3 127.0.0.1:0`` as a subprocess on the test database; the port is read from its
     stdout. Stopped (SIGTERM, then SIGKILL) by the fixture, before the database is flushed."""
 
-    def __init__(self, *args: str, **env: str):
+    command, announced = "runpop3", r"POP3 on 127\.0\.0\.1:(\d+)"
+
+    def __init__(self, *args: str, listen: str = "127.0.0.1:0", **env: str):
         import re
         import subprocess
         import threading
 
         self.proc = subprocess.Popen(
-            manage_py_command("runpop3", "127.0.0.1:0", *args),
+            manage_py_command(self.command, listen, *args),
             env=subprocess_env(**env),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -227,10 +229,12 @@ class Runpop3Process:
         self._stderr_reader.start()
         self.port = 0
         self.tls_port = self.metrics_port = None
+        self.first_line = ""
         for line in self.proc.stdout:  # blocks until the first line; the fixture's timeout bounds it
-            match = re.search(r"POP3 on 127\.0\.0\.1:(\d+)", line)
+            self.first_line = line
+            match = re.search(self.announced, line)
             if match:
-                self.port = int(match.group(1))
+                self.port = int(match.group(1) or 0) if match.lastindex else -1  # -1: a UNIX socket
                 if tls := re.search(r"POP3S on 127\.0\.0\.1:(\d+)", line):
                     self.tls_port = int(tls.group(1))
                 if metrics := re.search(r"metrics on http://127\.0\.0\.1:(\d+)/", line):
@@ -238,7 +242,7 @@ class Runpop3Process:
                 break
         if not self.port:
             self.proc.wait(timeout=10)
-            raise RuntimeError("runpop3 did not start:\n" + "".join(self.stderr_lines))
+            raise RuntimeError(f"{self.command} did not start:\n" + "".join(self.stderr_lines))
         self.host = "127.0.0.1"
 
     def _read_stderr(self) -> None:
@@ -274,13 +278,29 @@ class Runpop3Process:
         self.proc.wait(timeout=15)
 
 
-@pytest.fixture
-def runpop3(transactional_db):
-    """runpop3(*extra_args, **env) -> a started ``Runpop3Process``; every one is stopped at teardown."""
+class RunlmtpProcess(Runpop3Process):
+    """``manage.py runlmtp`` on 127.0.0.1:0 (or ``listen="unix:PATH"``), as ``Runpop3Process``."""
+
+    command, announced = "runlmtp", r"LMTP on (?:127\.0\.0\.1:(\d+)|unix:)"
+
+    def lmtp(self, path: str | None = None, timeout: float = 10):
+        """An ``smtplib.LMTP`` client after LHLO, on the TCP port or on the UNIX socket ``path``."""
+        import smtplib
+
+        client = (
+            smtplib.LMTP(path, timeout=timeout)
+            if path
+            else smtplib.LMTP(self.host, self.port, timeout=timeout)
+        )
+        client.ehlo()
+        return client
+
+
+def _server_processes(kind):
     started: list[Runpop3Process] = []
 
     def start(*args: str, **env: str) -> Runpop3Process:
-        process = Runpop3Process(*args, **env)
+        process = kind(*args, **env)
         started.append(process)
         return process
 
@@ -290,6 +310,18 @@ def runpop3(transactional_db):
             process.kill()
         for stream in (process.proc.stdout, process.proc.stderr):
             stream.close()
+
+
+@pytest.fixture
+def runpop3(transactional_db):
+    """runpop3(*extra_args, **env) -> a started ``Runpop3Process``; every one is stopped at teardown."""
+    yield from _server_processes(Runpop3Process)
+
+
+@pytest.fixture
+def runlmtp_process(transactional_db):
+    """runlmtp_process(*extra_args, listen=..., **env) -> a started ``RunlmtpProcess``, stopped at teardown."""
+    yield from _server_processes(RunlmtpProcess)
 
 
 # Skips ------------------------------------------------------------------------------------------------------

@@ -275,6 +275,56 @@ def test_login_names_that_differ_only_in_case_resolve_exactly(make_mailbox):
 
 
 @pytest.mark.django_db
+@pytest.mark.parametrize(
+    "recipient",
+    ["alice", "alice@example.org", "Alice@Example.ORG", "alias@example.net", "alice+x@example.org"],
+)
+def test_a_login_or_an_address_resolves_in_one_query_per_form(
+    make_mailbox, recipient, django_assert_num_queries
+):
+    """The quick look-up (``mailboxes._quick_look_up``): one query for a login name as spelled or an address
+    in any case; a ``+detail`` form costs two more (the full form is found unknown: is there a login name in
+    another case? Then the name without it)."""
+    from popserver.models import Address
+
+    mailbox = make_mailbox("alice", email="alice@example.org")
+    Address.objects.create(mailbox=mailbox, address="alias@example.net")
+    with django_assert_num_queries(3 if "+" in recipient else 1):
+        found = resolve_mailbox(recipient)
+    assert found == mailbox and found.user.username == "alice"
+
+
+@pytest.mark.django_db
+def test_a_login_in_another_case_wins_over_an_address_of_another_mailbox(make_mailbox):
+    """Login names before addresses, in any case, as before the quick look-up; an exact login before all."""
+    from popserver.models import Address
+
+    login = make_mailbox("bob@example.org")
+    other = make_mailbox("carol")
+    Address.objects.create(mailbox=other, address="BOB@example.org")
+    assert resolve_mailbox("BOB@EXAMPLE.ORG") == login  # the login in another case, not the address
+    assert resolve_mailbox("bob@example.org") == login
+    Address.objects.create(mailbox=other, address="dave@example.org")
+    assert resolve_mailbox("dave@example.org") == other
+    assert resolve_mailbox("dave+x@example.org") == other
+    with pytest.raises(UnknownRecipient):
+        resolve_mailbox("nobody@example.org")
+
+
+@pytest.mark.django_db
+def test_a_login_without_a_mailbox_falls_back_to_an_address_or_auto_create(make_mailbox):
+    from popserver.models import Address
+
+    user = get_user_model().objects.create_user(username="erin@example.org", password="x")
+    other = make_mailbox("frank")
+    Address.objects.create(mailbox=other, address="erin@example.org")
+    assert resolve_mailbox("erin@example.org") == other  # the login has no mailbox: the address takes it
+    with override_settings(POPSERVER_AUTO_CREATE_MAILBOX=True):
+        created = resolve_mailbox("Erin@example.org")
+    assert created.user == user and created != other
+
+
+@pytest.mark.django_db
 def test_a_user_without_a_mailbox_gets_one_only_with_auto_create():
     user = get_user_model().objects.create_user(username="dave", password="x")
     with pytest.raises(UnknownRecipient):

@@ -21,13 +21,14 @@ from django.test import override_settings
 
 from popserver.delivery import deliver
 from popserver.mailin.lmtp import MailboxDeliveryHandler
-from popserver.models import Address, Message
+from popserver.models import Address, DeliveryCount, Message
 from popserver.server.listener import stop_servers
 from popserver.server.lmtp import start_lmtp_servers
 from popserver.server.tls import TlsContextHolder
 from popserver.storage.bodies import DatabaseBodyStore, get_body_store
 
 from .conftest import manage_py_command, subprocess_env
+from .waiting import wait_for
 
 pytestmark = pytest.mark.live
 
@@ -194,6 +195,9 @@ def test_multi_recipient_mix_gets_a_reply_per_recipient(lmtp, make_mailbox, capl
     assert stored("tight") == [] and stored("off") == [] and len(stored("full")) == 1
     saved = [r.getMessage() for r in caplog.records if "saved mail" in r.getMessage()]
     assert len(saved) == 2 and "msgid=<m1@example.net>" in saved[0]
+    # The admin's count, written once for the transaction: deliver's message and the two copies, not the
+    # copy whose savepoint rolled back.
+    assert sum(DeliveryCount.objects.values_list("messages", flat=True)) == 3
 
 
 def test_login_name_and_alias_resolve_as_deliver_does(lmtp, make_mailbox):
@@ -544,3 +548,69 @@ def test_runlmtp_refuses_to_replace_a_live_socket(lmtp_factory, transactional_db
         timeout=60,
     )
     assert result.returncode == 1 and "a server is listening on" in result.stderr
+
+
+# runlmtp --workers: the supervisor of runpop3 --workers ------------------------------------------------------
+def worker_pids(server) -> dict[int, int]:
+    """worker number -> pid of its latest start, from the supervisor's log lines."""
+    pids = {}
+    for line in list(server.stderr_lines):
+        if found := re.search(r"worker (\d+) started \(pid (\d+)\)", line):
+            pids[int(found.group(1))] = int(found.group(2))
+    return pids
+
+
+def deliver_from_connections(
+    server, recipients: list[str], connections: int, path: str | None = None
+) -> None:
+    """One message per recipient from each of ``connections`` LMTP connections open at once."""
+    clients = [server.lmtp(path) for _ in range(connections)]
+    try:
+        for n, client in enumerate(clients):
+            body = MESSAGE.replace(b"hello", b"hello %d" % n)
+            assert client.sendmail("s@example.net", recipients, body) == {}
+    finally:
+        for client in clients:
+            client.quit()
+
+
+def test_runlmtp_workers_deliver_replace_a_killed_worker_and_stop_on_sigterm(runlmtp_process, make_mailbox):
+    for name in ("alice", "bob"):
+        make_mailbox(name, email=f"{name}@example.org")
+    server = runlmtp_process("--workers", "2")
+    assert "(2 workers)" in server.first_line
+    deliver_from_connections(server, ["alice@example.org", "bob@example.org"], connections=6)
+    assert len(stored("alice")) == len(stored("bob")) == 6
+    pids = worker_pids(server)
+    assert sorted(pids) == [1, 2] and server.proc.pid not in pids.values()
+
+    os.kill(pids[1], signal.SIGKILL)  # a worker of the runlmtp this test started
+    killed = f"worker 1 (pid {pids[1]}) was killed by SIGKILL"
+    wait_for(lambda: any(killed in line for line in server.stderr_lines))
+    wait_for(lambda: worker_pids(server)[1] != pids[1], timeout=15)
+    deliver_from_connections(server, ["alice@example.org"], connections=4)
+    assert len(stored("alice")) == 10
+
+    busy = server.lmtp()  # an MTA connection open at the stop: told, and the workers still end
+    started = time.monotonic()
+    assert server.terminate(timeout=20) == 0
+    assert time.monotonic() - started < 10
+    assert busy.getreply()[0] == 421
+    ended = worker_pids(server).values()
+    for pid in ended:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)  # reaped by the supervisor: gone
+    assert sum(") stopped" in line for line in server.stderr_lines) == 2
+    assert any(re.match(r".*worker=\d .*LMTP disconnected", line) for line in server.stderr_lines)
+
+
+def test_runlmtp_workers_on_a_unix_socket(runlmtp_process, make_mailbox, short_dir):
+    make_mailbox("alice", email="alice@example.org")
+    path = os.path.join(short_dir, "lmtp.sock")
+    server = runlmtp_process("--workers", "2", "--socket-mode", "600", listen=f"unix:{path}")
+    assert f"LMTP on unix:{path} (2 workers)" in server.first_line
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    deliver_from_connections(server, ["alice@example.org"], connections=3, path=path)
+    assert len(stored("alice")) == 3
+    assert server.terminate(timeout=20) == 0
+    assert not os.path.exists(path)  # the parent removes the socket it bound

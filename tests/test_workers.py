@@ -245,9 +245,10 @@ def test_the_sqlite_writer_lock_holds_across_processes(transactional_db):
             holder.wait()
 
 
-def test_runpop3_refuses_more_workers_than_connections(transactional_db):
+@pytest.mark.parametrize("command", ["runpop3", "runlmtp"])
+def test_more_workers_than_connections_are_refused(transactional_db, command):
     result = subprocess.run(
-        manage_py_command("runpop3", "127.0.0.1:0", "--workers", "3"),
+        manage_py_command(command, "127.0.0.1:0", "--workers", "3"),
         env=subprocess_env(POPSERVER_DB_CONNECTIONS="2"),
         capture_output=True,
         text=True,

@@ -10,7 +10,9 @@ keeping the unique ids the messages had on the old server.
 
 import logging
 import re
-from contextlib import nullcontext
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.header import decode_header
@@ -35,6 +37,7 @@ from popserver.mailin.mailboxes import find_mailbox
 from popserver.models import DeliveryCount, Mailbox, Message, new_uid_validity
 from popserver.protocol.wire import has_header_end, normalize_line_endings
 from popserver.storage.bodies import BodyStore, get_body_store
+from popserver.storage.compiled import CompiledQuery, Update
 from popserver.storage.writelock import one_writer
 
 logger = logging.getLogger(__name__)
@@ -110,6 +113,21 @@ def prepare_message(data: bytes) -> PreparedMessage:
     return PreparedMessage(data, parse_display_headers(data))
 
 
+_STATE_FIELDS = ("next_uid", "uid_validity", "quota_bytes", "quota_messages")
+_LOCKED_STATE = CompiledQuery(
+    lambda pk: Mailbox.objects.select_for_update().filter(pk=pk).values_list(*_STATE_FIELDS),
+    model=Mailbox,
+    kinds=(int,),
+    write=True,
+)
+_SET_NEXT_UID = CompiledQuery(
+    lambda next_uid, pk: Update(Mailbox.objects.filter(pk=pk), next_uid=next_uid),
+    model=Mailbox,
+    kinds=(int, int),
+    write=True,
+)
+
+
 def store_prepared(
     mailbox: Mailbox,
     prepared: PreparedMessage,
@@ -142,12 +160,10 @@ def store_prepared(
         # below see every message committed before it (READ COMMITTED on PostgreSQL and MariaDB; SQLite's
         # IMMEDIATE transactions hold the database's write lock from their start). So of two deliveries
         # racing across a warning share, exactly one sees itself crossing it.
-        state = (
-            Mailbox.objects.select_for_update()
-            .filter(pk=mailbox.pk)
-            .values("next_uid", "uid_validity", "quota_bytes", "quota_messages")
-            .get()
-        )
+        locked = _LOCKED_STATE.rows(mailbox.pk)  # compiled once: this runs for every copy of every message
+        if not locked:
+            raise Mailbox.DoesNotExist(f"mailbox {mailbox.pk} is gone")
+        state = dict(zip(_STATE_FIELDS, locked[0], strict=True))
         crossing = warning = None
         if enforce_quota:
             applying = quota.limits(state["quota_bytes"], state["quota_messages"])
@@ -176,14 +192,14 @@ def store_prepared(
             warning_uid = format_uid(next_uid, uid_validity)
             next_uid += 1
         if next_uid != state["next_uid"]:
-            Mailbox.objects.filter(pk=mailbox.pk).update(next_uid=next_uid)
+            _SET_NEXT_UID.execute(next_uid, mailbox.pk)
         mailbox.next_uid, mailbox.uid_validity = next_uid, uid_validity
         message = _save(mailbox, prepared, uid, store, staged)
         # The warning's body is staged here, inside the transaction: a crash leaves at most an unreferenced
         # object, which popgc removes.
         notice = None if warning is None else _save(mailbox, warning, warning_uid, store, server_notice=True)
         if send_signal:
-            transaction.on_commit(partial(count_delivery, message.size))
+            transaction.on_commit(partial(_count_committed, message.size))
             transaction.on_commit(
                 partial(signals.send_safely, signals.message_delivered, mailbox=mailbox, message=message)
             )
@@ -250,18 +266,46 @@ def quota_warning_message(
     return PreparedMessage(data, parse_display_headers(data))
 
 
-def count_delivery(octets: int, now: datetime | None = None) -> None:
-    """Add a delivery to its hour's ``DeliveryCount`` (the admin's overview). Runs after the delivery has
-    committed, in its own short write; a failure is logged and changes nothing for the delivery."""
+_batch = threading.local()  # tally: [messages, octets] while counting_deliveries() is open in this thread
+
+
+def _count_committed(octets: int) -> None:
+    """A delivery committed (an on-commit hook, dropped with a savepoint that rolled back): counted now, or
+    added to the thread's open batch (``counting_deliveries``)."""
+    tally = getattr(_batch, "tally", None)
+    if tally is None:
+        count_delivery(octets)
+    else:
+        tally[0] += 1
+        tally[1] += octets
+
+
+@contextmanager
+def counting_deliveries() -> Iterator[None]:
+    """The deliveries committed inside the block are added to ``DeliveryCount`` in one write when it ends
+    (LMTP: one write for all the copies of a message instead of one each). Not re-entrant."""
+    _batch.tally = tally = [0, 0]
+    try:
+        yield
+    finally:
+        _batch.tally = None
+        if tally[0]:
+            count_delivery(tally[1], messages=tally[0])
+
+
+def count_delivery(octets: int, now: datetime | None = None, *, messages: int = 1) -> None:
+    """Add ``messages`` deliveries of ``octets`` in all to their hour's ``DeliveryCount`` (the admin's
+    overview). Runs after the deliveries have committed, in its own short write; a failure is logged and
+    changes nothing for them."""
     hour = (now or timezone.now()).replace(minute=0, second=0, microsecond=0)
-    add = {"messages": F("messages") + 1, "octets": F("octets") + octets}
+    add = {"messages": F("messages") + messages, "octets": F("octets") + octets}
     try:
         with one_writer():
             if DeliveryCount.objects.filter(hour=hour).update(**add):
                 return
             try:
                 with transaction.atomic():  # the hour's first delivery: one process creates its row
-                    DeliveryCount.objects.create(hour=hour, messages=1, octets=octets)
+                    DeliveryCount.objects.create(hour=hour, messages=messages, octets=octets)
             except IntegrityError:
                 DeliveryCount.objects.filter(hour=hour).update(**add)
     except DatabaseError:

@@ -14,7 +14,8 @@ object for all of them (issue 21). The rest of the bytes are what came in, with 
 The copies of one message are stored in one transaction (one commit, whatever the number of recipients),
 each in its own savepoint: a full mailbox or a failing row refuses that recipient alone. The replies are
 sent after the commit, so a 250 always means a stored message. A database error is ``451 4.3.0`` for the
-recipients it touches, with one log line.
+recipients it touches, with one log line; so is a connection that does not come free within
+POPSERVER_DB_CONNECTION_WAIT (``runlmtp``'s queries count against the process's budget, ``storage/gate.py``).
 """
 
 from __future__ import annotations
@@ -26,12 +27,14 @@ from contextlib import nullcontext
 from django.db import DatabaseError, close_old_connections, transaction
 
 from ..conf import get_setting
-from ..exceptions import EmptyMessage, MessageTooLarge, QuotaExceeded, UnknownRecipient
+from ..exceptions import EmptyMessage, MessageTooLarge, QuotaExceeded, ServerBusy, UnknownRecipient
 from ..models import Mailbox
 from ..protocol.lmtp import Envelope, Outcome, RecipientCheck
+from ..storage.gate import using_database
 from ..storage.writelock import one_writer
 from .delivery import (
     DisplayHeaders,
+    counting_deliveries,
     PreparedMessage,
     header_value,
     prepare_message,
@@ -63,16 +66,19 @@ class MailboxDeliveryHandler:
     def check_recipient(self, address: str, *, size: int | None) -> RecipientCheck:
         """Resolve ``address`` and look at its quota (for a message of ``size`` octets, or at least one)."""
         try:
-            mailbox = resolve_mailbox(address)
-            if not mailbox.pop3_enabled:
-                return RecipientCheck(Outcome.UNKNOWN)
-            if size is not None and size > self.max_message_size:
-                return RecipientCheck(Outcome.TOO_BIG)
-            check_quota(mailbox.pk, mailbox_limits(mailbox), max(size or 0, 1))
+            with using_database():  # the process's budget of connections (runlmtp; a no-op elsewhere)
+                mailbox = resolve_mailbox(address)
+                if not mailbox.pop3_enabled:
+                    return RecipientCheck(Outcome.UNKNOWN)
+                if size is not None and size > self.max_message_size:
+                    return RecipientCheck(Outcome.TOO_BIG)
+                check_quota(mailbox.pk, mailbox_limits(mailbox), max(size or 0, 1))
         except UnknownRecipient:
             return RecipientCheck(Outcome.UNKNOWN)
         except QuotaExceeded:
             return RecipientCheck(Outcome.OVER_QUOTA)
+        except ServerBusy:  # no connection came free in time (logged by the gate): the MTA tries again
+            return RecipientCheck(Outcome.TEMPORARY_ERROR)
         except DatabaseError as exc:
             self._database_error(f"RCPT TO:<{address}>", exc)
             return RecipientCheck(Outcome.TEMPORARY_ERROR)
@@ -106,7 +112,8 @@ class MailboxDeliveryHandler:
             # One copy: store_prepared's own transaction is enough (two round trips fewer than a savepoint).
             outer = transaction.atomic() if len(copies) > 1 else nullcontext()
             # One lock order for every delivery (the mailbox rows, by primary key): no deadlock between two.
-            with one_writer(), outer:
+            # The admin's delivery count: one write after the commit for all the copies (not one each).
+            with using_database(), counting_deliveries(), one_writer(), outer:
                 for index, mailbox, prepared in sorted(copies, key=lambda copy: copy[1].pk):
                     try:
                         # With several copies store_prepared's atomic() is a savepoint: a refusal undoes its
@@ -121,8 +128,10 @@ class MailboxDeliveryHandler:
                         outcomes[index] = Outcome.TEMPORARY_ERROR
                     else:
                         stored.append((index, message))
-        except DatabaseError as exc:  # the transaction as a whole (begin, commit, a broken savepoint)
-            self._database_error(f"delivery of a message to {len(copies)} recipients", exc)
+        except (DatabaseError, ServerBusy) as exc:  # the transaction as a whole (begin, commit, a broken
+            # savepoint), or no connection came free in time
+            if isinstance(exc, DatabaseError):
+                self._database_error(f"delivery of a message to {len(copies)} recipients", exc)
             return [
                 o if o is not None and o is not Outcome.ACCEPTED else Outcome.TEMPORARY_ERROR
                 for o in outcomes

@@ -17,7 +17,6 @@ import ssl
 import time
 from collections.abc import Iterable
 
-from django.db import connections
 from django.utils import timezone
 
 from ..conf import get_setting, node_name
@@ -27,7 +26,7 @@ from ..logins.authenticator import DjangoAuthenticator, printable
 from ..logins.peers import peer_group, plaintext_allowed
 from ..protocol.session import Pop3Session, State
 from ..protocol.wire import FLUSH
-from ..storage.gate import connection_wanted, holding_connection, in_budget, release_connection
+from ..storage.gate import connection_wanted, holding_connection, release_connection
 from ..storage.retention import expire_before_login
 from . import metrics
 from .proxy_protocol import ProxyHeader, ProxyHeaderError, read_header
@@ -197,7 +196,6 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
                     raise SessionEnded("Connection closed")
                 return data
         idle_since = now
-        close_when_idle = not in_budget()  # a thread outside the budget (LMTP) closes after DB_IDLE_CLOSE
         while True:
             now = time.monotonic()
             if self.server.stop_event.is_set():
@@ -213,12 +211,6 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
                     release_connection()
                 else:
                     wait = min(remaining, DB_IDLE_SLICE)
-            elif close_when_idle:
-                if now - idle_since >= DB_IDLE_CLOSE:
-                    connections.close_all()
-                    close_when_idle = False
-                else:
-                    wait = min(remaining, idle_since + DB_IDLE_CLOSE - now)
             try:
                 if readable is None:
                     if not self.wait_for(select.POLLIN, wait):

@@ -20,7 +20,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
-from django.db import OperationalError, connections
+from django.db import OperationalError
 
 from ..conf import get_setting, node_name, worker_share
 from ..exceptions import ServerBusy
@@ -318,7 +318,6 @@ class ThreadedServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
     busy_reply = b"-ERR [SYS/TEMP] Too many connections, try again later.\r\n"  # when there is no room
     droppable = True  # an idle connection may be dropped to make room (see SessionRegistry.admit)
     holds_mailbox_locks = True  # its sessions take mailbox locks (released by stop_servers)
-    uses_connection_budget = True  # its sessions' database connections count against the gate
 
     def __init__(
         self,
@@ -399,19 +398,12 @@ class ThreadedServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
         if not self.is_unix:
             super().server_bind()
             return
-        path = self.server_address
-        remove_stale_socket(path)
-        super().server_bind()
-        self._socket_inode = os.stat(path).st_ino
-        if self.socket_mode is not None:
-            os.chmod(path, self.socket_mode)  # before listen(): nobody can connect before it applies
+        self._socket_inode = bind_unix_socket(self.socket, self.server_address, self.socket_mode)
 
     def server_close(self) -> None:
         super().server_close()
-        if self.is_unix:
-            with contextlib.suppress(OSError):
-                if os.stat(self.server_address).st_ino == getattr(self, "_socket_inode", None):
-                    os.unlink(self.server_address)  # ours, not one a newer server bound meanwhile
+        if self.is_unix:  # a socket bound by a parent (``sock``) is the parent's to remove
+            remove_unix_socket(self.server_address, getattr(self, "_socket_inode", None))
 
     def process_request(self, request, client_address) -> None:
         """Accept loop: admit or refuse at once (no blocking work here), then a thread per connection."""
@@ -493,8 +485,8 @@ class ThreadedServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
             pass
 
     def process_request_thread(self, request, client_address) -> None:
-        # A POP3 session's database connections count against the budget (LMTP's are the MTA's: see README).
-        with self.gate.budgeted() if self.uses_connection_budget else contextlib.nullcontext():
+        # Every session's database connections (POP3 and LMTP) count against the process's budget.
+        with self.gate.budgeted():
             try:
                 self.finish_request(request, client_address)
             except Exception:  # noqa: BLE001 - the connection's last resort: logged, never kills the server
@@ -503,8 +495,6 @@ class ThreadedServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
                 self.registry.remove(request)
                 self.shutdown_request(request)
                 release_connection()
-                if not self.uses_connection_budget:
-                    connections.close_all()
 
     def handle_error(self, request, client_address) -> None:
         logger.exception("unexpected error in the session of %s", client_address)
@@ -619,47 +609,104 @@ def start_servers(
 
     The process's session registry and its share of the database-connection budget are made here, once
     for all its listeners."""
-    gate = ConnectionGate()
-    with gate.budgeted():
+    options = process_options(stop_event, tls, room)
+    with options["gate"].budgeted():
         release_dead_locks()
-    registry = SessionRegistry()
-    if room is not None:
-        registry.share_room(*room)
-    options = {
-        "stop_event": stop_event,
-        "tls": tls,
-        "is_trusted": is_trusted,
-        "registry": registry,
-        "proxy_protocol": proxy_protocol,
-        "gate": gate,
-    }
+    options.update(is_trusted=is_trusted, proxy_protocol=proxy_protocol)
     servers = [Pop3Server(a, **options) for a in addresses]
     servers += [Pop3Server(a, implicit_tls=True, **options) for a in implicit_tls_addresses]
     for sock, implicit_tls in sockets:
         servers.append(Pop3Server(sock.getsockname()[:2], implicit_tls=implicit_tls, sock=sock, **options))
     for server in servers:
-        threading.Thread(
-            target=server.serve_forever,
-            kwargs={"poll_interval": 0.5},
-            daemon=True,
-            name=f"pop3 listener {server.display_address}",
-        ).start()
+        serve_in_thread(server)
         kind = "POP3S (implicit TLS)" if server.implicit_tls else "POP3" + (" with STLS" if tls else "")
         kind += " behind a proxy (PROXY protocol)" if proxy_protocol else ""
         logger.info("%s server listening on %s (node %s)", kind, server.display_address, node_name())
-    LockHeartbeat(stop_event, gate).start()
+    LockHeartbeat(stop_event, options["gate"]).start()
     return servers
 
 
-def bind_listener(address: tuple[str, int]) -> socket.socket:
-    """A listening socket on ``address``, for worker processes to share (``runpop3 --workers``)."""
-    host, port = address
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+def bind_unix_socket(sock: socket.socket, path: str, mode: int | None) -> int:
+    """Bind ``sock`` to ``path`` (a stale socket there is removed first, a live one refused) with ``mode``
+    applied before anyone can connect; the inode of the socket file (for ``remove_unix_socket``)."""
+    remove_stale_socket(path)
+    sock.bind(path)
+    if mode is not None:
+        os.chmod(path, mode)  # before listen(): nobody can connect before it applies
+    return os.stat(path).st_ino
+
+
+def remove_unix_socket(path: str, inode: int | None) -> None:
+    """Remove the socket file at ``path`` if it is still ours (``inode``), not one a newer server bound."""
+    with contextlib.suppress(OSError):
+        if inode is not None and os.stat(path).st_ino == inode:
+            os.unlink(path)
+
+
+def process_options(stop_event: threading.Event, tls: TlsContextHolder | None, room: tuple | None) -> dict:
+    """What every listener of one server process shares (``ThreadedServer`` keywords): the stop event, the
+    certificate, the session registry (with ``room``, a worker's place in the shared flags) and the gate."""
+    registry = SessionRegistry()
+    if room is not None:
+        registry.share_room(*room)
+    return {"stop_event": stop_event, "tls": tls, "registry": registry, "gate": ConnectionGate()}
+
+
+def serve_in_thread(server: ThreadedServer) -> None:
+    """Run the listener's accept loop in a daemon thread (``stop_servers`` ends it)."""
+    threading.Thread(
+        target=server.serve_forever,
+        kwargs={"poll_interval": 0.5},
+        daemon=True,
+        name=f"{server.protocol} listener {server.display_address}",
+    ).start()
+
+
+class BoundListener:
+    """A listening socket bound by a parent for its worker processes to share (``--workers``): TCP
+    (``address`` is (host, port)) or a UNIX socket (a path, with ``socket_mode``). ``close()`` also removes
+    a UNIX socket's file."""
+
+    def __init__(self, address: tuple[str, int] | str, *, socket_mode: int | None = None) -> None:
+        self.address, self.inode = address, None
+        if isinstance(address, str):
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        else:
+            self.sock = socket.socket(socket.AF_INET6 if ":" in address[0] else socket.AF_INET)
+        try:
+            if isinstance(address, str):
+                self.inode = bind_unix_socket(self.sock, address, socket_mode)
+            else:
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                self.sock.bind(address)
+            self.sock.listen(get_setting("LISTEN_BACKLOG"))
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def display_address(self) -> str:
+        if isinstance(self.address, str):
+            return f"unix:{self.address}"
+        host, port = self.sock.getsockname()[:2]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    def close(self) -> None:
+        self.sock.close()
+        if isinstance(self.address, str):
+            remove_unix_socket(self.address, self.inode)
+
+
+def bind_listeners(
+    addresses: list[tuple[str, int] | str], *, socket_mode: int | None = None
+) -> list[BoundListener]:
+    """A ``BoundListener`` for each address, or none (those bound are closed if one fails: OSError)."""
+    bound: list[BoundListener] = []
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-        sock.listen(get_setting("LISTEN_BACKLOG"))
+        for address in addresses:
+            bound.append(BoundListener(address, socket_mode=socket_mode))
     except BaseException:
-        sock.close()
+        for listener in bound:
+            listener.close()
         raise
-    return sock
+    return bound

@@ -5,7 +5,11 @@ connection by the ``handler_factory`` the caller gives (``runlmtp`` gives
 ``popserver.mailin.lmtp.MailboxDeliveryHandler``). LMTP is for the local MTA: on TCP only peers in
 POPSERVER_LMTP_TRUSTED_NETWORKS (loopback by default) are served; a UNIX socket is guarded by its mode.
 Connections are never dropped to make room (an MTA may be mid-delivery); when POPSERVER_MAX_SESSIONS are
-open a newcomer gets ``421 4.3.2`` and the MTA tries again.
+open a newcomer gets ``421 4.3.2`` and the MTA tries again. A connection's queries count against the
+process's budget of database connections as a POP3 session's do (``storage/gate.py``: a slot while it
+resolves recipients and stores, given back when another connection wants one while it waits for its MTA).
+With ``runlmtp --workers N`` the parent binds the listeners and ``workers.Supervisor`` runs N processes of
+these servers (``start_lmtp_servers(..., sockets=...)``).
 """
 
 from __future__ import annotations
@@ -21,8 +25,9 @@ from django.db import connections
 from ..conf import get_setting
 from ..logins.peers import is_lmtp_peer
 from ..protocol.lmtp import DeliveryHandler, LmtpSession
+from ..storage.gate import release_connection
 from .handler import ConnectionHandler, SessionEnded
-from .listener import LOCAL_PEER, SessionRegistry, ThreadedServer, parse_address
+from .listener import LOCAL_PEER, ThreadedServer, parse_address, process_options, serve_in_thread
 from .tls import TlsContextHolder
 
 logger = logging.getLogger("popserver.server")
@@ -55,6 +60,8 @@ class LmtpHandler(ConnectionHandler):
         # RFC 5321 s.4.5.3.2.7: the server waits at least 5 minutes for each command; DATA may take as long
         # as bytes keep coming.
         timeout_reply = f"421 4.4.2 {server.hostname} Disconnected for inactivity\r\n".encode()
+        # RFC 5321 s.3.8: a server that stops says 421 to a waiting client (the MTA retries elsewhere or later).
+        self.shutdown_notice = f"421 4.3.2 {server.hostname} Server shutting down\r\n".encode()
         try:
             self.send([session.greeting()])
             deadline = time.monotonic() + timeout
@@ -78,7 +85,7 @@ class LmtpHandler(ConnectionHandler):
             session.abandon()
             server.registry.release_slot(self.request)
             self.log_session_end(session, reason)
-            connections.close_all()
+            release_connection()
             if self.sock is not self.request:
                 self.sock.close()  # the TLS wrapper; the server closes the accepted socket
 
@@ -105,7 +112,6 @@ class LmtpServer(ThreadedServer):
     busy_reply = b"421 4.3.2 Too many connections, try again later\r\n"
     droppable = False  # the MTA may be mid-delivery: never cut to make room
     holds_mailbox_locks = False
-    uses_connection_budget = False  # the MTA's deliveries: counted apart (README: the arithmetic)
 
     def __init__(self, address: tuple[str, int] | str, *, handler_factory: HandlerFactory, **options) -> None:
         self.handler_factory = handler_factory
@@ -141,27 +147,23 @@ def start_lmtp_servers(
     handler_factory: HandlerFactory,
     tls: TlsContextHolder | None = None,
     socket_mode: int | None = None,
+    sockets: list[socket.socket] = (),
+    room: tuple | None = None,
 ) -> list[LmtpServer]:
-    """Bind every LMTP listener (one session registry for all of them) and start their loops."""
+    """Bind every LMTP listener (or serve ``sockets``, listening sockets bound by the parent of ``runlmtp
+    --workers``) and start their loops. One session registry and one share of the database-connection budget
+    (``ConnectionGate``) for all of them; ``room`` as for ``listener.start_servers``."""
     connections.close_all()
-    registry = SessionRegistry()
+    options = process_options(stop_event, tls, room)
     servers = [
-        LmtpServer(
-            address,
-            handler_factory=handler_factory,
-            stop_event=stop_event,
-            tls=tls,
-            registry=registry,
-            socket_mode=socket_mode,
-        )
+        LmtpServer(address, handler_factory=handler_factory, socket_mode=socket_mode, **options)
         for address in addresses
     ]
+    for sock in sockets:
+        bound = sock.getsockname()
+        bound = bound if isinstance(bound, str) else bound[:2]
+        servers.append(LmtpServer(bound, handler_factory=handler_factory, sock=sock, **options))
     for server in servers:
-        threading.Thread(
-            target=server.serve_forever,
-            kwargs={"poll_interval": 0.5},
-            daemon=True,
-            name=f"lmtp listener {server.display_address}",
-        ).start()
+        serve_in_thread(server)
         logger.info("LMTP server%s listening on %s", " with STARTTLS" if tls else "", server.display_address)
     return servers

@@ -1,8 +1,11 @@
-"""``runpop3 --workers N``: every core, one set of listeners, one budget of database connections.
+"""``runpop3 --workers N`` and ``runlmtp --workers N``: every core, one set of listeners, one budget of
+database connections.
 
-The parent binds every listener (plain and implicit TLS), closes its database connections, and forks N
-workers. Each worker serves the same listening sockets with the threaded server of ``listener.py`` (its own
-threads, lock heartbeat and connection pool are started after the fork) and gets an equal share of the
+The parent binds every listener (POP3: plain and implicit TLS; LMTP: TCP or a UNIX socket), closes its
+database connections, and forks N workers. Each worker serves the same listening sockets with the threaded
+server of ``listener.py`` (``Pop3Server`` or ``lmtp.LmtpServer``: the protocol is the ``start`` callable the
+command gives; its threads, lock heartbeat and connection pool are started after the fork) and gets an equal
+share of the
 server's limits: sessions, unauthenticated connections per IP, password checks and database connections
 (``conf.worker_share``). The mailbox lock, the throttle and SQLite's writer lock are shared through the
 database, the cache and a lock file, as between separate servers.
@@ -20,7 +23,6 @@ import multiprocessing
 import os
 import select
 import signal
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -28,10 +30,9 @@ from collections.abc import Callable
 from django.db import connections
 
 from ..conf import get_setting, set_worker_count, worker_share
-from ..logins.peers import is_trusted_peer
 from ..storage.lock import release_dead_locks
 from . import metrics
-from .listener import start_servers, stop_servers
+from .listener import ThreadedServer, stop_servers
 from .tls import TlsContextHolder
 
 logger = logging.getLogger("popserver.server")
@@ -51,6 +52,21 @@ def parse_workers(text: str) -> int:
     count = int(text)
     if count < 1:
         raise ValueError("the number of workers must be at least 1")
+    return count
+
+
+def workers_option(text: str) -> int:
+    """``--workers`` of ``runpop3`` and ``runlmtp``: ``parse_workers``, and no more workers than
+    POPSERVER_DB_CONNECTIONS (each needs a connection of its own). ValueError says what is wrong."""
+    try:
+        count = parse_workers(text)
+    except ValueError:
+        raise ValueError(f"--workers: {text!r} is not a number >= 1 or 'auto'.") from None
+    if count > get_setting("DB_CONNECTIONS"):
+        raise ValueError(
+            f"--workers {count}: POPSERVER_DB_CONNECTIONS ({get_setting('DB_CONNECTIONS')}) is the budget of "
+            "all workers together, and each needs at least one connection."
+        )
     return count
 
 
@@ -157,21 +173,19 @@ def name_worker_in_logs(number: int) -> None:
     logging.setLogRecordFactory(record_factory)
 
 
-class Supervisor:
-    """The parent of ``runpop3 --workers N``: forks the workers, replaces the dead, stops them all."""
+# start(stop_event, room) -> the worker's servers, on the listening sockets the parent bound: e.g.
+# ``listener.start_servers(..., sockets=..., room=room)`` or ``lmtp.start_lmtp_servers(..., sockets=..., room=room)``.
+StartServers = Callable[[threading.Event, tuple], list[ThreadedServer]]
 
-    def __init__(
-        self,
-        listeners: list[tuple[socket.socket, bool]],
-        count: int,
-        *,
-        tls: TlsContextHolder | None = None,
-        is_trusted: Callable[[str], bool] = is_trusted_peer,
-        proxy_protocol: bool = False,
-    ):
-        """``listeners``: (listening socket, implicit TLS) pairs, bound by the caller."""
-        self.listeners, self.count, self.tls, self.is_trusted = listeners, count, tls, is_trusted
-        self.proxy_protocol = proxy_protocol
+
+class Supervisor:
+    """The parent of ``runpop3 --workers N`` and ``runlmtp --workers N``: forks the workers, replaces the
+    dead, stops them all. The protocol is in ``start`` alone."""
+
+    def __init__(self, start: StartServers, count: int, *, tls: TlsContextHolder | None = None):
+        """``start`` serves the listening sockets the caller bound (see ``StartServers``); ``tls``: the
+        certificate SIGHUP reloads."""
+        self.start, self.count, self.tls = start, count, tls
         self.workers: dict[int, tuple[int, float]] = {}  # pid -> (worker number, started at)
         self.respawn_at: dict[int, float] = {}  # worker number -> when to start its replacement
         self.parent_pid = os.getpid()
@@ -233,15 +247,7 @@ class Supervisor:
         set_worker_count(self.count)
         use_connection_pool(worker_share("DB_CONNECTIONS"), get_setting("DB_CONNECTION_WAIT"))
         stop = threading.Event()
-        servers = start_servers(
-            [],
-            stop,
-            tls=self.tls,
-            sockets=self.listeners,
-            is_trusted=self.is_trusted,
-            proxy_protocol=self.proxy_protocol,
-            room=(self.room, number - 1),
-        )
+        servers = self.start(stop, (self.room, number - 1))
         self.serving[number - 1] = 1  # the parent announces the server once every worker accepts
         while not signals.stop_requested:
             signals.wait(0.5)

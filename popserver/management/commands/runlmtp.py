@@ -1,17 +1,18 @@
-"""``manage.py runlmtp [ADDR:PORT | unix:PATH]``: run the LMTP server (RFC 2033) in the foreground until SIGINT
-or SIGTERM, for the local MTA (Postfix's ``lmtp:``, Exim's ``lmtp`` transport)."""
+"""``manage.py runlmtp [ADDR:PORT | unix:PATH] [--workers N|auto]``: run the LMTP server (RFC 2033) in the
+foreground until SIGINT or SIGTERM, for the local MTA (Postfix's ``lmtp:``, Exim's ``lmtp`` transport): one
+process, or N worker processes under the supervisor ``runpop3 --workers`` uses (``popserver.server.workers``)."""
 
-import signal
 import threading
 
 from django.core.management.base import BaseCommand, CommandError
 
-from popserver.conf import get_setting
+from popserver.conf import get_setting, worker_share
 from popserver.mailin.lmtp import MailboxDeliveryHandler
 from popserver.management.commands.runpop3 import ERRORS
-from popserver.server.listener import stop_servers
+from popserver.server.listener import bind_listeners, stop_servers
 from popserver.server.lmtp import parse_lmtp_address, start_lmtp_servers
 from popserver.server.tls import TlsConfigError, TlsContextHolder
+from popserver.server.workers import SignalFlags, Supervisor, use_connection_pool, workers_option
 
 
 def socket_mode(text: str) -> int:
@@ -42,6 +43,12 @@ class Command(BaseCommand):
         )
         parser.add_argument("--certfile", help="PEM certificate (chain): enables STARTTLS (RFC 3207).")
         parser.add_argument("--keyfile", help="PEM private key, if not in the certificate file.")
+        parser.add_argument(
+            "--workers",
+            default="1",
+            help="worker processes serving the same listener (default 1; 'auto': one per core), as runpop3's: "
+            "POPSERVER_MAX_SESSIONS and POPSERVER_DB_CONNECTIONS are split between them.",
+        )
 
     def handle(self, *args, **options):
         try:
@@ -49,6 +56,10 @@ class Command(BaseCommand):
             mode = socket_mode(options["socket_mode"])
         except ValueError as exc:
             raise CommandError(f"Invalid address or mode: {exc}") from None
+        try:
+            workers = workers_option(options["workers"])
+        except ValueError as exc:
+            raise CommandError(str(exc)) from None
         tls = None
         if options["certfile"]:
             try:
@@ -57,32 +68,66 @@ class Command(BaseCommand):
                 raise CommandError(f"TLS: {exc}") from None
         elif options["keyfile"]:
             raise CommandError("TLS: --keyfile needs --certfile.")
+        if workers == 1:
+            self.serve_in_this_process(address, mode, tls)
+        else:
+            self.serve_with_workers(address, mode, tls, workers)
+        self.stdout.write("popserver: stopped.")
 
-        stop = threading.Event()
+    def serve_in_this_process(self, address, mode: int, tls) -> None:
         # Signal handlers only set flags: shutdown() must run outside the serving threads.
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, lambda *_: stop.set())
-        reload_requested = threading.Event()
-        signal.signal(
-            signal.SIGHUP, lambda *_: reload_requested.set()
-        )  # reloads the certificate, never fatal
+        signals = SignalFlags()
+        use_connection_pool(worker_share("DB_CONNECTIONS"), get_setting("DB_CONNECTION_WAIT"))
+        stop = threading.Event()
         try:
             servers = start_lmtp_servers(
                 [address], stop, handler_factory=MailboxDeliveryHandler, tls=tls, socket_mode=mode
             )
         except OSError as exc:
-            known = None if isinstance(address, str) else ERRORS.get(exc.errno)  # port wording, for TCP only
-            raise CommandError(f"Error: {known or exc.strerror or exc}") from None
+            signals.close()
+            raise CommandError(f"Error: {bind_error(address, exc)}") from None
+        self.announce([s.display_address for s in servers])
+        try:
+            while not signals.stop_requested:
+                signals.wait(0.5)
+                if signals.take_reload() and tls is not None:  # SIGHUP: never fatal
+                    tls.reload()
+        finally:
+            signals.close()
+        stop.set()
+        stop_servers(servers)
+
+    def serve_with_workers(self, address, mode: int, tls, workers: int) -> None:
+        try:
+            (bound,) = bind_listeners([address], socket_mode=mode)
+        except OSError as exc:
+            raise CommandError(f"Error: {bind_error(address, exc)}") from None
+
+        def start(stop_event, room):
+            return start_lmtp_servers(
+                [],
+                stop_event,
+                handler_factory=MailboxDeliveryHandler,
+                tls=tls,
+                sockets=[bound.sock],
+                room=room,
+            )
+
+        try:
+            Supervisor(start, workers, tls=tls).run(lambda: self.announce([bound.display_address], workers))
+        finally:
+            bound.close()
+
+    def announce(self, addresses: list[str], workers: int = 1) -> None:
         self.stdout.write(
             "popserver: "
-            + ", ".join(f"LMTP on {s.display_address}" for s in servers)
+            + ", ".join(f"LMTP on {where}" for where in addresses)
+            + (f" ({workers} workers)" if workers > 1 else "")
             + ". Quit with CONTROL-C."
         )
         self.stdout.flush()
-        while not stop.wait(0.5):
-            if reload_requested.is_set():
-                reload_requested.clear()
-                if tls is not None:
-                    tls.reload()
-        stop_servers(servers)
-        self.stdout.write("popserver: stopped.")
+
+
+def bind_error(address, exc: OSError) -> str:
+    known = None if isinstance(address, str) else ERRORS.get(exc.errno)  # port wording, for TCP only
+    return known or exc.strerror or str(exc)

@@ -11,10 +11,10 @@ from django.db import DatabaseError
 from popserver.checks.database import check_connection_budget
 from popserver.conf import get_setting, worker_share
 from popserver.server import metrics
-from popserver.server.listener import bind_listener, parse_address, start_servers, stop_servers
+from popserver.server.listener import bind_listeners, parse_address, start_servers, stop_servers
 from popserver.server.node import NodeHeartbeat, NodeNameInUse, claim_node_name, release_node_name
 from popserver.server.tls import TlsConfigError, TlsContextHolder
-from popserver.server.workers import SignalFlags, Supervisor, parse_workers, use_connection_pool
+from popserver.server.workers import SignalFlags, Supervisor, use_connection_pool, workers_option
 
 ERRORS = {
     errno.EACCES: "You don't have permission to access that port.",
@@ -62,14 +62,9 @@ class Command(BaseCommand):
         except ValueError as exc:
             raise CommandError(f"Invalid address: {exc}") from None
         try:
-            workers = parse_workers(options["workers"])
-        except ValueError:
-            raise CommandError(f"--workers: {options['workers']!r} is not a number >= 1 or 'auto'.") from None
-        if workers > get_setting("DB_CONNECTIONS"):
-            raise CommandError(
-                f"--workers {workers}: POPSERVER_DB_CONNECTIONS ({get_setting('DB_CONNECTIONS')}) is the budget of "
-                "all workers together, and each needs at least one connection."
-            )
+            workers = workers_option(options["workers"])
+        except ValueError as exc:
+            raise CommandError(str(exc)) from None
         certfile = options["certfile"] or get_setting("TLS_CERTFILE")
         keyfile = options["keyfile"] or get_setting("TLS_KEYFILE")
         tls = None
@@ -147,27 +142,29 @@ class Command(BaseCommand):
         self.stdout.write("popserver: stopped.")
 
     def serve_with_workers(self, address, tls_addresses, tls, workers: int, proxy_protocol: bool) -> None:
-        listeners = []
         try:
-            for listen, implicit_tls in [(address, False)] + [(a, True) for a in tls_addresses]:
-                listeners.append((bind_listener(listen), implicit_tls))
+            bound = bind_listeners([address, *tls_addresses])
         except OSError as exc:
-            for sock, _ in listeners:
-                sock.close()
             raise CommandError(f"Error: {ERRORS.get(exc.errno, exc.strerror or exc)}") from None
-        supervisor = Supervisor(listeners, workers, tls=tls, proxy_protocol=proxy_protocol)
+        listeners = [(listener.sock, index > 0) for index, listener in enumerate(bound)]  # then implicit TLS
+
+        def start(stop_event, room):
+            return start_servers(
+                [], stop_event, tls=tls, sockets=listeners, proxy_protocol=proxy_protocol, room=room
+            )
+
         stop = threading.Event()
 
         def ready():
             NodeHeartbeat(stop).start()  # the node's claim is the parent's (its pid and instance)
-            self.announce([(display(sock), implicit) for sock, implicit in listeners], workers=workers)
+            self.announce([(b.display_address, index > 0) for index, b in enumerate(bound)], workers=workers)
 
         try:
-            supervisor.run(ready)
+            Supervisor(start, workers, tls=tls).run(ready)
         finally:
             stop.set()
-        for sock, _ in listeners:
-            sock.close()
+            for listener in bound:
+                listener.close()
         self.stdout.write("popserver: stopped.")
 
     def announce(self, listeners, workers: int = 1) -> None:
@@ -209,8 +206,3 @@ class Command(BaseCommand):
         if str(text).isdigit():
             return default_host, int(text)
         return parse_address(str(text), default_port=995)
-
-
-def display(sock) -> str:
-    host, port = sock.getsockname()[:2]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
