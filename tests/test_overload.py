@@ -290,6 +290,18 @@ def test_a_budget_over_the_databases_max_connections_is_a_warning(db, settings):
     assert "popserver.W006" not in [m.id for m in run_checks(databases=["default"])]
 
 
+@pytest.mark.skipif(connection.vendor == "sqlite", reason="SQLite has no connection limit")
+@pytest.mark.parametrize("command", ["runpop3", "runlmtp"])
+def test_each_server_warns_at_its_start_when_its_budget_exceeds_max_connections(
+    command, runpop3, runlmtp_process
+):
+    start = runpop3 if command == "runpop3" else runlmtp_process
+    server = start(POPSERVER_DB_CONNECTIONS="100000")
+    warning = wait_for(lambda: [line for line in server.stderr_lines if "popserver.W006" in line])
+    assert "POPSERVER_DB_CONNECTIONS is 100000" in warning[0]
+    assert server.terminate() == 0
+
+
 def test_the_budget_must_be_a_positive_number(settings):
     settings.POPSERVER_DB_CONNECTIONS = 0
     assert "popserver.E001" in [m.id for m in run_checks()]

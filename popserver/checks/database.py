@@ -1,5 +1,5 @@
 """Checks against the database itself (tagged ``database``: they run in ``migrate``, ``check --database`` and
-at ``runpop3``'s start, never where the database may be out of reach)."""
+at ``runpop3``'s and ``runlmtp``'s start, never where the database may be out of reach)."""
 
 from django.core.checks import Tags, Warning, register
 from django.db import DatabaseError, connections
@@ -33,10 +33,15 @@ def check_connection_budget(app_configs=None, databases=None, **kwargs):
             warnings.append(
                 Warning(
                     f"POPSERVER_DB_CONNECTIONS is {budget}, but database {alias!r} allows {limit} connections "
-                    "in all: one runpop3 alone could exhaust it.",
+                    "in all: one server (runpop3 or runlmtp) alone could exhaust it.",
                     hint="Keep servers x POPSERVER_DB_CONNECTIONS + the site's own workers + deliver/LMTP "
                     "processes below the database's max_connections.",
                     id="popserver.W006",
                 )
             )
     return warnings
+
+
+def connection_budget_warnings(alias: str = "default") -> list[str]:
+    """W006 as lines for a server's start (``runpop3``, ``runlmtp``), which runs without Django's checks."""
+    return [f"{w.id}: {w.msg} {w.hint or ''}".strip() for w in check_connection_budget(databases=[alias])]

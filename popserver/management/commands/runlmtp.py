@@ -6,6 +6,7 @@ import threading
 
 from django.core.management.base import BaseCommand, CommandError
 
+from popserver.checks.database import connection_budget_warnings
 from popserver.conf import get_setting, worker_share
 from popserver.mailin.lmtp import MailboxDeliveryHandler
 from popserver.management.commands.runpop3 import ERRORS
@@ -68,6 +69,8 @@ class Command(BaseCommand):
                 raise CommandError(f"TLS: {exc}") from None
         elif options["keyfile"]:
             raise CommandError("TLS: --keyfile needs --certfile.")
+        for line in connection_budget_warnings():  # W006: this server's budget against max_connections
+            self.stderr.write(line)
         if workers == 1:
             self.serve_in_this_process(address, mode, tls)
         else:

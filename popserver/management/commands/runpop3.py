@@ -4,11 +4,10 @@ SIGTERM (one process, or N worker processes under a supervisor: ``popserver.serv
 import errno
 import threading
 
-from django.core.checks import Warning as CheckWarning
 from django.core.management.base import BaseCommand, CommandError
 from django.db import DatabaseError
 
-from popserver.checks.database import check_connection_budget
+from popserver.checks.database import connection_budget_warnings
 from popserver.conf import get_setting, worker_share
 from popserver.server import metrics
 from popserver.server.listener import bind_listeners, parse_address, start_servers, stop_servers
@@ -89,9 +88,8 @@ class Command(BaseCommand):
         self.metrics_server = None
         try:
             self.check_body_storage()
-            for warning in check_connection_budget(databases=["default"]):
-                if isinstance(warning, CheckWarning):
-                    self.stderr.write(f"{warning.id}: {warning.msg} {warning.hint or ''}".strip())
+            for line in connection_budget_warnings():
+                self.stderr.write(line)
             if metrics_address:
                 # Before the listeners (the first connection counts) and before any fork (workers inherit
                 # the multiprocess directory and write their own files in it).
