@@ -587,7 +587,9 @@ class Pop3Session:
         """RFC 2449 s.5: the capabilities, one per line, derived from the registry.
 
         Before login the reply is built once per session while what it depends on stays the same (TLS, the
-        plaintext policy): a client that repeats CAPA, as floods do, costs a comparison, not a new list."""
+        plaintext policy): a client that repeats CAPA, as floods do, costs a comparison, not a new list. The
+        server's EXPIRE policy before login is read for the first CAPA only: a policy changed during the short
+        time before login shows in the next session (Dovecot reads its settings once per process)."""
         if self.state is not State.AUTHORIZATION:
             return wire.multiline(wire.ok(), self.capabilities())
         key = (self.tls_active, self.tls_available, self.plaintext_allowed)

@@ -135,11 +135,6 @@ def holding_connection() -> bool:
     return bool(getattr(_local, "holding", False)) and getattr(_local, "gate", None) is not None
 
 
-def in_budget() -> bool:
-    """True in a thread whose connections count against a budget (``ConnectionGate.budgeted()``)."""
-    return getattr(_local, "gate", None) is not None
-
-
 def connection_wanted() -> bool:
     """True if another thread of this thread's budget is queued for a slot."""
     gate = getattr(_local, "gate", None)
