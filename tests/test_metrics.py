@@ -29,7 +29,9 @@ from popserver.mailin.delivery import deliver
 from popserver.models import Mailbox
 from popserver.protocol.session import Pop3Session
 from popserver.server import metrics
+from popserver.testing import MemoryMaildrop
 from tests import proxyheaders
+from tests.waiting import wait_for
 from tests.conftest import REPO, subprocess_env
 
 pytestmark = pytest.mark.live
@@ -399,6 +401,37 @@ def test_switched_off_the_hooks_do_nothing_and_the_engine_is_plain():
         assert all(getattr(metrics, name) is not metrics._nothing for name in metrics._HOOKS)
     finally:
         metrics.disable()
+
+
+def test_the_flusher_starts_with_the_first_session_and_hands_counts_over_while_it_runs():
+    """A process that serves no session (the parent of workers) has no flusher thread; the first session
+    starts it, and its counts reach the library's values each second, before the session ends."""
+    metrics.enable()
+    try:
+        state = metrics._state
+        assert state.flusher is None
+        session = metrics.session_class(lambda user, password, mechanism: MemoryMaildrop([b"x\r\n"]))
+        flusher = state.flusher
+        assert flusher is not None and flusher.is_alive()
+        replies = b"".join(session.receive(b"USER a\r\nPASS b\r\nSTAT\r\n"))
+        session.tally.batch_sent(len(replies))
+        metrics.session_class(lambda user, password, mechanism: MemoryMaildrop([]))
+        assert state.flusher is flusher  # one per process
+
+        def handed_over():  # the library's own values, not a scrape (a scrape flushes first)
+            return (
+                state.sent._value.get() == len(replies)
+                and state._commands[metrics._VERB_INDEX["STAT"]]._value.get()
+            )
+
+        wait_for(handed_over, timeout=5)
+        assert state._commands[metrics._VERB_INDEX["STAT"]]._value.get() == 1
+        buckets, _ = state._command_values[metrics._VERB_INDEX["PASS"]]
+        assert sum(bucket.get() for bucket in buckets) == 1  # the histogram's too
+    finally:
+        metrics.disable()
+    flusher.join(timeout=5)
+    assert not flusher.is_alive()
 
 
 def test_only_metrics_path_is_served(metered):

@@ -433,7 +433,7 @@ class _Metrics:
         self.errors = _ErrorObserver(self)
         logging.getLogger("popserver").addHandler(self.errors)
         overload.database_error_observers.append(self.database_unavailable)
-        self.start_flusher()
+        self.reset_tallies()
 
     def bind(self, module: dict) -> None:
         def login(method: str, result: str, seconds: float | None) -> None:
@@ -464,11 +464,14 @@ class _Metrics:
         )
 
     # Tallies of live sessions -------------------------------------------------------------------------------
-    def start_flusher(self) -> None:
+    def reset_tallies(self) -> None:
+        """No tallies, and no flusher yet: it starts with the first session of this process, so a process
+        that never serves one (the parent of workers, or a worker before its first client) has no thread
+        that wakes every second for nothing."""
         self.lock = threading.Lock()
         self.tallies: set[Tally] = set()
         self.stopping = threading.Event()
-        threading.Thread(target=self._flush_every_second, daemon=True, name="metrics flusher").start()
+        self.flusher: threading.Thread | None = None
 
     def _flush_every_second(self) -> None:
         stopping = self.stopping
@@ -481,6 +484,11 @@ class _Metrics:
     def add(self, tally: Tally) -> None:
         with self.lock:
             self.tallies.add(tally)
+            if self.flusher is None and not self.stopping.is_set():
+                self.flusher = threading.Thread(
+                    target=self._flush_every_second, daemon=True, name="metrics flusher"
+                )
+                self.flusher.start()
 
     def retire(self, tally: Tally) -> None:
         with self.lock:
@@ -518,9 +526,9 @@ class _Metrics:
         tally.flushed_buckets, tally.flushed_sums = buckets, sums
 
     def after_fork(self) -> None:
-        """In a forked worker: a fresh lock and flusher (the parent's lock may have been held at the fork),
-        no tallies of the parent's, and not the parent's HTTP socket."""
-        self.start_flusher()
+        """In a forked worker: a fresh lock (the parent's may have been held at the fork), no tallies and
+        no flusher of the parent's, and not the parent's HTTP socket."""
+        self.reset_tallies()
         if self.http is not None:
             self.http.forget()
             self.http = None
