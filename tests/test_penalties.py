@@ -2,6 +2,8 @@
 long it lasts, the box its connections wait in, and a live server that holds a flooding address while it
 serves another (and, when the penalty is over, a well-behaved client of the flooding address)."""
 
+import os
+import select
 import socket
 import threading
 
@@ -10,6 +12,7 @@ from django.core.checks import run_checks
 from django.test import override_settings
 
 from popserver.mailin.delivery import deliver
+from popserver.server import penalties as penalties_module
 from popserver.server.penalties import Penalties, PenaltyBox
 from tests.proxyheaders import v1
 from tests.test_overload import read_line
@@ -20,8 +23,12 @@ from tests.waiting import wait_for
 class FakeClock:
     def __init__(self) -> None:
         self.now = 1000.0
+        self.failures = 0  # how many next readings raise (-1: all of them)
 
     def __call__(self) -> float:
+        if self.failures:
+            self.failures -= self.failures > 0
+            raise RuntimeError("a broken clock")
         return self.now
 
 
@@ -85,6 +92,14 @@ def test_penalties_forget_the_longest_quiet_when_full(monkeypatch):
     assert penalties.held_until("192.0.2.0") is None and penalties.held_until("192.0.2.4") == 1001
 
 
+def test_a_client_that_waits_for_its_greeting_waits_the_first_step_unless_it_speaks_first():
+    clock = FakeClock()
+    penalties = Penalties(first=2, longest=15, clock=clock)
+    assert penalties.silent_until(1008, client_speaks_first=False) == 1002
+    assert penalties.silent_until(1001, client_speaks_first=False) == 1001  # never past the penalty
+    assert penalties.silent_until(1008, client_speaks_first=True) == 1008  # implicit TLS: the whole penalty
+
+
 def test_penalties_come_from_the_settings_and_zero_turns_them_off(settings):
     penalties = Penalties()
     settings.POPSERVER_PRELOGIN_PENALTY = 3
@@ -138,17 +153,69 @@ def test_a_client_that_hangs_up_is_closed_at_once(box):
     assert not released.is_set()
 
 
-def test_a_full_box_closes_its_oldest_and_closing_it_closes_the_rest(monkeypatch, box):
+def test_a_full_box_closes_a_talker_first_then_its_oldest_and_closing_it_closes_the_rest(monkeypatch, box):
     monkeypatch.setattr(PenaltyBox, "capacity", 2)
-    held = [waiting(box, until=2000, silent_until=2000) for _ in range(3)]
-    assert held[0][2].is_set() and not held[1][2].is_set() and len(box) == 2
+    silent = waiting(box, until=2000, silent_until=2000)  # the oldest, waiting for its greeting as it should
+    talker = waiting(box, until=2000, silent_until=2000)
+    talker[0].sendall(b"CAPA\r\n")
+    wait_for(lambda: box.talkers == 1)
+    newcomer = waiting(box, until=2000, silent_until=2000)
+    assert talker[2].is_set() and not silent[2].is_set() and not newcomer[2].is_set()
+    assert len(box) == 2 and box.talkers == 0
+    last = waiting(box, until=2000, silent_until=2000)  # no talker left: the oldest goes
+    assert silent[2].is_set() and not newcomer[2].is_set() and len(box) == 2
     box.close()
+    held = [silent, talker, newcomer, last]
     assert all(dropped.is_set() and not released.is_set() for _, released, dropped in held)
     assert len(box) == 0
     late = waiting(box, until=2000, silent_until=2000)  # closed: dropped at once
     assert late[2].is_set()
     for client, _, _ in [*held, late]:
         client.close()
+
+
+def open_descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_a_box_whose_thread_cannot_start_admits_at_once_and_leaks_nothing(monkeypatch, box):
+    class NoThread(threading.Thread):
+        def start(self):
+            raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(penalties_module.threading, "Thread", NoThread)
+    before = open_descriptors()
+    client, released, dropped = waiting(box, until=1015, silent_until=1002)
+    assert released.is_set() and not dropped.is_set() and len(box) == 0
+    assert open_descriptors() == before + 2  # the socket pair of the test: no pipe left open
+    monkeypatch.undo()
+    later, later_released, _ = waiting(box, until=1015, silent_until=1002)  # a thread starts now: held
+    assert not later_released.is_set() and len(box) == 1
+    client.close(), later.close()
+
+
+def test_an_error_in_the_box_is_logged_and_the_box_goes_on(box, caplog):
+    client, released, _ = waiting(box, until=1015, silent_until=1002)
+    box.clock.failures = 1
+    box.wake()
+    wait_for(lambda: box.clock.failures == 0)  # the box's thread read the clock and got the error
+    wait_for(lambda: "penalty box: error (1 in a row)" in caplog.text)
+    assert not released.is_set() and len(box) == 1 and not box.failed
+    box.clock.now = 1002
+    box.wake()
+    assert released.wait(10)
+    client.close()
+
+
+def test_a_box_that_keeps_failing_admits_what_it_held_and_what_comes_later(box):
+    client, released, dropped = waiting(box, until=1015, silent_until=1002)
+    box.clock.failures = -1
+    box.wake()
+    assert released.wait(10)  # admitted by the normal path, not left waiting on a dead thread
+    assert box.failed and len(box) == 0 and not dropped.is_set()
+    later, later_released, _ = waiting(box, until=1015, silent_until=1002)
+    assert later_released.is_set()  # at once
+    client.close(), later.close()
 
 
 # Checks ----------------------------------------------------------------------------------------------------
@@ -177,14 +244,26 @@ def connect_from(server, source: str) -> socket.socket:
     return sock
 
 
+def read_until_closed(sock: socket.socket) -> bytes:
+    """Everything the server says until it closes the connection."""
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
+
+
 def flood(server, source: str) -> bytes:
     """Pipeline CAPA until the server cuts the connection; everything it said."""
     with connect_from(server, source) as sock:
         sock.sendall(b"CAPA\r\n" * 60)
-        data = b""
-        while chunk := sock.recv(65536):
-            data += chunk
-    return data
+        return read_until_closed(sock)
+
+
+def nothing_yet(sock: socket.socket) -> bool:
+    """The server has said nothing on ``sock`` so far (and not closed it): not readable, without waiting."""
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return not poller.poll(0)
 
 
 def logs_in(sock: socket.socket) -> bool:
@@ -220,6 +299,7 @@ def test_a_flooding_address_waits_while_another_logs_in(remote_server):
         assert read_line(other).startswith(b"+OK")
         assert logs_in(other)
     assert len(registry.penalty_box) == 1  # the clock has not moved: still held
+    assert nothing_yet(held)
 
     clock.now = 1002
     registry.penalty_box.wake()
@@ -250,23 +330,53 @@ def test_the_penalty_box_closes_its_connections_when_the_server_stops(remote_ser
     held.close()
 
 
-@pytest.mark.live
-def test_behind_a_proxy_the_client_in_the_header_is_penalised_not_the_proxy(settings, pop3_server_factory):
+@pytest.fixture
+def proxied_server(settings, pop3_server_factory):
+    """A live server behind a PROXY-protocol proxy on 127.0.0.1, with a clock of the test's own."""
     settings.POPSERVER_PROXY_TRUSTED_NETWORKS = ["127.0.0.1/32"]
     server = pop3_server_factory(proxy_protocol=True)
+    clock = FakeClock()
     registry = server.server.registry
-    registry.penalties = Penalties(first=0.2, longest=15, clock=FakeClock())
+    registry.penalties = Penalties(first=2, longest=15, clock=clock)
+    registry.penalty_box = PenaltyBox(clock=clock)
+    return server, clock
+
+
+def flood_through_proxy(server, client: tuple[str, int]) -> bytes:
     with server.socket() as sock:
-        sock.sendall(v1(("192.0.2.10", 50000)) + b"CAPA\r\n" * 60)
-        data = b""
-        while chunk := sock.recv(65536):
-            data += chunk
-    assert data.endswith(b"-ERR Too many commands before login.\r\n")
-    assert registry.penalties.held_until("192.0.2.10") == 1000.2
+        sock.sendall(v1(client) + b"CAPA\r\n" * 60)
+        return read_until_closed(sock)
+
+
+@pytest.mark.live
+def test_behind_a_proxy_the_client_in_the_header_is_penalised_not_the_proxy(proxied_server):
+    server, clock = proxied_server
+    registry = server.server.registry
+    assert flood_through_proxy(server, ("192.0.2.10", 50000)).endswith(
+        b"-ERR Too many commands before login.\r\n"
+    )
+    assert registry.penalties.held_until("192.0.2.10") == 1002
     assert registry.penalties.held_until("127.0.0.1") is None
     with server.socket() as other:  # another client of the same proxy
         other.sendall(v1(("192.0.2.20", 50000)))
         assert read_line(other).startswith(b"+OK")
-    with server.socket() as again:  # the penalised client waits in its thread, then is served
+    with server.socket() as again:  # the penalised client waits in its thread, watched by the box
         again.sendall(v1(("192.0.2.10", 50001)))
-        assert read_line(again).startswith(b"+OK")
+        wait_for(lambda: len(registry.penalty_box) == 1)
+        assert nothing_yet(again)  # the clock has not moved: not greeted
+        clock.now = 1002
+        registry.penalty_box.wake()
+        assert read_line(again).startswith(b"+OK")  # the first step is over: served
+        assert len(registry.penalty_box) == 0
+
+
+@pytest.mark.live
+def test_behind_a_proxy_a_penalised_client_that_hangs_up_frees_its_thread_at_once(proxied_server):
+    server, _ = proxied_server
+    registry = server.server.registry
+    flood_through_proxy(server, ("192.0.2.10", 50000))
+    sock = server.socket()
+    sock.sendall(v1(("192.0.2.10", 50001)))
+    wait_for(lambda: len(registry.penalty_box) == 1)
+    sock.close()  # the clock never moves: only the hang-up can end its wait
+    wait_for(lambda: len(registry) == 0 and len(registry.penalty_box) == 0)

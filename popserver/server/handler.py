@@ -14,6 +14,7 @@ import select
 import socket
 import socketserver
 import ssl
+import threading
 import time
 from collections.abc import Iterable
 
@@ -437,17 +438,8 @@ class Pop3Handler(ConnectionHandler):
                 if not self.server.implicit_tls:
                     self.send_quietly(b"-ERR [SYS/TEMP] Too many connections, try again later.\r\n")
                 return False
-            # A penalised client (penalties.py) is known only now: it waits out its penalty in this thread.
-            trusted = self.server.is_trusted(self.peer_ip)
-            penalties = self.server.registry.penalties
-            until = None if trusted else penalties.held_until(peer_group(self.peer_ip))
-            if until is not None:
-                now = penalties.clock()
-                silent_until = until if self.server.implicit_tls else now + penalties.first
-                if self.wait_for(select.POLLIN, min(silent_until, until) - now):
-                    self.server.stop_event.wait(until - penalties.clock())  # it talked first: all of it
-                if self.server.stop_event.is_set():
-                    return False
+            if not self.wait_out_penalty():
+                return False
         logger.debug(
             "%s: PROXY v%d header from %s%s%s",
             self.peer,
@@ -457,6 +449,32 @@ class Pop3Handler(ConnectionHandler):
             " (TLS at proxy)" if header.tls_at_proxy else "",
         )
         return True
+
+    def wait_out_penalty(self) -> bool:
+        """Behind a proxy a penalised client (penalties.py) is known only after its PROXY header, in this
+        thread, which then waits while the process's penalty box watches the socket as it watches those it
+        holds before admission: released after the first step if silent, after the whole penalty if it talked
+        first; a hang-up ends it at once. False: the connection is to be closed (hung up, closed to make room
+        in the box, or the server stops)."""
+        registry = self.server.registry
+        penalties = registry.penalties
+        if self.server.is_trusted(self.peer_ip):
+            return True
+        until = penalties.held_until(peer_group(self.peer_ip))
+        if until is None:
+            return True
+        released, over = [], threading.Event()
+        registry.penalty_box.hold(
+            self.sock,
+            until,
+            penalties.silent_until(until, client_speaks_first=self.server.implicit_tls),
+            release=lambda: (released.append(True), over.set()),
+            drop=over.set,
+        )
+        over.wait()  # the box calls one of the two: when due, at a hang-up, when full, at stop, or if it fails
+        if not released:
+            logger.debug("%s: closed while it waited out its address's penalty", self.peer)
+        return bool(released) and not self.server.stop_event.is_set()
 
     def make_session(self, authenticator: DjangoAuthenticator) -> Pop3Session:
         # TLS terminated by the proxy counts as TLS: the client's own connection is encrypted (and STLS,

@@ -435,13 +435,10 @@ class ThreadedServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
             "penalty is over",
             level=logging.INFO,
         )
-        penalties = self.registry.penalties
-        # Where the client speaks first (implicit TLS: its ClientHello) silence tells nothing: the whole penalty.
-        silent_until = until if self.implicit_tls else penalties.clock() + penalties.first
         self.registry.penalty_box.hold(
             request,
             until,
-            silent_until,
+            self.registry.penalties.silent_until(until, client_speaks_first=self.implicit_tls),
             release=lambda: self.admit_request(request, client_address, trusted=False),
             drop=lambda: self.shutdown_request(request),
         )
