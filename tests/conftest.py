@@ -99,6 +99,28 @@ def failing_insert(sender, **kwargs):
         cursor.execute("SELECT * FROM popserver_no_such_table")
 
 
+def failing_insert_losing_its_savepoint(sender, **kwargs):
+    """``failing_insert`` after the savepoint around the insert is gone (as after an InnoDB deadlock, which
+    rolls back the whole transaction and its savepoints): rolling back to it fails too, with a real database
+    error, and Django marks the enclosing transaction for rollback."""
+    from django.db import connection
+
+    if connection.savepoint_ids:  # outside a transaction, only the insert fails
+        with connection.cursor() as cursor:
+            cursor.execute(connection.ops.savepoint_commit_sql(connection.savepoint_ids[-1]))
+    failing_insert(sender, **kwargs)
+
+
+def raising_after_losing_its_savepoint(sender, **kwargs):
+    """Like ``failing_insert_losing_its_savepoint``, but what escapes is not a database error."""
+    from django.db import DatabaseError
+
+    try:
+        failing_insert_losing_its_savepoint(sender, **kwargs)
+    except DatabaseError:
+        raise RuntimeError("a receiver's bug") from None
+
+
 @pytest.fixture
 def make_mailbox(db):
     """make_mailbox(username, password="secret", email=None) -> Mailbox (creates the user too)."""

@@ -18,12 +18,17 @@ from popserver.exceptions import (
     LoginLockedOut,
     LoginTooSoon,
     MailboxInUse,
+    TemporaryLoginFailure,
 )
 from popserver.models import LoginEvent, LoginThrottle, Mailbox
 from popserver.signals import login_failed, login_locked_out
 from popserver.logins.throttle import CacheThrottle, DatabaseThrottle
 from tests import backends
-from tests.conftest import failing_insert
+from tests.conftest import (
+    failing_insert,
+    failing_insert_losing_its_savepoint,
+    raising_after_losing_its_savepoint,
+)
 
 COUNTING = ["tests.backends.CountingBackend"]
 
@@ -552,3 +557,62 @@ def test_a_login_commits_its_release_and_audit_with_the_lock(alice):
     assert not LoginThrottle.objects.exists()
     assert LoginEvent.objects.count() == 1  # the second one could not be written
     maildrop.release()
+
+
+def test_a_login_whose_lock_transaction_is_lost_in_the_audit_row_fails(alice):
+    """The LoginEvent's savepoint cannot be rolled back (the transaction is lost, as after a deadlock): Django's
+    atomic() would then roll the lock back without raising, and two sessions could hold one mailbox. The login
+    fails with [SYS/TEMP], holds nothing, and its right password's reservation is given back."""
+    from django.db.models.signals import pre_save
+
+    from popserver.storage.lock import _live
+
+    def once(sender, **kwargs):  # the lock's audit row only: the ERROR row after it is written
+        pre_save.disconnect(once, sender=LoginEvent)
+        failing_insert_losing_its_savepoint(sender, **kwargs)
+
+    live_before = set(_live)
+    pre_save.connect(once, sender=LoginEvent)
+    try:
+        with pytest.raises(TemporaryLoginFailure) as refused:
+            login("alice", "right")
+    finally:
+        pre_save.disconnect(once, sender=LoginEvent)
+    assert refused.value.reply.startswith("[SYS/TEMP]")
+    assert Mailbox.objects.get(pk=alice.pk).lock_token == "" and set(_live) == live_before
+    assert not LoginThrottle.objects.exists()
+    assert list(LoginEvent.objects.values_list("outcome", "reason")) == [(LoginEvent.ERROR, "database")]
+    login("alice", "right").release()
+
+
+@override_settings(POPSERVER_THROTTLE_ACCOUNT_FAILURES=3)
+def test_any_failure_of_the_lock_transaction_gives_the_reservation_back(alice):
+    """Not only a database error: whatever escapes the lock's transaction, a right password's reservation
+    does not count towards a lock-out."""
+    from django.db.models.signals import pre_save
+
+    pre_save.connect(raising_after_losing_its_savepoint, sender=LoginEvent)
+    try:
+        for _ in range(3):
+            with pytest.raises(RuntimeError):
+                login("alice", "right")
+    finally:
+        pre_save.disconnect(raising_after_losing_its_savepoint, sender=LoginEvent)
+    assert Mailbox.objects.get(pk=alice.pk).lock_token == ""
+    assert not LoginThrottle.objects.exists()
+    login("alice", "right").release()  # not locked out
+
+
+def test_pop3_switched_off_during_the_password_check_is_honoured(alice):
+    """The login read the mailbox (POP3 on), then an admin switched POP3 off before the lock was taken: the
+    lock's transaction sees it, and the login fails without taking the lock."""
+    from popserver.storage.maildrop import open_maildrop
+
+    read_by_the_login = Mailbox.objects.get(pk=alice.pk)
+    Mailbox.objects.filter(pk=alice.pk).update(pop3_enabled=False)
+    written = []
+    with pytest.raises(AuthenticationFailed):
+        open_maildrop(alice.pk, mailbox=read_by_the_login, in_lock_transaction=lambda: written.append(1))
+    assert written == [] and Mailbox.objects.get(pk=alice.pk).lock_token == ""
+    Mailbox.objects.filter(pk=alice.pk).update(pop3_enabled=True)
+    open_maildrop(alice.pk, mailbox=read_by_the_login).release()

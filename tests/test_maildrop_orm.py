@@ -18,11 +18,12 @@ from popserver.storage.lock import (
     refresh_heartbeats,
     release_all_live_locks,
     release_dead_locks,
+    TransactionLost,
     this_process,
 )
 from popserver.storage.maildrop import open_maildrop
 from popserver.models import Mailbox, Message, MessageChunk
-from tests.conftest import bodies_held, database_store_only
+from tests.conftest import bodies_held, database_store_only, failing_insert_losing_its_savepoint
 
 # The maildrop and delivery suites run against both body stores (issue 21).
 pytestmark = pytest.mark.usefixtures("body_store")
@@ -102,6 +103,51 @@ def test_commit_deletes_marked_messages_and_releases(mailbox):
     maildrop.commit()
     assert list(Message.objects.filter(mailbox=mailbox).values_list("uid", flat=True)) == ["UID2"]
     assert bodies_held(mailbox) == 1
+    assert not reload(mailbox).lock_token
+
+
+def swallowing_a_lost_transaction():
+    """Catches the error of a write whose savepoint could not be rolled back (the transaction is lost, as
+    after a deadlock), as careless code inside a transaction might."""
+    from django.db import transaction
+
+    try:
+        with transaction.atomic():
+            failing_insert_losing_its_savepoint(None)
+    except DatabaseError:
+        pass
+
+
+def test_a_lock_whose_transaction_is_lost_inside_it_is_not_taken(mailbox):
+    """Leaving atomic() would roll the lock back without raising: two sessions could hold one mailbox."""
+    with pytest.raises(TransactionLost):
+        open_maildrop(mailbox.pk, mailbox=reload(mailbox), in_lock_transaction=swallowing_a_lost_transaction)
+    assert not reload(mailbox).lock_token
+    open_maildrop(mailbox.pk).release()
+
+
+def test_a_quit_whose_transaction_is_lost_inside_it_fails_and_deletes_nothing(mailbox):
+    """``at_commit`` swallows an error whose savepoint could not be rolled back (the transaction is lost, as
+    after a deadlock): leaving atomic() would roll QUIT back without raising, so commit() raises itself."""
+    from popserver.signals import messages_deleted
+
+    announced = []
+
+    def on_deleted(sender=None, **kwargs):
+        announced.append(kwargs["count"])
+
+    maildrop = open_maildrop(mailbox.pk)
+    maildrop.mark_deleted(1)
+    maildrop.at_commit = swallowing_a_lost_transaction
+    messages_deleted.connect(on_deleted)
+    try:
+        with pytest.raises(TransactionLost):
+            maildrop.commit()
+    finally:
+        messages_deleted.disconnect(on_deleted)
+    assert Message.objects.filter(mailbox=mailbox).count() == 3 and announced == []
+    assert reload(mailbox).lock_token == maildrop.lock.token  # still ours: the session's end releases it
+    maildrop.release()
     assert not reload(mailbox).lock_token
 
 

@@ -13,7 +13,13 @@ from django.test import override_settings
 from popserver.mailin.delivery import deliver
 from popserver.models import Mailbox, Message
 from popserver.protocol.wire import normalize_line_endings
-from tests.conftest import CORPUS_SIZES, corpus_files, failing_insert
+from tests.conftest import (
+    CORPUS_SIZES,
+    corpus_files,
+    failing_insert,
+    failing_insert_losing_its_savepoint,
+    raising_after_losing_its_savepoint,
+)
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.live
@@ -689,6 +695,38 @@ def test_a_session_record_that_cannot_be_written_does_not_undo_quit(pop3_server,
         pre_save.disconnect(failing_insert, sender=SessionRecord)
     assert Message.objects.filter(mailbox=alice).count() == 2 and not is_locked(alice)
     assert not SessionRecord.objects.exists()
+
+
+@pytest.mark.parametrize(
+    "receiver", [failing_insert_losing_its_savepoint, raising_after_losing_its_savepoint]
+)
+def test_a_session_record_that_loses_quits_transaction_makes_quit_fail(
+    pop3_server, alice, ended_sessions, receiver
+):
+    """The record's savepoint cannot be rolled back (the transaction is lost, as after a deadlock): Django's
+    atomic() would then roll QUIT back without raising. QUIT must answer -ERR (RFC 1939 s.6), delete nothing,
+    announce nothing, and the lock must go with the session."""
+    from django.db.models.signals import pre_save
+
+    from popserver.models import SessionRecord
+    from popserver.signals import messages_deleted
+
+    announced = []
+
+    def on_deleted(sender=None, **kwargs):
+        announced.append(kwargs["count"])
+
+    messages_deleted.connect(on_deleted)
+    pre_save.connect(receiver, sender=SessionRecord)
+    try:
+        reply = dele_one_and_quit(pop3_server, ended_sessions)
+    finally:
+        pre_save.disconnect(receiver, sender=SessionRecord)
+        messages_deleted.disconnect(on_deleted)
+    assert reply.startswith(b"-ERR"), reply
+    assert Message.objects.filter(mailbox=alice).count() == 3
+    assert not is_locked(alice) and announced == []
+    assert not SessionRecord.objects.exists()  # the session's end could not write it either
 
 
 def test_the_clients_own_address_reaches_the_backend_and_the_audit(pop3_server, alice, settings):

@@ -47,7 +47,7 @@ def record_login(
 
     Inside a transaction (a login's lock) the row commits with it, behind a savepoint of its own."""
     try:
-        with using_database(), one_writer(), _on_its_own():
+        with using_database(), one_writer(), _savepoint_if_in_transaction():
             LoginEvent.objects.create(
                 username=username[:255],
                 peer_ip=_ip_or_none(peer_ip),
@@ -59,18 +59,29 @@ def record_login(
                 reason=reason[:64],
                 mailbox=mailbox,
             )
-    except ServerBusy:
-        pass  # the gate logged it
-    except OperationalError as exc:
-        database_unavailable(exc, "recording a login event")
-    except Exception:
-        logger.exception("could not record a login event")
+    except Exception as exc:
+        _not_written(exc, "recording a login event")
 
 
-def _on_its_own() -> AbstractContextManager:
+def _savepoint_if_in_transaction() -> AbstractContextManager:
     """A savepoint inside a transaction, so that an audit row that cannot be written breaks nothing else;
     outside one, nothing (the insert autocommits)."""
     return transaction.atomic() if transaction.get_connection().in_atomic_block else nullcontext()
+
+
+def _not_written(exc: Exception, what: str) -> None:
+    """An audit row could not be written: logged, unless the enclosing transaction (a login's lock, QUIT's
+    UPDATE) is lost with it, and then ``exc`` is raised again. That happens when the row's savepoint cannot
+    be rolled back (connection gone, an InnoDB deadlock that rolled back the whole transaction and its
+    savepoints): Django marks the transaction for rollback and the outer ``atomic()`` would roll it back
+    *without raising*: a QUIT would answer +OK with nothing deleted, a login hold a lock it does not have."""
+    connection = transaction.get_connection()
+    if connection.in_atomic_block and connection.needs_rollback:
+        raise exc
+    if isinstance(exc, OperationalError):
+        database_unavailable(exc, what)
+    elif not isinstance(exc, ServerBusy):  # the gate logged that one
+        logger.exception("audit: %s failed", what)
 
 
 def record_session(
@@ -78,7 +89,7 @@ def record_session(
 ) -> bool:
     """True if written. Inside a transaction (QUIT's) the row commits with it, behind a savepoint of its own."""
     try:
-        with using_database(), one_writer(), _on_its_own():
+        with using_database(), one_writer(), _savepoint_if_in_transaction():
             SessionRecord.objects.create(
                 mailbox=mailbox,
                 username=username[:255],
@@ -93,12 +104,8 @@ def record_session(
                 deleted_bytes=stats.deleted_bytes,
             )
         return True
-    except ServerBusy:
-        pass  # the gate logged it
-    except OperationalError as exc:
-        database_unavailable(exc, "recording a session")
-    except Exception:
-        logger.exception("could not record a session")
+    except Exception as exc:
+        _not_written(exc, "recording a session")
     return False
 
 

@@ -139,8 +139,7 @@ class DjangoAuthenticator:
                 logger.exception("login for %r from %s: database error", printable(username), self.peer)
             with contextlib.suppress(ServerBusy):
                 with using_database():
-                    with contextlib.suppress(DatabaseError):  # a right password's reservation was rolled back
-                        self._give_back_reservation()
+                    self._give_back_quietly()  # a right password's, rolled back with the lock
                     self._audit(username, mechanism, LoginEvent.ERROR, "database")
             self.refusal = REFUSALS[TemporaryLoginFailure]
             raise TemporaryLoginFailure() from None
@@ -148,6 +147,8 @@ class DjangoAuthenticator:
             self.refusal = REFUSALS.get(type(refused), "auth failed")
             raise
         finally:
+            if self._reservation_due is not None:  # any other way out before the lock's transaction committed
+                self._give_back_quietly()
             if self._delay_due:
                 self._delay()
         if self.stop_event.is_set():  # the server began to stop while this login took its lock
@@ -195,15 +196,23 @@ class DjangoAuthenticator:
 
             def with_the_lock() -> None:
                 # One commit for a clean login: the reservation given back and the audit row go in the
-                # lock's transaction.
-                self._give_back_reservation()
+                # lock's transaction (``_reservation_due`` stays set until it commits).
+                self.throttle.succeeded(login_name, group)
                 self._audit(username, mechanism, LoginEvent.SUCCESS, "", mailbox)
 
             try:
-                maildrop = open_maildrop(mailbox.pk, self.peer, mailbox=mailbox, also=with_the_lock)
+                maildrop = open_maildrop(
+                    mailbox.pk, self.peer, mailbox=mailbox, in_lock_transaction=with_the_lock
+                )
             except MailboxInUse:
                 self._give_back_reservation()
                 self._audit(username, mechanism, LoginEvent.IN_USE, "", mailbox)
+                raise
+            except AuthenticationFailed:  # switched off for POP3 during the password check
+                self.account_disabled = True
+                self._reservation_due = None  # counted, as for any switched-off mailbox
+                self._audit(username, mechanism, LoginEvent.FAILED, "credentials", mailbox)
+                self._fail(username, mechanism, "credentials")
                 raise
             self._reservation_due = None  # committed with the lock
             self.mailbox = mailbox
@@ -213,6 +222,17 @@ class DjangoAuthenticator:
         """A right password: its reservation no longer counts (``Throttle.succeeded``)."""
         if self._reservation_due is not None:
             self.throttle.succeeded(*self._reservation_due)
+            self._reservation_due = None
+
+    def _give_back_quietly(self) -> None:
+        """``_give_back_reservation`` on a way out that is already failing: its own failure is only logged."""
+        try:
+            with using_database():
+                self._give_back_reservation()
+        except (ServerBusy, DatabaseError):
+            pass  # the gate, or the failure that brought us here, logged it
+        except Exception:
+            logger.exception("login from %s: could not give back a right password's reservation", self.peer)
 
     def _refuse(self, username: str, login_name: str, group: str, mechanism: str, scope: str) -> NoReturn:
         """A lock-out refuses the attempt without a check (inside ``using_database()``)."""

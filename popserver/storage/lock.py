@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import TypeVar
 
-from django.db import transaction
+from django.db import DatabaseError, transaction
 from django.utils import timezone
 
 from ..conf import get_setting, node_name
@@ -97,6 +97,18 @@ def lock_is_stale(mailbox: Mailbox, now=None) -> bool:
     return mailbox.lock_heartbeat is None or mailbox.lock_heartbeat < now - stale_after
 
 
+class TransactionLost(DatabaseError):
+    """The transaction was marked for rollback by an error that something inside it caught (a savepoint
+    that could not be rolled back): leaving ``atomic()`` would roll it back without raising."""
+
+
+def committable(result: T) -> T:
+    """``result``, if the current transaction can still commit; else raise ``TransactionLost``."""
+    if transaction.get_connection().needs_rollback:
+        raise TransactionLost("the transaction was marked for rollback by an error caught inside it")
+    return result
+
+
 class MailboxLock:
     """One session's exclusive lock on one mailbox: ``take`` it, ``free`` it inside a commit, or ``release``."""
 
@@ -115,11 +127,14 @@ class MailboxLock:
         stamp_login: bool = True,
         mailbox: Mailbox | None = None,
     ) -> tuple[MailboxLock, T]:
-        """Take the lock and run ``then(mailbox)`` in the same transaction, with the mailbox row as the lock
-        read it (the snapshot sees what the lock saw).
+        """Take the lock and run ``then(mailbox)`` in the same transaction; the transaction commits only if
+        both succeed (``then`` may not swallow a failure that dooms it: ``TransactionLost``).
 
-        ``mailbox``: the row as the caller read it a moment ago (a login). A free lock is then taken by the
-        conditional UPDATE alone, and ``then`` gets that row; a held or stale one is looked at as usual.
+        Without ``mailbox``, ``then`` gets the row as the lock read it (``select_for_update()``). With it (a
+        login: the row as the caller read it before the password check), a free lock of a mailbox that is
+        still POP3-enabled is taken by the conditional UPDATE alone (which tests both under the row lock), and
+        ``then`` gets the caller's row: its other fields (the retention policy) are as the login read them. A
+        held or stale lock, or a mailbox switched off meanwhile, is read afresh as without ``mailbox``.
         Stamps ``last_login`` (unless ``stamp_login`` is false: maintenance, not a login). Raises
         ``MailboxInUse`` if a live session holds the lock.
         """
@@ -161,10 +176,10 @@ class MailboxLock:
         with one_writer(), transaction.atomic():
             # A free lock (most logins): the conditional UPDATE is the whole test, and it row-locks the mailbox
             # until the commit as select_for_update() would.
-            if known is not None and Mailbox.objects.filter(pk=self.mailbox_id, lock_token="").update(
-                **fields
-            ):
-                return then(known)
+            if known is not None and Mailbox.objects.filter(
+                pk=self.mailbox_id, lock_token="", pop3_enabled=True
+            ).update(**fields):
+                return committable(then(known))
             mailbox = Mailbox.objects.select_for_update().get(pk=self.mailbox_id)
             if mailbox.lock_token and not lock_is_stale(mailbox, now):
                 raise MailboxInUse()
@@ -178,7 +193,7 @@ class MailboxLock:
                     mailbox.lock_host,
                     mailbox.lock_pid,
                 )
-            return then(mailbox)
+            return committable(then(mailbox))
 
     def is_held(self) -> bool:
         """Inside a transaction: True if the row still carries our token (and, where possible, row-locked)."""

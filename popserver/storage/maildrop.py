@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 from django.db import OperationalError, transaction
 
-from ..exceptions import CommitFailed, ServerBusy
+from ..exceptions import AuthenticationFailed, CommitFailed, ServerBusy
 from ..overload import database_unavailable
 from ..models import Mailbox, Message
 from ..protocol.maildrop import Maildrop, MessageInfo
@@ -19,7 +19,7 @@ from ..signals import messages_deleted, send_safely
 from .bodies import REF_FIELDS, BodyRef, read_body, read_small_bodies
 from .deletion import delete_messages
 from .gate import using_database
-from .lock import MailboxLock
+from .lock import MailboxLock, committable
 from .retention import RetentionPolicy, hide_messages, policy_of_mailbox, record_first_retrievals
 from .writelock import one_writer
 
@@ -36,22 +36,25 @@ def open_maildrop(
     peer: str = "",
     *,
     mailbox: Mailbox | None = None,
-    also: Callable[[], None] | None = None,
+    in_lock_transaction: Callable[[], None] | None = None,
 ) -> OrmMaildrop:
     """Take the mailbox's exclusive lock and its snapshot (RFC 1939 s.4), stamp last_login.
 
-    ``mailbox``: the row as the login just read it (``MailboxLock.take``). ``also``: writes that belong to
-    the login (the throttle's reservation given back, the audit row), run in the lock's transaction so that
-    a login commits once. Raises MailboxInUse if another live session holds the lock (nothing of ``also``
-    is then written).
+    ``mailbox``: the row as the login just read it (``MailboxLock.take``); a mailbox switched off for POP3
+    since then raises AuthenticationFailed. ``in_lock_transaction``: writes that belong to the login (the
+    throttle's reservation given back, the audit row), run in the lock's transaction so that a login commits
+    once. Raises MailboxInUse if another live session holds the lock (nothing of ``in_lock_transaction`` is
+    then written).
     """
 
     def snapshot(locked: Mailbox) -> tuple[RetentionPolicy, list[tuple]]:
+        if mailbox is not None and not locked.pop3_enabled:  # switched off during the password check
+            raise AuthenticationFailed()
         policy = policy_of_mailbox(locked)
         messages = Message.objects.visible().filter(mailbox_id=mailbox_id).order_by("id")
         rows = list(messages.values_list("size", "uid", "has_header_end", *REF_FIELDS))
-        if also is not None:
-            also()
+        if in_lock_transaction is not None:
+            in_lock_transaction()
         return policy, rows
 
     with using_database():
@@ -157,6 +160,7 @@ class OrmMaildrop(Maildrop):
                     record_first_retrievals(retrieved)
                     if self.at_commit is not None:
                         self.at_commit()
+                    committable(None)  # never "+OK" for a transaction that leaving atomic() rolls back
                 self.retrieved.clear()
                 self.lock.forget()
                 if ids:
