@@ -200,6 +200,28 @@ def test_multi_recipient_mix_gets_a_reply_per_recipient(lmtp, make_mailbox, capl
     assert sum(DeliveryCount.objects.values_list("messages", flat=True)) == 3
 
 
+def test_one_recipient_is_counted_in_its_own_transaction(lmtp, make_mailbox):
+    """One copy has no savepoint and its count is written in its transaction (the hour's row created after
+    the commit when it has none yet); a copy refused at DATA rolls back, counts nothing, and the connection
+    goes on."""
+    make_mailbox("alice", email="alice@example.org")
+    make_mailbox("tight", email="tight@example.org", quota_bytes=len(MESSAGE) + 20)  # the trace breaks it
+    with lmtp.client() as client:
+        for address, expected in [
+            ("alice@example.org", 250),  # the hour's first delivery: no row yet
+            ("tight@example.org", 452),  # room for 1 octet at RCPT, not for the message at DATA
+            ("alice@example.org", 250),  # the row is there: updated in the delivery's transaction
+        ]:
+            assert client.mail("s@example.net")[0] == 250
+            assert client.rcpt(address)[0] == 250
+            assert client.data(MESSAGE)[0] == expected
+    assert stored("tight") == []
+    kept = stored("alice")
+    assert len(kept) == 2
+    counted = DeliveryCount.objects.values_list("messages", "octets")
+    assert [sum(column) for column in zip(*counted, strict=True)] == [2, sum(map(len, kept))]
+
+
 def test_login_name_and_alias_resolve_as_deliver_does(lmtp, make_mailbox):
     mailbox = make_mailbox("Carol")
     Address.objects.create(mailbox=mailbox, address="c.alias@example.org")

@@ -12,8 +12,9 @@ copies of a message to several recipients are the same bytes, and a content-addr
 object for all of them (issue 21). The rest of the bytes are what came in, with bare LF as CRLF.
 
 The copies of one message are stored in one transaction (one commit, whatever the number of recipients),
-each in its own savepoint: a full mailbox or a failing row refuses that recipient alone. The replies are
-sent after the commit, so a 250 always means a stored message. A database error is ``451 4.3.0`` for the
+each in its own savepoint when there are several: a full mailbox or a failing row refuses that recipient
+alone. The admin's delivery count is written in the same transaction. The replies are sent after the
+commit, so a 250 always means a stored message. A database error is ``451 4.3.0`` for the
 recipients it touches, with one log line; so is a connection that does not come free within
 POPSERVER_DB_CONNECTION_WAIT (``runlmtp``'s queries count against the process's budget, ``storage/gate.py``).
 """
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from contextlib import nullcontext
 
 from django.db import DatabaseError, close_old_connections, transaction
 
@@ -34,8 +34,9 @@ from ..storage.gate import using_database
 from ..storage.writelock import one_writer
 from .delivery import (
     DisplayHeaders,
-    counting_deliveries,
     PreparedMessage,
+    count_in_transaction,
+    counting_deliveries,
     header_value,
     prepare_message,
     resolve_mailbox,
@@ -108,17 +109,17 @@ class MailboxDeliveryHandler:
                 copies.append((index, recipient.token, PreparedMessage(data, body.headers)))
 
         stored: list[tuple[int, object]] = []
+        several = len(copies) > 1
         try:
-            # One copy: store_prepared's own transaction is enough (two round trips fewer than a savepoint).
-            outer = transaction.atomic() if len(copies) > 1 else nullcontext()
             # One lock order for every delivery (the mailbox rows, by primary key): no deadlock between two.
-            # The admin's delivery count: one write after the commit for all the copies (not one each).
-            with using_database(), counting_deliveries(), one_writer(), outer:
+            # The admin's delivery count is the transaction's last statement (counting_deliveries): one
+            # commit per message, whatever the number of recipients.
+            with using_database(), counting_deliveries(), one_writer(), transaction.atomic():
                 for index, mailbox, prepared in sorted(copies, key=lambda copy: copy[1].pk):
                     try:
-                        # With several copies store_prepared's atomic() is a savepoint: a refusal undoes its
-                        # copy alone.
-                        message = store_prepared(mailbox, prepared)
+                        # With several copies each has a savepoint: a refusal undoes its copy alone. A single
+                        # copy needs none: a refusal rolls the whole transaction back (two round trips fewer).
+                        message = store_prepared(mailbox, prepared, savepoint=several)
                     except QuotaExceeded:
                         outcomes[index] = Outcome.OVER_QUOTA
                     except Mailbox.DoesNotExist:  # deleted since RCPT
@@ -128,6 +129,8 @@ class MailboxDeliveryHandler:
                         outcomes[index] = Outcome.TEMPORARY_ERROR
                     else:
                         stored.append((index, message))
+                if stored:
+                    count_in_transaction(sum(message.size for _, message in stored), messages=len(stored))
         except (DatabaseError, ServerBusy) as exc:  # the transaction as a whole (begin, commit, a broken
             # savepoint), or no connection came free in time
             if isinstance(exc, DatabaseError):
