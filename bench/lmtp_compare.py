@@ -249,7 +249,9 @@ def main() -> None:
     for n in range(mailboxes):
         Address.objects.create(mailbox=make_user(f"rcpt{n}", "unused-password"), address=f"rcpt{n}@localhost")
     connection.close()
-    deliver_rate, deliver_cpu = deliver_loop(env, message, args.deliver_runs)
+    deliver_rate, deliver_cpu = (
+        deliver_loop(env, message, args.deliver_runs) if args.deliver_runs else (0.0, 0.0)
+    )
 
     targets: dict[str, tuple[str, int]] = {}
     pids: dict[str, int] = {}  # the servers this script started: their CPU time is measured
@@ -317,15 +319,16 @@ def main() -> None:
         if len(names) == 2 and pair["Dovecot"].per_second:
             ratio = f" {pair['popserver'].per_second / pair['Dovecot'].per_second:.2f} |"
         print(f"| {clients} x {recipients} | {cells} |{ratio}")
-    print(
-        f"\nmanage.py deliver, {args.deliver_runs} runs one after another: {deliver_rate:.2f} messages/s, "
-        f"{deliver_cpu * 1000:.0f} ms CPU per message"
-    )
+    if args.deliver_runs:  # --deliver-runs 0: not measured
+        print(
+            f"\nmanage.py deliver, {args.deliver_runs} runs one after another: {deliver_rate:.2f} messages/s, "
+            f"{deliver_cpu * 1000:.0f} ms CPU per message"
+        )
     print(
         "Server CPU: user + system of the server process and its children (Dovecot: master, lmtp, auth, log); "
         "a database's own processes (PostgreSQL) are not counted."
     )
-    if "popserver" in names:
+    if "popserver" in names and deliver_rate:
         best = max(r["popserver"].deliveries_per_second for r in results.values())
         print(f"popserver LMTP's best deliveries/s over deliver's rate: {best / deliver_rate:,.0f}x")
     for (clients, recipients), pair in results.items():
