@@ -1,6 +1,6 @@
 """Bench (issue 16): what ``runpop3 --metrics`` costs per RETR, counted in CPU instructions (callgrind).
 
-    .venv/bin/python bench/metrics_instructions.py [--retrs 50,250] [--rounds 3] [--size 4096]
+    .venv/bin/python bench/metrics_instructions.py [--retrs 50,450] [--rounds 2] [--size 4096]
         [--setups one,workers]
 
 On a noisy machine CPU time cannot tell 3 % from nothing (``metrics_cost.py``); the instructions a process
@@ -114,8 +114,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--retrs", default="50,250", help="K1,K2: RETRs in the short and the long run")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--retrs", default="50,450", help="K1,K2: RETRs in the short and the long run")
+    parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--size", type=int, default=4096)
     parser.add_argument("--setups", default="one,workers", help="one (one process), workers (--workers 2)")
     options = parser.parse_args()
