@@ -110,6 +110,33 @@ def per_retr(short: dict, long: dict, retrs: tuple[int, int]) -> tuple[float, fl
     return max(grown.values()) / steps, sum(grown.values()) / steps
 
 
+def measure(
+    env: dict[str, str], setups: list[str], retrs: tuple[int, int], rounds: int, database: Path
+) -> dict:
+    """(session's thread, all threads) instructions per RETR, by (setup, variant), a pair per round."""
+    figures = {(setup, variant): [] for setup in setups for variant in VARIANTS}
+    for round_number in range(rounds):
+        for setup in setups:
+            counts = {}
+            # An order that turns, in case anything else drifts.
+            runs = [(variant, k) for k in retrs for variant in VARIANTS]
+            if round_number % 2:
+                runs.reverse()
+            for variant, k in runs:
+                counts[variant, k] = run_once(env, [*SETUPS[setup], *VARIANTS[variant]], k, database)
+            for variant in VARIANTS:
+                session, everything = per_retr(counts[variant, retrs[0]], counts[variant, retrs[1]], retrs)
+                figures[setup, variant].append((session, everything))
+                print(
+                    f"round {round_number + 1} {setup:>7} {variant:>9}: {session:9,.0f} instructions/RETR "
+                    f"in the session's thread, {everything:9,.0f} in all threads",
+                    file=sys.stderr,
+                    flush=True,
+                )
+
+    return figures
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -144,25 +171,10 @@ def main() -> None:
     database = Path(tempfile.mkdtemp(prefix="metrics-instructions-")) / "bench.sqlite3"
     shutil.copyfile(env["DATABASE_URL"][len("sqlite:///") :], database)
 
-    figures = {(setup, variant): [] for setup in setups for variant in VARIANTS}
-    for round_number in range(options.rounds):
-        for setup in setups:
-            counts = {}
-            # An order that turns, in case anything else drifts.
-            runs = [(variant, k) for k in retrs for variant in VARIANTS]
-            if round_number % 2:
-                runs.reverse()
-            for variant, k in runs:
-                counts[variant, k] = run_once(env, [*SETUPS[setup], *VARIANTS[variant]], k, database)
-            for variant in VARIANTS:
-                session, everything = per_retr(counts[variant, retrs[0]], counts[variant, retrs[1]], retrs)
-                figures[setup, variant].append((session, everything))
-                print(
-                    f"round {round_number + 1} {setup:>7} {variant:>9}: {session:9,.0f} instructions/RETR "
-                    f"in the session's thread, {everything:9,.0f} in all threads",
-                    file=sys.stderr,
-                    flush=True,
-                )
+    try:
+        figures = measure(env, setups, retrs, options.rounds, database)
+    finally:
+        shutil.rmtree(database.parent, ignore_errors=True)
 
     print(
         f"\nRETR of {options.size} octets one at a time, ({retrs[1]} - {retrs[0]} RETRs) / {retrs[1] - retrs[0]}, "
