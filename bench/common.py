@@ -86,8 +86,15 @@ def bulk_messages(mailbox, count: int, body: bytes) -> None:
 class Server:
     """runpop3 on 127.0.0.1 and a free port."""
 
-    def __init__(self, env: dict[str, str], args: list[str] | tuple[str, ...] = (), stderr=None):
-        """``args`` are passed to runpop3 after the address; ``stderr`` (a file) takes the server's log."""
+    def __init__(
+        self,
+        env: dict[str, str],
+        args: list[str] | tuple[str, ...] = (),
+        stderr=None,
+        wrapper: list[str] | tuple[str, ...] = (),
+    ):
+        """``args`` are passed to runpop3 after the address; ``stderr`` (a file) takes the server's log;
+        ``wrapper`` is a command that runs the Python process (``valgrind --tool=callgrind ...``)."""
         code = (
             f"import os, sys; sys.argv=['manage.py','runpop3','127.0.0.1:0',*{list(args)!r}];"
             "os.environ.setdefault('DJANGO_SETTINGS_MODULE','project.settings');"
@@ -98,7 +105,12 @@ class Server:
             "from django.core.management import execute_from_command_line; execute_from_command_line(sys.argv)"
         )
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", code], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True
+            [*wrapper, sys.executable, "-c", code],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
         )
         for line in self.proc.stdout:
             if match := re.search(r"POP3 on 127\.0\.0\.1:(\d+)", line):
@@ -117,9 +129,9 @@ class Server:
     def peak_kib(self) -> int:
         return _status_kib(self.proc.pid, "VmHWM")
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 30) -> None:
         self.proc.terminate()
-        self.proc.wait(timeout=30)
+        self.proc.wait(timeout=timeout)
 
 
 def reset_peak(pid: int) -> bool:

@@ -163,11 +163,14 @@ def _timed_session(host: str, port: int, user: str, password: str, run, watch: W
     return Rate(messages, octets, seconds, cpu)
 
 
-def retr_sequential(host: str, port: int, user: str, password: str, watch: Watch | None = None) -> Rate:
-    """RETR every message of the mailbox, one command at a time."""
+def retr_sequential(
+    host: str, port: int, user: str, password: str, watch: Watch | None = None, limit: int | None = None
+) -> Rate:
+    """RETR every message of the mailbox (or the first ``limit``), one command at a time."""
 
     def run(client: Client, count: int) -> tuple[int, int]:
         octets = 0
+        count = count if limit is None else min(count, limit)
         for n in range(1, count + 1):
             client.sock.sendall(b"RETR %d\r\n" % n)
             octets += client.multi()[0]
