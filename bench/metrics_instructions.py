@@ -1,40 +1,65 @@
 """Bench (issue 16): what ``runpop3 --metrics`` costs per RETR, counted in CPU instructions (callgrind).
 
-    .venv/bin/python bench/metrics_instructions.py [--retrs 50,450] [--rounds 2] [--size 4096]
+    .venv/bin/python bench/metrics_instructions.py [--retrs 300] [--rounds 3] [--servers 2] [--size 4096]
         [--setups one,workers]
+    .venv/bin/python bench/metrics_instructions.py --differential [--retrs 50,450] [--rounds 2] ...
 
 On a noisy machine CPU time cannot tell 3 % from nothing (``metrics_cost.py``); the instructions a process
-executes barely move with other load. Each run starts ``runpop3`` under ``valgrind --tool=callgrind
---separate-threads=yes`` (one output file per process and thread; valgrind follows ``fork()``, so a worker
-gets files of its own, starting from its parent's counts at the fork), warms it
-(one session per worker slot, held open together on mailboxes of their own, each with two RETRs), then one session logs in, RETRs
-messages 1..K of ``--size`` octets one at a time with the bench's client and QUITs, and the server is
-stopped. Runs with two values of K (``--retrs K1,K2``) are subtracted and divided by K2-K1: start-up, warm-up,
-login, QUIT and shutdown cancel, with no need to switch the instrumentation on and off. Setups: ``one``
-(one process) and ``workers`` (``--workers 2``, ``POPSERVER_MAX_SESSIONS=4`` so that the four warm-up
-sessions go two to each worker). Each round runs, for each setup, the four servers (with and without
-``--metrics 127.0.0.1:0``, K1 and K2) and prints instructions per RETR in the session's thread (the thread
-whose count grew the most from K1 to K2) and in every thread of every process. Threads that wake on a clock
-(the metrics flusher once a second, the HTTP listener, the supervisor) run more often in the longer run
-(under valgrind a run lasts tens of seconds): "all threads" includes them, overstated as time is.
-``PYTHONHASHSEED=0`` makes runs alike. Needs valgrind: ``apt-get install valgrind``.
+executes barely move with other load. Setups: ``one`` (one process) and ``workers`` (``--workers 2``,
+``POPSERVER_MAX_SESSIONS=4`` so that the four warm-up sessions go two to each worker); variants: without
+and with ``--metrics 127.0.0.1:0``. ``PYTHONHASHSEED=0`` makes runs alike. Needs valgrind: ``apt-get
+install valgrind``. SQLite only.
+
+The default, toggled, counts in one warm process: ``runpop3`` runs under ``valgrind --tool=callgrind
+--instr-atstart=no --separate-threads=yes --trace-children=yes`` (the last so that a forked worker opens a
+vgdb channel of its own), is warmed (one session per worker slot, held open together on mailboxes of their
+own, each with 30 RETRs), then each round (``--rounds``) one session logs in, ``callgrind_control -i on``
+switches the instrumentation on in the parent and in every worker, the session RETRs messages 1..R
+(``--retrs``) of ``--size`` octets one at a time, ``callgrind_control -i off`` and ``-d`` (dump), and the
+session QUITs: login and QUIT lie outside the window. Instructions per RETR are the window's count / R, in
+the thread that counted most (the session's) and in every thread of every process ("all threads": with
+``--metrics`` that includes the flusher, which wakes once a second, so it is overstated as valgrind slows
+the window down). ``--servers`` servers of each variant per setup, the variants alternated.
+
+``--differential`` starts each server afresh under callgrind, warms it (two RETRs per warm-up session),
+RETRs messages 1..K in one session and stops it; runs with two values of K (``--retrs K1,K2``) are
+subtracted and divided by K2-K1. Fresh processes differ from each other by a few per cent in what a RETR
+costs, so this is the noisier method.
 """
 
 import argparse
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import pop3load
-from common import Server, bulk_messages, make_user, sample_message, setup_django
+from common import Server, bulk_messages, children, make_user, sample_message, setup_django
 
 PASSWORD = "bench-password"
 SETUPS = {"one": [], "workers": ["--workers", "2"]}
 VARIANTS = {"without": [], "--metrics": ["--metrics", "127.0.0.1:0"]}
+WARM_RETRS = 30  # in each warm-up session of the toggled mode (a worker's first RETRs cost more)
 WARM_SESSIONS = 4  # POPSERVER_MAX_SESSIONS: with two workers, two each (a full worker defers accepting)
+
+
+def read_counts(path: Path) -> tuple[int, int, int]:
+    """(pid, thread, instructions) of one callgrind output file."""
+    pid = thread = total = None
+    for line in path.read_text(errors="replace").splitlines():
+        key, _, value = line.partition(": ")
+        if key == "pid":
+            pid = int(value)
+        elif key == "thread":
+            thread = int(value)
+        elif key in ("summary", "totals"):
+            total = int(value.split()[0])
+    if pid is None or total is None:
+        raise RuntimeError(f"no pid or total in {path}")
+    return pid, thread or 1, total
 
 
 def callgrind_totals(directory: Path, parent: int) -> dict[tuple[str, int], int]:
@@ -42,20 +67,9 @@ def callgrind_totals(directory: Path, parent: int) -> dict[tuple[str, int], int]
     ``parent``, or ``worker N`` numbered by rank of the worker's own total (``worker 1``: the busiest)."""
     by_pid: dict[int, dict[int, int]] = {}
     for path in directory.iterdir():
-        if not path.stat().st_size:
-            continue  # the file of the process as a whole, left empty with --separate-threads
-        pid = thread = total = None
-        for line in path.read_text(errors="replace").splitlines():
-            key, _, value = line.partition(": ")
-            if key == "pid":
-                pid = int(value)
-            elif key == "thread":
-                thread = int(value)
-            elif key in ("summary", "totals"):
-                total = int(value.split()[0])
-        if pid is None or total is None:
-            raise RuntimeError(f"no pid or total in {path}")
-        by_pid.setdefault(pid, {})[thread or 1] = total
+        if path.stat().st_size:  # the file of the process as a whole is left empty with --separate-threads
+            pid, thread, total = read_counts(path)
+            by_pid.setdefault(pid, {})[thread] = total
     totals = {("parent", thread): n for thread, n in by_pid.pop(parent, {}).items()}
     ranked = sorted(by_pid.values(), key=lambda threads: sum(threads.values()), reverse=True)
     for rank, threads in enumerate(ranked, 1):
@@ -82,15 +96,7 @@ def run_once(env: dict[str, str], args: list[str], retrs: int, database: Path) -
         log = open(directory / "log", "w")  # noqa: SIM115 (closed below; the server writes to it)
         server = Server(env, args, stderr=log, wrapper=wrapper)
         try:
-            warm = [pop3load.Client("127.0.0.1", server.port, timeout=600) for _ in range(WARM_SESSIONS)]
-            for number, client in enumerate(warm, 1):
-                client.login(f"warm{number}", PASSWORD)  # a mailbox each: the sessions are open together
-                for number in (1, 2):
-                    client.sock.sendall(b"RETR %d\r\n" % number)
-                    client.multi()
-            for client in warm:
-                client.quit()
-                client.close()
+            warm_up(server.port)
             rate = pop3load.retr_sequential("127.0.0.1", server.port, "bench", PASSWORD, limit=retrs)
             if rate.messages != retrs:
                 raise RuntimeError(f"{rate.messages} RETRs instead of {retrs}")
@@ -101,6 +107,72 @@ def run_once(env: dict[str, str], args: list[str], retrs: int, database: Path) -
         return callgrind_totals(directory, server.proc.pid)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
+
+
+def callgrind_control(*args: str) -> None:
+    subprocess.run(["callgrind_control", *args], check=True, capture_output=True, timeout=120)
+
+
+def toggled_server(env: dict[str, str], args: list[str], retrs: int, rounds: int) -> list[tuple[int, int]]:
+    """One server under callgrind with its instrumentation off (``--instr-atstart=no``), warmed; then, for
+    each round, one session logs in, the instrumentation of every process (the parent and, with workers,
+    each worker: valgrind follows ``fork()``) is switched on, the session RETRs messages 1..``retrs`` one
+    at a time, the instrumentation is switched off and the counts dumped, and the session QUITs. A pair per
+    round: instructions in the window in the thread that counted most (the session's) and in every thread
+    of every process."""
+    directory = Path(tempfile.mkdtemp(prefix="callgrind-"))
+    wrapper = [
+        "valgrind",
+        "--tool=callgrind",
+        "--instr-atstart=no",
+        "--separate-threads=yes",
+        "--trace-children=yes",  # else a forked worker has no vgdb channel: callgrind_control cannot reach it
+        f"--callgrind-out-file={directory}/callgrind.out.%p",
+    ]
+    figures = []
+    try:
+        log = open(directory / "log", "w")  # noqa: SIM115 (closed below; the server writes to it)
+        server = Server(env, args, stderr=log, wrapper=wrapper)
+        try:
+            warm_up(server.port, WARM_RETRS)
+            pids = [str(pid) for pid in (server.proc.pid, *children(server.proc.pid))]
+            for _ in range(rounds):
+                with pop3load.Client("127.0.0.1", server.port, timeout=600) as client:
+                    client.login("bench", PASSWORD)
+                    callgrind_control("-z", *pids)  # nothing counted before the window
+                    callgrind_control("-i", "on", *pids)
+                    for number in range(1, retrs + 1):
+                        client.sock.sendall(b"RETR %d\r\n" % number)
+                        client.multi()
+                    callgrind_control("-i", "off", *pids)
+                    before = set(directory.iterdir())
+                    callgrind_control("-d", *pids)
+                    dumped = [path for path in set(directory.iterdir()) - before if path.stat().st_size]
+                    counts = [read_counts(path) for path in dumped]  # (the process's own file is empty)
+                    client.quit()
+                if not counts:
+                    raise RuntimeError("callgrind_control -d dumped no file")
+                figures.append((max(n for _, _, n in counts), sum(n for _, _, n in counts)))
+        finally:
+            server.stop(timeout=600)
+            log.close()
+        return figures
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def warm_up(port: int, retrs: int = 2) -> None:
+    """One session per worker slot, held open together on mailboxes of their own, each with ``retrs``
+    RETRs."""
+    warm = [pop3load.Client("127.0.0.1", port, timeout=600) for _ in range(WARM_SESSIONS)]
+    for number, client in enumerate(warm, 1):
+        client.login(f"warm{number}", PASSWORD)
+        for number in range(1, retrs + 1):
+            client.sock.sendall(b"RETR %d\r\n" % number)
+            client.multi()
+    for client in warm:
+        client.quit()
+        client.close()
 
 
 def per_retr(short: dict, long: dict, retrs: tuple[int, int]) -> tuple[float, float]:
@@ -137,20 +209,52 @@ def measure(
     return figures
 
 
+def measure_toggled(env: dict[str, str], setups: list[str], retrs: int, rounds: int, servers: int) -> dict:
+    """(session's thread, all threads) instructions per RETR, by (setup, variant), a pair per round, from
+    ``servers`` servers of each variant per setup, the variants alternated."""
+    figures = {(setup, variant): [] for setup in setups for variant in VARIANTS}
+    for setup in setups:
+        for number in range(servers):
+            order = list(VARIANTS) if number % 2 == 0 else list(reversed(VARIANTS))
+            for variant in order:
+                args = [*SETUPS[setup], *VARIANTS[variant]]
+                for round_number, (session, everything) in enumerate(
+                    toggled_server(env, args, retrs, rounds), 1
+                ):
+                    figures[setup, variant].append((session / retrs, everything / retrs))
+                    print(
+                        f"server {number + 1} round {round_number} {setup:>7} {variant:>9}: "
+                        f"{session / retrs:9,.0f} instructions/RETR in the session's thread, "
+                        f"{everything / retrs:9,.0f} in all threads",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+    return figures
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--retrs", default="50,450", help="K1,K2: RETRs in the short and the long run")
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument(
+        "--differential", action="store_true", help="fresh processes, K2 RETRs less K1 (noisier)"
+    )
+    parser.add_argument(
+        "--retrs", help="RETRs in a window (default 300); with --differential K1,K2 (default 50,450)"
+    )
+    parser.add_argument("--rounds", type=int, help="windows per server (default 3; --differential: 2)")
+    parser.add_argument("--servers", type=int, default=2, help="servers of each variant per setup")
     parser.add_argument("--size", type=int, default=4096)
     parser.add_argument("--setups", default="one,workers", help="one (one process), workers (--workers 2)")
     options = parser.parse_args()
     if shutil.which("valgrind") is None:
         sys.exit("valgrind is not installed: apt-get install valgrind (Debian, Ubuntu)")
-    retrs = tuple(int(k) for k in options.retrs.split(","))
-    if len(retrs) != 2 or not 0 < retrs[0] < retrs[1]:
+    retrs = tuple(int(k) for k in (options.retrs or ("50,450" if options.differential else "300")).split(","))
+    if options.differential and (len(retrs) != 2 or not 0 < retrs[0] < retrs[1]):
         sys.exit("--retrs K1,K2 with 0 < K1 < K2")
+    if not options.differential and (len(retrs) != 1 or retrs[0] < 1):
+        sys.exit("--retrs R with R > 0")
+    rounds = options.rounds or (2 if options.differential else 3)
     setups = options.setups.split(",")
     if unknown := set(setups) - SETUPS.keys():
         sys.exit(f"unknown setup: {', '.join(unknown)}")
@@ -162,9 +266,9 @@ def main() -> None:
     env["POPSERVER_MAX_SESSIONS"] = str(WARM_SESSIONS)
     os.environ.update(env)
     mailbox = make_user("bench", PASSWORD)
-    bulk_messages(mailbox, retrs[1], sample_message(options.size))
+    bulk_messages(mailbox, max(retrs), sample_message(options.size))
     for number in range(1, WARM_SESSIONS + 1):
-        bulk_messages(make_user(f"warm{number}", PASSWORD), 2, sample_message(options.size))
+        bulk_messages(make_user(f"warm{number}", PASSWORD), WARM_RETRS, sample_message(options.size))
     from django.db import connections
 
     connections.close_all()
@@ -172,13 +276,19 @@ def main() -> None:
     shutil.copyfile(env["DATABASE_URL"][len("sqlite:///") :], database)
 
     try:
-        figures = measure(env, setups, retrs, options.rounds, database)
+        if options.differential:
+            figures = measure(env, setups, retrs, rounds, database)
+        else:
+            figures = measure_toggled(env, setups, retrs[0], rounds, options.servers)
     finally:
         shutil.rmtree(database.parent, ignore_errors=True)
 
+    if options.differential:
+        method = f"({retrs[1]} - {retrs[0]} RETRs) / {retrs[1] - retrs[0]}, {rounds} rounds"
+    else:
+        method = f"{retrs[0]} RETRs a window, {rounds} windows a server, {options.servers} servers of each"
     print(
-        f"\nRETR of {options.size} octets one at a time, ({retrs[1]} - {retrs[0]} RETRs) / {retrs[1] - retrs[0]}, "
-        f"{options.rounds} rounds: instructions per RETR, median (lowest-highest)"
+        f"\nRETR of {options.size} octets one at a time, {method}: instructions per RETR, median (lowest-highest)"
     )
     print("| setup | threads | without | --metrics | difference |")
     print("|---|---|---|---|---|")
