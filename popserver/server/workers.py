@@ -110,6 +110,16 @@ class SignalFlags:
         except BlockingIOError:
             pass
 
+    def wait_for_stop(self, tls: TlsContextHolder | None = None, *, gone: Callable[[], bool] = lambda: False):
+        """Until SIGTERM or SIGINT (or ``gone()``, checked twice a second): a serving process's main loop.
+        SIGHUP reloads ``tls``'s certificate; without TLS it is ignored, never fatal."""
+        while not self.stop_requested:
+            self.wait(0.5)
+            if self.take_reload() and tls is not None:
+                tls.reload()
+            if gone():
+                return
+
     def close(self) -> None:
         signal.set_wakeup_fd(-1)
         self.close_pipe()
@@ -249,16 +259,16 @@ class Supervisor:
         stop = threading.Event()
         servers = self.start(stop, (self.room, number - 1))
         self.serving[number - 1] = 1  # the parent announces the server once every worker accepts
-        while not signals.stop_requested:
-            signals.wait(0.5)
-            if signals.take_reload() and self.tls is not None:
-                self.tls.reload()
-            if os.getppid() != self.parent_pid:
-                logger.warning("the supervising process is gone: stopping")
-                break
+        signals.wait_for_stop(self.tls, gone=self._parent_gone)
         stop_servers(servers)
         close_database_connections()
         return 0
+
+    def _parent_gone(self) -> bool:
+        if os.getppid() == self.parent_pid:
+            return False
+        logger.warning("the supervising process is gone: stopping")
+        return True
 
     def reload(self) -> None:
         if self.tls is not None:

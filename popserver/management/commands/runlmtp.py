@@ -91,10 +91,7 @@ class Command(BaseCommand):
             raise CommandError(f"Error: {bind_error(address, exc)}") from None
         self.announce([s.display_address for s in servers])
         try:
-            while not signals.stop_requested:
-                signals.wait(0.5)
-                if signals.take_reload() and tls is not None:  # SIGHUP: never fatal
-                    tls.reload()
+            signals.wait_for_stop(tls)  # SIGHUP (logrotate, systemctl reload) reloads the certificate
         finally:
             signals.close()
         stop.set()

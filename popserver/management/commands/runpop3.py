@@ -127,12 +127,8 @@ class Command(BaseCommand):
             raise CommandError(f"Error: {ERRORS.get(exc.errno, exc.strerror or exc)}") from None
         NodeHeartbeat(stop).start()
         self.announce([(s.display_address, s.implicit_tls) for s in servers])
-        # SIGHUP (logrotate, systemctl reload) reloads the certificate; without TLS it is ignored, never fatal.
         try:
-            while not signals.stop_requested:
-                signals.wait(0.5)
-                if signals.take_reload() and tls is not None:
-                    tls.reload()
+            signals.wait_for_stop(tls)  # SIGHUP (logrotate, systemctl reload) reloads the certificate
         finally:
             signals.close()
         stop.set()
