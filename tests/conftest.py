@@ -185,10 +185,16 @@ class LiveServer:
 def pop3_server_factory(transactional_db):
     """pop3_server_factory(tls=..., implicit_tls=..., is_trusted=...) -> a started LiveServer, stopped at
     teardown (transactional database: the server's threads do not share the test's transaction)."""
-    started: list[LiveServer] = []
+    yield from live_servers(LiveServer)
 
-    def start(**kwargs) -> LiveServer:
-        started.append(LiveServer(**kwargs))
+
+def live_servers(kind):
+    """A fixture's body: yield ``start(*args, **kwargs)`` making in-thread servers of ``kind``, and stop them all
+    (and the database connections their threads left) at teardown."""
+    started: list = []
+
+    def start(*args, **kwargs):
+        started.append(kind(*args, **kwargs))
         return started[-1]
 
     yield start

@@ -27,7 +27,7 @@ from popserver.server.lmtp import start_lmtp_servers
 from popserver.server.tls import TlsContextHolder
 from popserver.storage.bodies import DatabaseBodyStore, get_body_store
 
-from .conftest import manage_py_command, subprocess_env
+from .conftest import live_servers, manage_py_command, subprocess_env
 from .waiting import wait_for
 
 pytestmark = pytest.mark.live
@@ -73,18 +73,7 @@ class LiveLmtp:
 
 @pytest.fixture
 def lmtp_factory(transactional_db):
-    started: list[LiveLmtp] = []
-
-    def start(*args, **kwargs) -> LiveLmtp:
-        started.append(LiveLmtp(*args, **kwargs))
-        return started[-1]
-
-    yield start
-    for server in started:
-        server.stop()
-    from django.db import connections
-
-    connections.close_all()
+    yield from live_servers(LiveLmtp)
 
 
 @pytest.fixture
