@@ -8,6 +8,7 @@ import socket
 from typing import Any
 
 from django.conf import settings
+from django.core.signals import setting_changed
 
 MiB = 1024 * 1024
 
@@ -116,11 +117,28 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
+# Values read so far: a session reads dozens, and a default (no POPSERVER_ setting) costs Django a raised
+# AttributeError each time. Forgotten whenever a setting changes (override_settings, the tests' fixture).
+_resolved: dict[str, Any] = {}
+
+
 def get_setting(name: str) -> Any:
     """The value of ``POPSERVER_<name>``, or its default."""
+    try:
+        return _resolved[name]
+    except KeyError:
+        pass
     if name not in DEFAULTS:
         raise KeyError(f"unknown popserver setting {name!r}")
-    return getattr(settings, f"POPSERVER_{name}", DEFAULTS[name])
+    value = _resolved[name] = getattr(settings, f"POPSERVER_{name}", DEFAULTS[name])
+    return value
+
+
+def _forget_resolved(*, setting: str, **kwargs) -> None:
+    _resolved.clear()
+
+
+setting_changed.connect(_forget_resolved, dispatch_uid="popserver.conf.forget_resolved")
 
 
 # Worker processes (runpop3 --workers N): the per-server limits above are split evenly between them.

@@ -304,11 +304,10 @@ def test_a_failed_release_still_frees_the_lock_for_this_process(mailbox, monkeyp
 
     maildrop = open_maildrop(mailbox.pk)
 
-    class Broken:
-        def filter(self, *args, **kwargs):
-            raise DatabaseError("database is locked")
+    def broken(*values):
+        raise DatabaseError("database is locked")
 
-    monkeypatch.setattr(module.Mailbox, "objects", Broken())
+    monkeypatch.setattr(module._FREE_OURS, "execute", broken)  # the UPDATE that frees the lock
     with pytest.raises(DatabaseError):
         maildrop.release()
     monkeypatch.undo()

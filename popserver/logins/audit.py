@@ -9,7 +9,6 @@ import ipaddress
 import logging
 from datetime import timedelta
 
-from contextlib import AbstractContextManager, nullcontext
 
 from django.db import OperationalError, transaction
 from django.utils import timezone
@@ -19,6 +18,7 @@ from popserver.exceptions import ServerBusy
 from popserver.models import DeliveryCount, LoginEvent, SessionRecord
 from popserver.overload import database_unavailable
 from popserver.signals import send_safely, session_closed
+from popserver.storage.compiled import CompiledInsert
 from popserver.storage.gate import using_database
 from popserver.storage.writelock import one_writer
 
@@ -30,6 +30,39 @@ def _ip_or_none(ip: str) -> str | None:
         return str(ipaddress.ip_address(ip.split("%", 1)[0]))
     except ValueError:
         return None
+
+
+_LOGIN_EVENT = CompiledInsert(
+    LoginEvent,
+    (
+        "time",
+        "username",
+        "peer_ip",
+        "mechanism",
+        "tls",
+        "tls_at_proxy",
+        "node",
+        "outcome",
+        "reason",
+        "mailbox_id",
+    ),
+)
+_SESSION_RECORD = CompiledInsert(
+    SessionRecord,
+    (
+        "mailbox_id",
+        "username",
+        "peer_ip",
+        "started_at",
+        "duration",
+        "end_reason",
+        "node",
+        "retrieved_count",
+        "retrieved_bytes",
+        "deleted_count",
+        "deleted_bytes",
+    ),
+)
 
 
 def record_login(
@@ -47,8 +80,9 @@ def record_login(
 
     Inside a transaction (a login's lock) the row commits with it, behind a savepoint of its own."""
     try:
-        with using_database(), one_writer(), _savepoint_if_in_transaction():
-            LoginEvent.objects.create(
+        with using_database(), one_writer():  # in a transaction: behind a savepoint (CompiledInsert)
+            _LOGIN_EVENT.insert(
+                time=timezone.now(),
                 username=username[:255],
                 peer_ip=_ip_or_none(peer_ip),
                 mechanism=mechanism[:16],
@@ -57,16 +91,10 @@ def record_login(
                 node=node_name(),
                 outcome=outcome,
                 reason=reason[:64],
-                mailbox=mailbox,
+                mailbox_id=None if mailbox is None else mailbox.pk,
             )
     except Exception as exc:
         _not_written(exc, "recording a login event")
-
-
-def _savepoint_if_in_transaction() -> AbstractContextManager:
-    """A savepoint inside a transaction, so that an audit row that cannot be written breaks nothing else;
-    outside one, nothing (the insert autocommits)."""
-    return transaction.atomic() if transaction.get_connection().in_atomic_block else nullcontext()
 
 
 def _not_written(exc: Exception, what: str) -> None:
@@ -89,9 +117,9 @@ def record_session(
 ) -> bool:
     """True if written. Inside a transaction (QUIT's) the row commits with it, behind a savepoint of its own."""
     try:
-        with using_database(), one_writer(), _savepoint_if_in_transaction():
-            SessionRecord.objects.create(
-                mailbox=mailbox,
+        with using_database(), one_writer():  # in a transaction: behind a savepoint (CompiledInsert)
+            _SESSION_RECORD.insert(
+                mailbox_id=None if mailbox is None else mailbox.pk,
                 username=username[:255],
                 peer_ip=_ip_or_none(peer_ip),
                 started_at=started_at,

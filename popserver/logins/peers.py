@@ -1,10 +1,12 @@
 """Who is on the other end: trusted networks, the plaintext policy, and the unit that limits count by."""
 
 import ipaddress
+from functools import lru_cache
 
 from popserver.conf import get_setting
 
 
+@lru_cache(maxsize=4096)  # every connection asks about its peer several times; most peers come back
 def _address(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     try:
         address = ipaddress.ip_address(ip.split("%", 1)[0])
@@ -19,7 +21,12 @@ def _in_networks(ip: str, setting: str) -> bool:
     address = _address(ip)
     if address is None:
         return False
-    return any(address in ipaddress.ip_network(net, strict=False) for net in get_setting(setting))
+    return any(address in _network(net) for net in get_setting(setting))
+
+
+@lru_cache(maxsize=256)
+def _network(net: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    return ipaddress.ip_network(net, strict=False)
 
 
 def is_trusted_peer(ip: str) -> bool:

@@ -25,6 +25,7 @@ from django.utils.module_loading import import_string
 
 from popserver.conf import get_setting
 from popserver.exceptions import TemporaryLoginFailure
+from popserver.storage.compiled import CompiledQuery, Delete
 from popserver.storage.writelock import one_writer
 
 Clock = Callable[[], datetime]
@@ -144,24 +145,56 @@ def _insert_reservation(key: str, now: datetime) -> bool:
         return cursor.rowcount == 1
 
 
+# The queries of every login (compiled once, storage/compiled.py), made at first use: the models are not
+# imported with this module. The look-up has one form per number of scopes that apply.
+_LOCKED_SCOPES: dict[int, CompiledQuery] = {}
+_GIVE_BACK: list[CompiledQuery] = []
+
+
+def _locked_scopes(count: int) -> CompiledQuery:
+    """The scopes locked out at a time, among ``count`` (scope, key) pairs: ``rows(now, scope, key, ...)``."""
+    from popserver.models import LoginThrottle
+
+    query = _LOCKED_SCOPES.get(count)
+    if query is None:
+
+        def build(now, *pairs):
+            either = Q()
+            for scope, key in zip(pairs[::2], pairs[1::2], strict=True):
+                either |= Q(scope=scope, key=key)
+            return LoginThrottle.objects.filter(either, locked_until__gt=now).values_list("scope", flat=True)
+
+        query = _LOCKED_SCOPES.setdefault(
+            count, CompiledQuery(build, model=LoginThrottle, kinds=(datetime, *(str, str) * count))
+        )
+    return query
+
+
+def _give_back() -> CompiledQuery:
+    """The DELETE of an (account, IP) counter: ``execute(key)``."""
+    from popserver.models import LoginThrottle
+
+    if not _GIVE_BACK:
+        _GIVE_BACK.append(
+            CompiledQuery(
+                lambda key: Delete(LoginThrottle.objects.filter(scope=LoginThrottle.ACCOUNT_IP, key=key)),
+                model=LoginThrottle,
+                write=True,
+            )
+        )
+    return _GIVE_BACK[0]
+
+
 class DatabaseThrottle(Throttle):
     """Counters in ``LoginThrottle`` rows, updated under a row lock (SQLite: the IMMEDIATE transaction)."""
 
     def locked_out(self, username: str, ip: str, *, trusted: bool, ip_only: bool = False) -> str | None:
-        from popserver.models import LoginThrottle
-
         scopes = self.scopes(username, ip, trusted, ip_only)
         if not scopes:
             return None
-        either = Q()
-        for scope, key, _ in scopes:
-            either |= Q(scope=scope, key=key)
         # One look-up for every scope that applies (a login's first query): the first locked one wins.
-        locked = set(
-            LoginThrottle.objects.filter(either, locked_until__gt=self.clock()).values_list(
-                "scope", flat=True
-            )
-        )
+        pairs = [value for scope, key, _ in scopes for value in (scope, key)]
+        locked = {row[0] for row in _locked_scopes(len(scopes)).rows(self.clock(), *pairs)}
         return next((scope for scope, _, _ in scopes if scope in locked), None)
 
     def reserve(self, username: str, ip: str) -> Reservation:
@@ -204,12 +237,8 @@ class DatabaseThrottle(Throttle):
         return locked
 
     def succeeded(self, username: str, ip: str) -> None:
-        from popserver.models import LoginThrottle
-
         with one_writer():  # the attempt's reservation, and any lock-out it began
-            LoginThrottle.objects.filter(
-                scope=LoginThrottle.ACCOUNT_IP, key=account_key(username, ip)
-            ).delete()
+            _give_back().execute(account_key(username, ip))
 
     def clear(self, scope: str | None = None, key: str | None = None) -> int:
         from popserver.models import LoginThrottle

@@ -118,9 +118,18 @@ def user_of_login(login: str):
     return users[0] if len(users) == 1 else None
 
 
+# A user's mailbox (one; Mailbox.user is one-to-one), compiled once: every login looks it up.
+_MAILBOX_OF_USER = CompiledQuery(
+    lambda user_id: Mailbox.objects.filter(user_id=user_id), model=Mailbox, kinds=(int,)
+)
+
+
 def mailbox_of_user(user, *, auto_create: bool | None = None) -> Mailbox | None:
     """``user``'s mailbox; created when missing if ``auto_create`` (default POPSERVER_AUTO_CREATE_MAILBOX)."""
-    mailbox = Mailbox.objects.filter(user=user).first()
+    if isinstance(user.pk, int):
+        mailbox = next(iter(_MAILBOX_OF_USER.instances(user.pk)), None)
+    else:  # a user model whose key is not a number (a UUID): the placeholders are numbers
+        mailbox = Mailbox.objects.filter(user=user).first()
     if mailbox is None and (get_setting("AUTO_CREATE_MAILBOX") if auto_create is None else auto_create):
         mailbox, _ = Mailbox.objects.get_or_create(user=user)
     if mailbox is not None:

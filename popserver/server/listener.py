@@ -19,6 +19,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from functools import partial
 
 from django.db import OperationalError
 
@@ -31,9 +32,14 @@ from ..storage.lock import refresh_heartbeats, release_all_live_locks, release_d
 from . import metrics
 from .handler import Pop3Handler
 from .penalties import Penalties, PenaltyBox
+from .threads import SessionThreads
 from .tls import TlsContextHolder
 
 logger = logging.getLogger("popserver.server")
+
+# Session threads that wait for the next connection at once (server/threads.py): enough for a busy process's
+# usual concurrency; a burst beyond it starts threads that end with their session.
+KEEP_SESSION_THREADS = 16
 
 
 def parse_address(text: str, default_port: int = 8110) -> tuple[str, int]:
@@ -84,6 +90,7 @@ class SessionRegistry:
         # Addresses cut for abuse before login, and their connections waiting out the penalty (penalties.py)
         self.penalties = Penalties()
         self.penalty_box = PenaltyBox()
+        self.threads = SessionThreads(keep=KEEP_SESSION_THREADS)  # the session threads, reused
 
     @property
     def stop_fd(self) -> int:
@@ -458,12 +465,10 @@ class ThreadedServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
             self.shutdown_request(request)
             return
         try:
-            threading.Thread(
-                target=self.process_request_thread,
-                args=(request, client_address),
-                daemon=True,
+            self.registry.threads.start(
+                partial(self.process_request_thread, request, client_address),
                 name=f"{self.protocol} {peer_ip}:{peer_port}",
-            ).start()
+            )
         except RuntimeError:  # no thread could be started: give the slot back
             logger.exception("could not start a session thread for %s", peer_ip)
             metrics.connection_refused("no_thread")
@@ -546,6 +551,7 @@ def stop_servers(servers: list[ThreadedServer], grace: float | None = None) -> N
     registries = {id(server.registry): server.registry for server in servers}.values()
     for registry in registries:
         registry.penalty_box.close()
+        registry.threads.close()
         registry.announce_stop()
     grace = get_setting("SHUTDOWN_GRACE") if grace is None else grace
     started = time.monotonic()

@@ -154,10 +154,27 @@ def _release(gate: ConnectionGate, force: bool = False) -> None:
 
 
 def _close_connections() -> None:
+    keep_sqlite = getattr(_local, "keep_sqlite", False)
+    for connection in connections.all(initialized_only=True):
+        # SQLite's connections are the thread's own open file, not one of a database server's: a thread that
+        # keeps them (server/threads.py) gives back its slot but not its connection, unless it is broken.
+        if keep_sqlite and connection.vendor == "sqlite" and not connection.errors_occurred:
+            continue
+        try:
+            connection.close()
+        except DatabaseError:  # a broken connection is gone either way
+            pass
+
+
+@contextmanager
+def keep_sqlite_connections() -> Iterator[None]:
+    """Within the block, giving back a slot leaves this thread's SQLite connections open (a session thread
+    that serves connection after connection); the caller closes them when the thread ends."""
+    _local.keep_sqlite = True
     try:
-        connections.close_all()
-    except DatabaseError:  # a broken connection is gone either way
-        pass
+        yield
+    finally:
+        _local.keep_sqlite = False
 
 
 def _check_budgeted(sender, connection, **kwargs) -> None:

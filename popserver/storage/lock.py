@@ -16,7 +16,7 @@ import secrets
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import TypeVar
 
 from django.db import DatabaseError, transaction
@@ -25,6 +25,7 @@ from django.utils import timezone
 from ..conf import get_setting, node_name
 from ..exceptions import MailboxInUse
 from ..models import Mailbox
+from .compiled import CompiledQuery, Update
 from .deletion import BATCH_SIZE, batched
 from .gate import using_database
 from .writelock import one_writer
@@ -109,6 +110,31 @@ def committable(result: T) -> T:
     return result
 
 
+_HOLDER = ("lock_token", "lock_host", "lock_pid", "lock_instance", "lock_peer", "locked_at", "lock_heartbeat")
+_HOLDER_KINDS = (str, str, int, str, str, datetime, datetime)
+
+
+def _take_free(*values):
+    """The conditional UPDATE that takes a free lock of a POP3-enabled mailbox: the holder's fields, then
+    ``last_login`` when given, then the mailbox's id."""
+    *holder, pk = values
+    fields = dict(zip((*_HOLDER, "last_login"), holder))
+    return Update(Mailbox.objects.filter(pk=pk, lock_token="", pop3_enabled=True), **fields)
+
+
+# Every login runs these (compiled once, storage/compiled.py): with and without the last_login stamp.
+_TAKE_FREE = {
+    True: CompiledQuery(_take_free, model=Mailbox, kinds=(*_HOLDER_KINDS, datetime, int), write=True),
+    False: CompiledQuery(_take_free, model=Mailbox, kinds=(*_HOLDER_KINDS, int), write=True),
+}
+_FREE_OURS = CompiledQuery(
+    lambda pk, token: Update(Mailbox.objects.filter(pk=pk, lock_token=token), **FREE),
+    model=Mailbox,
+    kinds=(int, str),
+    write=True,
+)
+
+
 class MailboxLock:
     """One session's exclusive lock on one mailbox: ``take`` it, ``free`` it inside a commit, or ``release``."""
 
@@ -176,9 +202,7 @@ class MailboxLock:
         with one_writer(), transaction.atomic():
             # A free lock (most logins): the conditional UPDATE is the whole test, and it row-locks the mailbox
             # until the commit as select_for_update() would.
-            if known is not None and Mailbox.objects.filter(
-                pk=self.mailbox_id, lock_token="", pop3_enabled=True
-            ).update(**fields):
+            if known is not None and _TAKE_FREE[stamp_login].execute(*fields.values(), self.mailbox_id):
                 return committable(then(known))
             mailbox = Mailbox.objects.select_for_update().get(pk=self.mailbox_id)
             if mailbox.lock_token and not lock_is_stale(mailbox, now):
@@ -202,7 +226,7 @@ class MailboxLock:
     def free(self) -> bool:
         """Clear the row's lock fields if they are still ours (True), row-locking them until the transaction
         ends; call ``forget()`` once it is done. False: the lock was lost."""
-        return Mailbox.objects.filter(pk=self.mailbox_id, lock_token=self.token).update(**FREE) == 1
+        return _FREE_OURS.execute(self.mailbox_id, self.token) == 1
 
     def release(self) -> None:
         """Free the lock on its own (no UPDATE of messages); idempotent."""
