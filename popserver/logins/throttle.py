@@ -25,7 +25,7 @@ from django.utils.module_loading import import_string
 
 from popserver.conf import get_setting
 from popserver.exceptions import TemporaryLoginFailure
-from popserver.storage.compiled import CompiledQuery, Delete
+from popserver.storage.compiled import CompiledQuery, Delete, run
 from popserver.storage.writelock import one_writer
 
 Clock = Callable[[], datetime]
@@ -140,9 +140,16 @@ def _insert_reservation(key: str, now: datetime) -> bool:
     quote = connection.ops.quote_name
     columns = ", ".join(quote(name) for name in ("scope", "key", "failures", "window_started"))
     sql = f"{forms[0]} {quote(LoginThrottle._meta.db_table)} ({columns}) VALUES (%s, %s, %s, %s){forms[1]}"
-    with one_writer(), connection.cursor() as cursor:
-        cursor.execute(sql, [LoginThrottle.ACCOUNT_IP, key, 1, connection.ops.adapt_datetimefield_value(now)])
-        return cursor.rowcount == 1
+    with one_writer():  # prepared on PostgreSQL (storage/compiled.py), like the login's other statements
+        return (
+            run(
+                connection,
+                sql,
+                [LoginThrottle.ACCOUNT_IP, key, 1, connection.ops.adapt_datetimefield_value(now)],
+                fetch=False,
+            )
+            == 1
+        )
 
 
 # The queries of every login (compiled once, storage/compiled.py), made at first use: the models are not

@@ -103,14 +103,30 @@ class CompiledQuery:
         fetched = run(connection, sql, bound, fetch)
         if not fetch:
             return fetched
-        if fetched:
-            compiler = copy.copy(compiler)
-            compiler.connection = connection  # this thread's, for the converters
+        if not fetched:
+            return compiler, fetched, alias
+        compiler, converters = self._converters(connection, compiler)
+        if converters:  # as compiler.results_iter() does, without finding the converters again each time
+            fetched = list(map(tuple, compiler.apply_converters(fetched, converters)))
         return compiler, fetched, alias
 
+    def _converters(self, connection, compiler) -> tuple:
+        """The compiler bound to this thread's connection and the converters of its columns (the database's
+        and the fields', e.g. a time from the database's text), found once per thread."""
+        kept = getattr(_converters, "kept", None)
+        if kept is None:
+            kept = _converters.kept = {}
+        key = (id(self), id(compiler), connection)
+        found = kept.get(key)
+        if found is None:
+            bound = copy.copy(compiler)
+            bound.connection = connection
+            found = kept[key] = (bound, bound.get_converters([c[0] for c in bound.select[: bound.col_count]]))
+        return found
+
     def rows(self, *values) -> list:
-        compiler, fetched, _ = self._execute(values)
-        return list(compiler.results_iter(results=[fetched])) if fetched else []
+        _, fetched, _ = self._execute(values)
+        return fetched
 
     def execute(self, *values) -> int:
         """Run an ``Update`` or a ``Delete``: the number of rows it changed."""
@@ -202,6 +218,7 @@ def _behind_savepoint(connection, sql: str, params: list) -> None:
 
 
 _prepared = threading.local()  # alias -> (psycopg's connection, a server-binding cursor of it)
+_converters = threading.local()  # kept: (query, compiler, connection) -> (compiler bound to it, converters)
 
 
 def run(connection, sql: str, params: list, fetch: bool):
@@ -226,8 +243,10 @@ def run(connection, sql: str, params: list, fetch: bool):
 def _server_binding_cursor(connection):
     """A server-binding cursor of this thread's psycopg 3 connection (kept while that connection lives);
     None with psycopg2."""
-    connection.ensure_connection()
     driver = connection.connection
+    if driver is None:
+        connection.ensure_connection()
+        driver = connection.connection
     kept = getattr(_prepared, connection.alias, None)
     if kept is None or kept[0] is not driver:
         try:
@@ -248,7 +267,7 @@ def _instances(compiler, rows: list, alias: str) -> Iterator:
     start, end = fields[0], fields[-1] + 1
     init_list = [column[0].target.attname for column in select[start:end]]
     populators = get_related_populators(klass_info, select, alias)
-    for row in compiler.results_iter(results=[rows]):
+    for row in rows:  # converted (CompiledQuery._execute)
         instance = klass_info["model"].from_db(alias, init_list, row[start:end])
         for populator in populators:
             populator.populate(row, instance)
