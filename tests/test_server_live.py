@@ -1,5 +1,6 @@
 """Live tests: runpop3's server on a free port, spoken to by poplib, raw sockets and other processes."""
 
+import base64
 import poplib
 import shutil
 import socket
@@ -113,6 +114,27 @@ def test_wrong_password_and_unknown_user_get_the_same_reply(pop3_server, alice):
             client.pass_(password)
         assert info.value.args[0] == b"-ERR [AUTH] Authentication failed."
         client.quit()
+    assert not is_locked(alice)
+
+
+def test_a_name_with_a_nul_is_a_failed_login_not_a_database_error(pop3_server, alice, caplog):
+    """PostgreSQL cannot store a NUL (the throttle's key, the audit row): such a name is refused as wrong
+    credentials, with no error logged."""
+    from popserver.models import LoginEvent
+
+    for command in (b"USER al\x00ice", b"AUTH LOGIN " + base64.b64encode(b"al\x00ice")):
+        sock = pop3_server.socket()
+        reader = sock.makefile("rb")
+        assert reader.readline().startswith(b"+OK")
+        sock.sendall(command + b"\r\n")
+        reader.readline()  # +OK, or the LOGIN password prompt
+        sock.sendall((b"c2VjcmV0" if b"AUTH" in command else b"PASS secret") + b"\r\n")
+        assert reader.readline().startswith(b"-ERR [AUTH]")
+        sock.sendall(b"QUIT\r\n")
+        assert reader.readline().startswith(b"+OK")
+        sock.close()
+    assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == []
+    wait_for(lambda: LoginEvent.objects.filter(username="al\ufffdice").count() == 2)
     assert not is_locked(alice)
 
 

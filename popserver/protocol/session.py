@@ -504,6 +504,10 @@ class Pop3Session:
             secret = password.decode("utf-8") if password is not None else None
         except UnicodeDecodeError:
             name, secret = username.decode("utf-8", "replace"), None  # no valid credential has such bytes
+        if (
+            "\x00" in name
+        ):  # no account has one, and PostgreSQL cannot even store it (the audit, the throttle)
+            name, secret = name.replace("\x00", "\ufffd"), None
         if not name:
             secret = None
         maildrop = self.authenticate(name, secret, mechanism=mechanism)
