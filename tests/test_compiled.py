@@ -113,10 +113,8 @@ def test_a_savepoint_that_cannot_be_rolled_back_loses_the_transaction_loudly(mai
         try:
             insert.insert(**event_values(username=None))
         finally:
-            assert (
-                transaction.get_rollback()
-            )  # atomic() rolls back, instead of committing a broken transaction
-    assert Mailbox.objects.get(pk=mailbox.pk).lock_peer != "lost"
+            # atomic() rolls back, instead of committing a broken transaction
+            assert transaction.get_rollback()
 
 
 @pytest.mark.django_db(transaction=True)
@@ -147,7 +145,11 @@ def test_statements_are_prepared_on_postgresql_only_where_the_site_allows_it(mai
     def prepared() -> list[str]:
         with connection.cursor() as cursor:
             cursor.execute("SELECT statement FROM pg_prepared_statements")
-            return [row[0] for row in cursor.fetchall() if '"lock_peer"' in row[0]]
+            return [
+                row[0]
+                for row in cursor.fetchall()
+                if '"lock_peer" = ' in row[0] and "lock_token" not in row[0]
+            ]
 
     connection.ensure_connection()
     driver = connection.connection
@@ -177,3 +179,49 @@ def test_an_error_of_a_prepared_statement_is_djangos(mailbox):
     )
     with pytest.raises(DatabaseError), transaction.atomic():
         broken.rows(mailbox.pk)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_failed_statement_in_a_transaction_can_never_be_committed(mailbox):
+    """As the ORM's writes: a caller that catches the error cannot go on to a COMMIT that PostgreSQL would turn
+    into a silent ROLLBACK (atomic() rolls back instead)."""
+    broken = CompiledQuery(
+        lambda pk: Update(Mailbox.objects.filter(pk=pk), lock_token=None),
+        model=Mailbox,
+        kinds=(int,),
+        write=True,
+    )
+    with transaction.atomic():
+        Mailbox.objects.filter(pk=mailbox.pk).update(lock_peer="rolled back")
+        with pytest.raises(DatabaseError):
+            broken.execute(mailbox.pk)  # NOT NULL: refused on every database
+        assert transaction.get_rollback()
+    assert Mailbox.objects.get(pk=mailbox.pk).lock_peer == ""
+
+
+def test_compiled_rows_are_a_list_on_every_database(db):
+    assert _locked_scopes(1).rows(timezone.now(), "ip", "none") == []
+    assert isinstance(_locked_scopes(1).rows(timezone.now(), "ip", "none"), list)
+
+
+@pytest.fixture
+def without_time_zones(settings):
+    """A site with USE_TZ = False (statements are compiled per USE_TZ value)."""
+    settings.USE_TZ = False
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_login_takes_and_frees_the_lock_on_a_site_without_time_zones(make_mailbox, without_time_zones):
+    from popserver.storage.maildrop import open_maildrop
+
+    mailbox = make_mailbox("alice")
+    maildrop = open_maildrop(mailbox.pk, mailbox=Mailbox.objects.get(pk=mailbox.pk))
+    assert Mailbox.objects.get(pk=mailbox.pk).lock_token == maildrop.token
+    maildrop.release()
+    assert Mailbox.objects.get(pk=mailbox.pk).lock_token == ""
+
+
+def test_the_throttle_looks_up_on_a_site_without_time_zones(db, without_time_zones):
+    from popserver.logins.throttle import DatabaseThrottle
+
+    assert DatabaseThrottle().locked_out("zed", "192.0.2.9", trusted=False) is None

@@ -75,6 +75,8 @@ class SessionThreads:
                         target()
                     except Exception:  # noqa: BLE001 - the target logs its own; a thread must never die of one
                         logger.exception("unexpected error in a session thread")
+                    target = None  # nothing of the last session (its socket) is kept while waiting
+                    me.name = "session thread (idle)"
                     job = self._wait_for_next(hand)
                     if job is None:
                         return

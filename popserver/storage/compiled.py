@@ -34,7 +34,15 @@ PLACES = 12
 STRING_PLACEHOLDERS = tuple(f"\x00popserver-placeholder-{n}" for n in range(PLACES))
 NUMBER_PLACEHOLDERS = tuple(-7_000_001 - n for n in range(PLACES))
 DATETIME_PLACEHOLDERS = tuple(datetime(1001, 1, 1, 0, 0, n, 123457, tzinfo=UTC) for n in range(PLACES))
-_PLACEHOLDERS = {str: STRING_PLACEHOLDERS, int: NUMBER_PLACEHOLDERS, datetime: DATETIME_PLACEHOLDERS}
+NAIVE_DATETIME_PLACEHOLDERS = tuple(p.replace(tzinfo=None) for p in DATETIME_PLACEHOLDERS)  # USE_TZ = False
+
+
+def _placeholders(kind: type, n: int):
+    if (
+        kind is datetime
+    ):  # as the site's times are: aware with USE_TZ, naive without (Django refuses the other)
+        return (DATETIME_PLACEHOLDERS if settings.USE_TZ else NAIVE_DATETIME_PLACEHOLDERS)[n]
+    return (STRING_PLACEHOLDERS if kind is str else NUMBER_PLACEHOLDERS)[n]
 
 
 def _as_is(value, connection):
@@ -73,10 +81,11 @@ class CompiledQuery:
 
     def _compile(self, alias: str):
         connection = connections[alias]
-        key = (alias, connection.vendor, settings.AUTH_USER_MODEL)  # the look-up's SQL names the user table
+        # The look-up's SQL names the user table; times are compiled as the site keeps them.
+        key = (alias, connection.vendor, settings.AUTH_USER_MODEL, settings.USE_TZ)
         compiled = self._compiled.get(key)
         if compiled is None:
-            placeholders = [_PLACEHOLDERS[kind][n] for n, kind in enumerate(self.kinds)]
+            placeholders = [_placeholders(kind, n) for n, kind in enumerate(self.kinds)]
             compiler = self.build(*placeholders).query.get_compiler(using=alias)
             sql, params = compiler.as_sql()
             # Where each parameter comes from: (a value's index, how to convert it: e.g. psycopg's Int8 wraps
@@ -116,7 +125,7 @@ class CompiledQuery:
         kept = getattr(_converters, "kept", None)
         if kept is None:
             kept = _converters.kept = {}
-        key = (id(self), id(compiler), connection)
+        key = (self, compiler, connection)  # the compiler itself: kept alive, its id never reused
         found = kept.get(key)
         if found is None:
             bound = copy.copy(compiler)
@@ -229,15 +238,25 @@ def run(connection, sql: str, params: list, fetch: bool):
     its CPU per POP3 session. Django's own cursors bind on the client, so every statement is planned anew.
     Through a Django cursor when queries are logged or wrapped (DEBUG, tests counting queries,
     instrumentation), and on every other database; Django's error wrapping either way."""
-    if connection.vendor == "postgresql" and not (connection.queries_logged or connection.execute_wrappers):
-        cursor = _server_binding_cursor(connection)
-        if cursor is not None:
-            with connection.wrap_database_errors:
-                cursor.execute(sql, params, prepare=True)
-                return cursor.fetchall() if fetch else cursor.rowcount
-    with connection.cursor() as cursor:
-        cursor.execute(sql, params)
-        return cursor.fetchall() if fetch else cursor.rowcount
+    try:
+        if connection.vendor == "postgresql" and not (
+            connection.queries_logged or connection.execute_wrappers
+        ):
+            cursor = _server_binding_cursor(connection)
+            if cursor is not None:
+                connection.validate_no_broken_transaction()  # as Django's cursors do
+                with connection.wrap_database_errors:
+                    cursor.execute(sql, params, prepare=True)
+                    return list(cursor.fetchall()) if fetch else cursor.rowcount
+        with connection.cursor() as cursor:
+            cursor.execute(sql, params)
+            return list(cursor.fetchall()) if fetch else cursor.rowcount
+    except DatabaseError:
+        # As the ORM's writes do (mark_for_rollback_on_error): a caller that goes on after catching this can
+        # never commit a transaction PostgreSQL has aborted (it would answer COMMIT with a silent ROLLBACK).
+        if connection.in_atomic_block:
+            transaction.set_rollback(True, using=connection.alias)
+        raise
 
 
 def _server_binding_cursor(connection):
