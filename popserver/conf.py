@@ -41,6 +41,10 @@ DEFAULTS: dict[str, Any] = {
     # a session holds one only while it runs queries, and waits at most DB_CONNECTION_WAIT seconds for one.
     "DB_CONNECTIONS": 20,
     "DB_CONNECTION_WAIT": 10,
+    # PostgreSQL: the hot statements of logins, QUIT and delivery are prepared on the server once per connection.
+    # False behind a pooler that cannot keep prepared statements (PgBouncer in transaction mode before 1.21, or
+    # without max_prepared_statements).
+    "DB_PREPARED_STATEMENTS": True,
     "LISTEN_BACKLOG": 128,
     # An address whose client was cut for abuse before login (over the budget of 50 commands, 3 bad commands
     # in a row, an endless line) has its next connections held, unanswered, this many seconds, doubled at

@@ -102,13 +102,6 @@ def tune_database(db: dict) -> dict:
         )
         if str(db["NAME"]) not in ("", ":memory:") and Path(db["NAME"]).parent == DATA_DIR:
             DATA_DIR.mkdir(parents=True, exist_ok=True)  # only our own folder: a wrong path must fail
-    elif db["ENGINE"] == "django.db.backends.postgresql":
-        # Django turns psycopg's prepared statements off (for PgBouncer in transaction mode before 1.21): this
-        # deployment talks to PostgreSQL itself, so runpop3's and runlmtp's hot statements are prepared once
-        # per connection instead of planned for every login (storage/compiled.py). DATABASE_PREPARED_STATEMENTS
-        # =false behind such a pooler.
-        if env.bool("DATABASE_PREPARED_STATEMENTS", default=True):
-            db.setdefault("OPTIONS", {}).setdefault("prepare_threshold", 5)
     elif db["ENGINE"] == "django.db.backends.mysql":
         db.setdefault("OPTIONS", {}).setdefault("charset", "utf8mb4")
     return db

@@ -10,7 +10,6 @@ from django.utils import timezone
 from popserver.logins.audit import _LOGIN_EVENT
 from popserver.logins.throttle import _give_back, _locked_scopes
 from popserver.models import LoginEvent, LoginThrottle, Mailbox
-from popserver.storage import compiled
 from popserver.storage.compiled import CompiledInsert, CompiledQuery, Update
 from popserver.storage.lock import _TAKE_FREE
 
@@ -135,7 +134,7 @@ def test_a_sites_receivers_still_see_the_row(mailbox):
     assert sorted(LoginEvent.objects.values_list("username", flat=True)) == ["carol", "dave"]
 
 
-def test_statements_are_prepared_on_postgresql_only_where_the_site_allows_it(mailbox):
+def test_statements_are_prepared_on_postgresql_unless_switched_off(mailbox, settings):
     if connection.vendor != "postgresql":
         pytest.skip("prepared statements: PostgreSQL only")
     query = CompiledQuery(
@@ -152,18 +151,14 @@ def test_statements_are_prepared_on_postgresql_only_where_the_site_allows_it(mai
             ]
 
     connection.ensure_connection()
-    driver = connection.connection
-    threshold = driver.prepare_threshold
-    try:
-        driver.prepare_threshold = None  # Django's default: a site behind an old PgBouncer
-        assert query.execute(mailbox.pk) == 1
-        assert prepared() == []
-        driver.prepare_threshold = 5  # the project's settings
-        assert query.execute(mailbox.pk) == 1
-        assert len(prepared()) == 1
-    finally:
-        driver.prepare_threshold = threshold
-    assert compiled._server_binding_cursor(connection) is not None
+    connection.connection.prepare_threshold = None  # as Django leaves a new connection
+    settings.POPSERVER_DB_PREPARED_STATEMENTS = False  # a site behind an old PgBouncer
+    assert query.execute(mailbox.pk) == 1
+    assert prepared() == []
+    settings.POPSERVER_DB_PREPARED_STATEMENTS = True
+    assert query.execute(mailbox.pk) == 1
+    assert len(prepared()) == 1
+    assert connection.connection.prepare_threshold == 2**31  # Django's own queries are never prepared
 
 
 def test_an_error_of_a_prepared_statement_is_djangos(mailbox):

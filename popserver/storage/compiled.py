@@ -29,6 +29,8 @@ from django.db.models.query import get_related_populators
 from django.db.models.signals import post_save, pre_save
 from django.db.models.sql import DeleteQuery, InsertQuery, UpdateQuery
 
+from ..conf import get_setting
+
 # Values no real query parameter takes (ids are positive, names have no NUL, no time is in the year 1001).
 PLACES = 12
 STRING_PLACEHOLDERS = tuple(f"\x00popserver-placeholder-{n}" for n in range(PLACES))
@@ -236,11 +238,14 @@ def run(connection, sql: str, params: list, fetch: bool):
     On PostgreSQL with psycopg 3 the statement is bound on the server and prepared on its first run on each
     connection (the pool keeps them): PostgreSQL then neither parses nor plans it again, which was a third of
     its CPU per POP3 session. Django's own cursors bind on the client, so every statement is planned anew.
+    Not with POPSERVER_DB_PREPARED_STATEMENTS off (a pooler that cannot keep prepared statements).
     Through a Django cursor when queries are logged or wrapped (DEBUG, tests counting queries,
     instrumentation), and on every other database; Django's error wrapping either way."""
     try:
-        if connection.vendor == "postgresql" and not (
-            connection.queries_logged or connection.execute_wrappers
+        if (
+            connection.vendor == "postgresql"
+            and not (connection.queries_logged or connection.execute_wrappers)
+            and get_setting("DB_PREPARED_STATEMENTS")
         ):
             cursor = _server_binding_cursor(connection)
             if cursor is not None:
@@ -276,6 +281,10 @@ def _server_binding_cursor(connection):
             return None
         kept = (driver, psycopg.Cursor(driver))
         setattr(_prepared, connection.alias, kept)
+    if driver.prepare_threshold is None:
+        # Django leaves psycopg's preparing off (for PgBouncer in transaction mode); a threshold no query
+        # reaches keeps it off for every statement but those prepared here on purpose.
+        driver.prepare_threshold = 2**31
     return kept[1]
 
 
