@@ -81,11 +81,19 @@ _writers: dict[str, SqliteWriter] = {}
 _writers_guard = threading.Lock()
 
 
+_vendors: dict[tuple[str, str], str] = {}  # (alias, ENGINE) -> the backend's vendor
+
+
 def one_writer(using: str = DEFAULT_DB_ALIAS) -> AbstractContextManager:
-    connection = connections[using]
-    if connection.vendor != "sqlite":
+    # From the settings, not the thread's connection (Django's per-thread look-up): every write asks.
+    settings_dict = connections.settings[using]  # the connection's own settings_dict (test databases too)
+    key = (using, settings_dict["ENGINE"])
+    vendor = _vendors.get(key)
+    if vendor is None:
+        vendor = _vendors[key] = connections[using].vendor
+    if vendor != "sqlite":
         return nullcontext()
-    name = str(connection.settings_dict["NAME"])
+    name = str(settings_dict["NAME"])
     if not name or name == ":memory:" or name.startswith("file:"):
         name = ""  # an in-memory database has no file to lock beside; the threads still queue
     with _writers_guard:
