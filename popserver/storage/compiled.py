@@ -238,21 +238,14 @@ def run(connection, sql: str, params: list, fetch: bool):
     On PostgreSQL with psycopg 3 the statement is bound on the server and prepared on its first run on each
     connection (the pool keeps them): PostgreSQL then neither parses nor plans it again, which was a third of
     its CPU per POP3 session. Django's own cursors bind on the client, so every statement is planned anew.
-    Not with POPSERVER_DB_PREPARED_STATEMENTS off (a pooler that cannot keep prepared statements).
-    Through a Django cursor when queries are logged or wrapped (DEBUG, tests counting queries,
-    instrumentation), and on every other database; Django's error wrapping either way."""
+    Through a Django cursor where ``prepared_cursor`` gives none; Django's error wrapping either way."""
     try:
-        if (
-            connection.vendor == "postgresql"
-            and not (connection.queries_logged or connection.execute_wrappers)
-            and get_setting("DB_PREPARED_STATEMENTS")
-        ):
-            cursor = _server_binding_cursor(connection)
-            if cursor is not None:
-                connection.validate_no_broken_transaction()  # as Django's cursors do
-                with connection.wrap_database_errors:
-                    cursor.execute(sql, params, prepare=True)
-                    return list(cursor.fetchall()) if fetch else cursor.rowcount
+        cursor = _kept_prepared_cursor(connection)
+        if cursor is not None:
+            connection.validate_no_broken_transaction()  # as Django's cursors do
+            with connection.wrap_database_errors:
+                cursor.execute(sql, params, prepare=True)
+                return list(cursor.fetchall()) if fetch else cursor.rowcount
         with connection.cursor() as cursor:
             cursor.execute(sql, params)
             return list(cursor.fetchall()) if fetch else cursor.rowcount
@@ -264,27 +257,54 @@ def run(connection, sql: str, params: list, fetch: bool):
         raise
 
 
-def _server_binding_cursor(connection):
-    """A server-binding cursor of this thread's psycopg 3 connection (kept while that connection lives);
-    None with psycopg2."""
+def prepared_cursor(connection):
+    """A new psycopg 3 cursor of ``connection`` (connected) that binds on the server, for ``execute(...,
+    prepare=True)``; None where that is not to be had (another database or driver) or not wanted: Django's
+    queries are being logged or wrapped (DEBUG, tests counting queries, instrumentation must see every
+    query), or POPSERVER_DB_PREPARED_STATEMENTS is off (a pooler that cannot keep prepared statements)."""
+    driver = _prepared_driver(connection)
+    if driver is None:
+        return None
+    import psycopg
+
+    return psycopg.Cursor(driver)
+
+
+def _prepared_driver(connection):
+    """``connection``'s psycopg 3 connection, if statements may be prepared on it (``prepared_cursor``)."""
+    if (
+        connection.vendor != "postgresql"
+        or connection.queries_logged
+        or connection.execute_wrappers
+        or not get_setting("DB_PREPARED_STATEMENTS")
+    ):
+        return None
     driver = connection.connection
     if driver is None:
         connection.ensure_connection()
         driver = connection.connection
-    kept = getattr(_prepared, connection.alias, None)
-    if kept is None or kept[0] is not driver:
-        try:
-            import psycopg
-        except ImportError:  # psycopg2: Django's cursors
-            return None
-        if not isinstance(driver, psycopg.Connection):
-            return None
-        kept = (driver, psycopg.Cursor(driver))
-        setattr(_prepared, connection.alias, kept)
+    try:
+        import psycopg
+    except ImportError:  # psycopg2: Django's cursors
+        return None
+    if not isinstance(driver, psycopg.Connection):
+        return None
     if driver.prepare_threshold is None:
         # Django leaves psycopg's preparing off (for PgBouncer in transaction mode); a threshold no query
         # reaches keeps it off for every statement but those prepared here on purpose.
         driver.prepare_threshold = 2**31
+    return driver
+
+
+def _kept_prepared_cursor(connection):
+    """``prepared_cursor``, kept per thread while its connection lives (``run`` makes none per statement)."""
+    driver = _prepared_driver(connection)
+    if driver is None:
+        return None
+    kept = getattr(_prepared, connection.alias, None)
+    if kept is None or kept[0] is not driver:
+        kept = (driver, prepared_cursor(connection))
+        setattr(_prepared, connection.alias, kept)
     return kept[1]
 
 
