@@ -36,7 +36,7 @@ import subprocess
 import sys
 import time
 
-from common import REPO, make_user, sample_message, setup_django, tree_cpu_seconds
+from common import REPO, _stat_fields, make_user, sample_message, setup_django, tree_cpu_seconds
 from dovecot import Dovecot
 
 SENDER = b"bench@example.org"
@@ -126,6 +126,7 @@ class Result:
         self.client_cpu = sum(r[5] for r in gathered)
         self.first_error = next((r[6] for r in gathered if r[6]), "")
         self.server_cpu: float | None = None  # set by the caller for a server it started
+        self.database_cpu: float | None = None  # PostgreSQL's processes meanwhile, when it runs here
 
     @property
     def per_second(self) -> float:
@@ -214,6 +215,20 @@ class RunLmtp:
         self.proc.wait(timeout=30)
 
 
+def postmaster_pid(connection) -> int | None:
+    """PostgreSQL's postmaster, when the database runs on this machine (its processes' CPU is then measured:
+    the backends' own, and that of backends already gone, in the postmaster's cutime/cstime)."""
+    if connection.vendor != "postgresql":
+        return None
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid()")
+        backend = cursor.fetchone()[0]
+    try:
+        return int(_stat_fields(backend)[2])
+    except OSError:  # not on this machine
+        return None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", default="1,8", help="comma-separated numbers of client processes")
@@ -248,6 +263,7 @@ def main() -> None:
 
     for n in range(mailboxes):
         Address.objects.create(mailbox=make_user(f"rcpt{n}", "unused-password"), address=f"rcpt{n}@localhost")
+    postmaster = postmaster_pid(connection)
     connection.close()
     deliver_rate, deliver_cpu = (
         deliver_loop(env, message, args.deliver_runs) if args.deliver_runs else (0.0, 0.0)
@@ -283,11 +299,14 @@ def main() -> None:
                     results[clients, recipients] = pair = {}
                     for name, (host, port) in targets.items():
                         cpu = tree_cpu_seconds(pids[name]) if name in pids else None
+                        database_cpu = tree_cpu_seconds(postmaster) if postmaster else None
                         pair[name] = lmtp_load(
                             host, port, clients, recipients, message, args.seconds, args.pipelining
                         )
                         if cpu is not None:
                             pair[name].server_cpu = tree_cpu_seconds(pids[name]) - cpu
+                        if database_cpu is not None:
+                            pair[name].database_cpu = tree_cpu_seconds(postmaster) - database_cpu
     finally:
         if runlmtp is not None:
             runlmtp.stop()
@@ -306,8 +325,11 @@ def main() -> None:
     header = " | ".join(
         f"{n} messages/s (deliveries/s) | {n} p50 / p99 ms | {n} CPU ms per delivery" for n in names
     )
+    if postmaster:
+        header += " | " + " | ".join(f"PostgreSQL CPU ms per delivery ({n})" for n in names)
     print(f"| clients x recipients | {header} |" + (" popserver / Dovecot |" if len(names) == 2 else ""))
-    print("|---|" + "---|---|---|" * len(names) + ("---|" if len(names) == 2 else ""))
+    columns = len(names) * (4 if postmaster else 3)
+    print("|---|" + "---|" * columns + ("---|" if len(names) == 2 else ""))
     for (clients, recipients), pair in results.items():
         cells = " | ".join(
             f"{r.per_second:,.1f} ({r.deliveries_per_second:,.0f}) | "
@@ -315,6 +337,10 @@ def main() -> None:
             + (f"{r.server_cpu / max(r.deliveries, 1) * 1000:.2f}" if r.server_cpu is not None else "-")
             for r in pair.values()
         )
+        if postmaster:
+            cells += " | " + " | ".join(
+                f"{r.database_cpu / max(r.deliveries, 1) * 1000:.2f}" for r in pair.values()
+            )
         ratio = ""
         if len(names) == 2 and pair["Dovecot"].per_second:
             ratio = f" {pair['popserver'].per_second / pair['Dovecot'].per_second:.2f} |"
@@ -326,7 +352,8 @@ def main() -> None:
         )
     print(
         "Server CPU: user + system of the server process and its children (Dovecot: master, lmtp, auth, log); "
-        "a database's own processes (PostgreSQL) are not counted."
+        "a database's own processes (PostgreSQL) are not counted there but in their own columns (all of "
+        "PostgreSQL's processes during each measurement; Dovecot's figure is PostgreSQL's idle background)."
     )
     if "popserver" in names and deliver_rate:
         best = max(r["popserver"].deliveries_per_second for r in results.values())

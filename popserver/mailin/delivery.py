@@ -239,8 +239,9 @@ def store_prepared(
         # The warning's body is staged here, inside the transaction: a crash leaves at most an unreferenced
         # object, which popgc removes.
         notice = None if warning is None else _save(mailbox, warning, warning_uid, store, server_notice=True)
-        if send_signal and not getattr(_batch, "open", False):
-            transaction.on_commit(partial(count_delivery, message.size))
+        if send_signal:
+            if not getattr(_batch, "open", False):  # else the caller counts (counting_deliveries)
+                transaction.on_commit(partial(count_delivery, message.size))
             transaction.on_commit(
                 partial(signals.send_safely, signals.message_delivered, mailbox=mailbox, message=message)
             )

@@ -11,6 +11,8 @@ Each copy gets the trace fields Dovecot's LMTP adds, each switchable: ``Return-P
 copies of a message to several recipients are the same bytes, and a content-addressed body store keeps one
 object for all of them (issue 21). The rest of the bytes are what came in, with bare LF as CRLF.
 
+On PostgreSQL the copies are stored by one prepared statement where they can be (``onestatement``: no
+quota refusal or warning, the database body store); the others, and everywhere else all of them, as follows.
 The copies of one message are stored in one transaction (one commit, whatever the number of recipients),
 each in its own savepoint when there are several: a full mailbox or a failing row refuses that recipient
 alone. The admin's delivery count is written in the same transaction. The replies are sent after the
@@ -43,6 +45,7 @@ from .delivery import (
     store_prepared,
     trace_fields,
 )
+from .onestatement import store_at_once, takes
 from .quota import check as check_quota
 from .quota import mailbox_limits
 
@@ -108,39 +111,21 @@ class MailboxDeliveryHandler:
             else:
                 copies.append((index, recipient.token, PreparedMessage(data, body.headers)))
 
+        # Copies one statement can store (PostgreSQL) are committed first, on their own.
+        at_once: list[tuple[int, object]] = []
+        copies = self._store_at_once(copies, at_once)
         stored: list[tuple[int, object]] = []
-        several = len(copies) > 1
         try:
-            # One lock order for every delivery (the mailbox rows, by primary key): no deadlock between two.
-            # The admin's delivery count is the transaction's last statement (counting_deliveries): one
-            # commit per message, whatever the number of recipients.
-            with using_database(), counting_deliveries(), one_writer(), transaction.atomic():
-                for index, mailbox, prepared in sorted(copies, key=lambda copy: copy[1].pk):
-                    try:
-                        # With several copies each has a savepoint: a refusal undoes its copy alone. A single
-                        # copy needs none: a refusal rolls the whole transaction back (two round trips fewer).
-                        message = store_prepared(mailbox, prepared, savepoint=several)
-                    except QuotaExceeded:
-                        outcomes[index] = Outcome.OVER_QUOTA
-                    except Mailbox.DoesNotExist:  # deleted since RCPT
-                        outcomes[index] = Outcome.UNKNOWN
-                    except DatabaseError as exc:
-                        self._database_error(f"delivery to <{recipients[index].address}>", exc)
-                        outcomes[index] = Outcome.TEMPORARY_ERROR
-                    else:
-                        stored.append((index, message))
-                if stored:
-                    count_in_transaction(sum(message.size for _, message in stored), messages=len(stored))
+            if copies:
+                self._store_in_turn(copies, recipients, outcomes, stored)
         except (DatabaseError, ServerBusy) as exc:  # the transaction as a whole (begin, commit, a broken
-            # savepoint), or no connection came free in time
+            # savepoint), or no connection came free in time: none of its copies is stored
             if isinstance(exc, DatabaseError):
                 self._database_error(f"delivery of a message to {len(copies)} recipients", exc)
-            return [
-                o if o is not None and o is not Outcome.ACCEPTED else Outcome.TEMPORARY_ERROR
-                for o in outcomes
-            ]
-
+            stored = []
+        stored += at_once
         if stored:
+            stored.sort(key=lambda pair: pair[0])
             message_id = header_value(body.data, b"message-id") if logger.isEnabledFor(logging.INFO) else None
             for index, message in stored:
                 outcomes[index] = Outcome.ACCEPTED
@@ -154,6 +139,57 @@ class MailboxDeliveryHandler:
                     message.uid,
                 )
         return [o if o is not None else Outcome.TEMPORARY_ERROR for o in outcomes]
+
+    def _store_in_turn(self, copies, recipients, outcomes: list, stored: list[tuple[int, object]]) -> None:
+        """Store each copy with ``store_prepared``, in one transaction; refusals go to ``outcomes``, the
+        stored copies to ``stored`` (to be reported once the transaction has committed)."""
+        several = len(copies) > 1
+        # One lock order for every delivery (the mailbox rows, by primary key): no deadlock between two.
+        # The admin's delivery count is the transaction's last statement (counting_deliveries): one
+        # commit per message, whatever the number of recipients.
+        with using_database(), counting_deliveries(), one_writer(), transaction.atomic():
+            for index, mailbox, prepared in sorted(copies, key=lambda copy: copy[1].pk):
+                try:
+                    # With several copies each has a savepoint: a refusal undoes its copy alone. A single
+                    # copy needs none: a refusal rolls the whole transaction back (two round trips fewer).
+                    message = store_prepared(mailbox, prepared, savepoint=several)
+                except QuotaExceeded:
+                    outcomes[index] = Outcome.OVER_QUOTA
+                except Mailbox.DoesNotExist:  # deleted since RCPT
+                    outcomes[index] = Outcome.UNKNOWN
+                except DatabaseError as exc:
+                    self._database_error(f"delivery to <{recipients[index].address}>", exc)
+                    outcomes[index] = Outcome.TEMPORARY_ERROR
+                else:
+                    stored.append((index, message))
+            if stored:
+                count_in_transaction(sum(message.size for _, message in stored), messages=len(stored))
+
+    def _store_at_once(
+        self, copies: list[tuple[int, Mailbox, PreparedMessage]], stored: list[tuple[int, object]]
+    ) -> list[tuple[int, Mailbox, PreparedMessage]]:
+        """Store what one statement can (``onestatement``: PostgreSQL, the same bytes for all) and add it to
+        ``stored``; returns the copies left for ``store_prepared``. A copy of a mailbox already
+        taken (two recipients, one mailbox) is left too: the statement writes one copy per mailbox."""
+        taken: dict[int, int] = {}  # mailbox id -> index of its copy
+        data = copies[0][2].data if copies else b""
+        candidates = {mailbox.pk for mailbox in takes([copy[1] for copy in copies])}
+        for index, mailbox, prepared in copies:
+            if mailbox.pk in candidates and mailbox.pk not in taken and prepared.data == data:
+                taken[mailbox.pk] = index
+        if not taken:
+            return copies
+        by_index = {index: (mailbox, prepared) for index, mailbox, prepared in copies}
+        try:
+            with using_database():
+                messages = store_at_once([by_index[i][0] for i in taken.values()], copies[0][2])
+        except (DatabaseError, ServerBusy) as exc:  # nothing stored: the usual way tries each copy again
+            logger.warning("lmtp: storing in one statement failed, storing each copy in turn: %s", exc)
+            return copies
+        for mailbox_id, message in messages.items():
+            stored.append((taken[mailbox_id], message))
+        done = {taken[mailbox_id] for mailbox_id in messages}
+        return [copy for copy in copies if copy[0] not in done]
 
     # Helpers -------------------------------------------------------------------------------------------
     def _trace(self, sender: str, recipient: str | None) -> bytes:
