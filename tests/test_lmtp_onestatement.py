@@ -245,6 +245,29 @@ def test_a_failing_statement_leaves_every_copy_to_the_general_path(
 
 
 @postgresql_only
+def test_a_connection_lost_during_the_statement_gets_451_never_a_second_store(
+    transactional_db, make_mailbox, monkeypatch
+):
+    """The statement may have committed before the connection went: its copies get 451 (the MTA retries),
+    never a second store in the same session, which would then answer 250 for a copy stored twice."""
+    from django.db import OperationalError
+
+    alice, bob = make_mailbox("alice"), make_mailbox("bob")
+    real_run = onestatement._run
+
+    def commits_then_loses_the_connection(connection, sql, params):
+        real_run(connection, sql, params)  # committed: its own transaction
+        connection.close()  # gone; the next query would open a new one
+        raise OperationalError("server closed the connection unexpectedly")
+
+    monkeypatch.setattr(onestatement, "_run", commits_then_loses_the_connection)
+    outcomes = list(MailboxDeliveryHandler().deliver(envelope(alice, bob)))
+    assert outcomes == [Outcome.TEMPORARY_ERROR, Outcome.TEMPORARY_ERROR]
+    connection.close()
+    assert len(stored(alice)) == len(stored(bob)) == 1  # stored once, by the statement
+
+
+@postgresql_only
 def test_not_inside_a_transaction(transactional_db, make_mailbox):
     from django.db import transaction
 

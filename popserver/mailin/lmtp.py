@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 
-from django.db import DatabaseError, close_old_connections, transaction
+from django.db import DatabaseError, close_old_connections, connections, router, transaction
 
 from ..conf import get_setting
 from ..exceptions import EmptyMessage, MessageTooLarge, QuotaExceeded, ServerBusy, UnknownRecipient
@@ -183,7 +183,13 @@ class MailboxDeliveryHandler:
         try:
             with using_database():
                 messages = store_at_once([by_index[i][0] for i in taken.values()], copies[0][2])
-        except (DatabaseError, ServerBusy) as exc:  # nothing stored: the usual way tries each copy again
+        except (DatabaseError, ServerBusy) as exc:
+            if (
+                isinstance(exc, DatabaseError) and _connection_lost()
+            ):  # perhaps after its commit: those copies get 451, never a second store
+                self._database_error(f"delivery of a message to {len(taken)} recipients", exc)
+                return [copy for copy in copies if copy[0] not in taken.values()]
+            # The database refused it: nothing stored; the usual way tries each copy again.
             logger.warning("lmtp: storing in one statement failed, storing each copy in turn: %s", exc)
             return copies
         for mailbox_id, message in messages.items():
@@ -206,6 +212,13 @@ class MailboxDeliveryHandler:
         logger.error("lmtp: %s failed (451 4.3.0) peer=%s: %s: %s", what, self.peer, type(exc).__name__, text)
         if not transaction.get_connection().in_atomic_block:
             close_old_connections()
+
+
+def _connection_lost() -> bool:
+    """The delivery's database connection is gone (closed or broken): whether its last statement committed
+    cannot be known."""
+    driver = connections[router.db_for_write(Mailbox)].connection
+    return driver is None or bool(getattr(driver, "closed", False)) or bool(getattr(driver, "broken", False))
 
 
 def _printable(value: bytes | str | None, limit: int = 200) -> str:

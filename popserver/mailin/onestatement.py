@@ -18,10 +18,12 @@ every copy.
   (``quota.crossing`` in integers; fractional shares leave quotas to ``store_prepared``). BEGIN, both
   statements and COMMIT go in one round trip (psycopg's pipeline mode).
 
-PostgreSQL commits before it answers (``synchronous_commit``), so a row returned is a stored message, and a
-failure leaves nothing behind. What is not taken goes to ``store_prepared`` in the caller's transaction, as
-before: a refusal or a warning (with its exact reason and its notice), a mailbox that is gone, and every copy
-when the statement fails. ``message_delivered`` is sent for each stored copy, as after ``store_prepared``'s
+PostgreSQL commits before it answers (``synchronous_commit``), so a row returned is a stored message. A
+failure the database reports leaves nothing behind; a connection lost after the commit but before the answer
+may leave the copies stored, unknown to us: the caller then answers 451 for them (never stores them again in
+that session; the MTA's retry may duplicate, as after a crash before the 250). What is not taken goes to
+``store_prepared`` in the caller's transaction, as before: a refusal or a warning (with its exact reason and
+its notice), a mailbox that is gone, and every copy when the statement fails. ``message_delivered`` is sent for each stored copy, as after ``store_prepared``'s
 commit.
 """
 
@@ -81,12 +83,13 @@ def _statement(alias: str, several: bool, chunked: bool, shares: tuple[int, ...]
     values = ["box.id", f"{_hex8('box.number')} || {_hex8('box.uid_validity')}"] + [
         f"%s::{f.db_type(connection)}" for f in given
     ]
-    # Each row locked in primary-key order first (SELECT ... ORDER BY ... FOR UPDATE locks in its output's
+    # Each row locked in primary-key order first (SELECT ... ORDER BY ... FOR NO KEY UPDATE, the lock
+    # store_prepared's UPDATE takes: rows that refer to the mailbox may still be inserted; it locks in its output's
     # order); one copy needs no such step. The UPDATE works on the newest version of a row another delivery
     # changed meanwhile (READ COMMITTED), so the counter never hands out an id twice.
     locked = (
         f"locked AS (SELECT {box_id} FROM {table(Mailbox)} WHERE {box_id} = ANY(%s::bigint[]) "
-        f"ORDER BY {box_id} FOR UPDATE), "
+        f"ORDER BY {box_id} FOR NO KEY UPDATE), "
         if several
         else ""
     )
@@ -158,7 +161,7 @@ def _lock_statement(alias: str) -> str:
     box_id = quote(Mailbox._meta.pk.column)
     return (
         f"SELECT {box_id} FROM {quote(Mailbox._meta.db_table)} WHERE {box_id} = ANY(%s::bigint[]) "
-        f"ORDER BY {box_id} FOR UPDATE"
+        f"ORDER BY {box_id} FOR NO KEY UPDATE"
     )
 
 
