@@ -362,6 +362,8 @@ SKIPS_BY_DESIGN = (
     "SQLite has no connection limit",
     "PostgreSQL's connection count",
     "SQLite's writer lock",
+    "the one-statement delivery is PostgreSQL's",
+    "prepared statements: PostgreSQL only",
 )
 
 
