@@ -70,7 +70,7 @@ def test_the_statement_stores_the_rows_store_prepared_stores(transactional_db, m
     at_once.refresh_from_db()
     prepared = prepare_message(MESSAGE)
     general = store_prepared(usual, prepared)
-    assert onestatement.can_store_at_once(at_once)
+    assert onestatement.takes([at_once]) == [at_once]
     [(mailbox_id, message)] = onestatement.store_at_once([at_once], prepared).items()
 
     assert mailbox_id == at_once.pk and message.pk is not None and not message._state.adding
@@ -113,7 +113,7 @@ def test_the_site_default_quota_applies_to_mailboxes_without_their_own(transacti
     own_zero, default = make_mailbox("own", quota_bytes=0), make_mailbox("default")
     prepared = prepare_message(MESSAGE)
     with override_settings(POPSERVER_QUOTA_BYTES=prepared.size - 1):
-        assert onestatement.can_store_at_once(own_zero) and onestatement.can_store_at_once(default)
+        assert onestatement.takes([own_zero]) == [own_zero] and onestatement.takes([default]) == [default]
         assert list(onestatement.store_at_once([own_zero, default], prepared)) == [own_zero.pk]
     assert not Message.objects.filter(mailbox=default).exists()
 
@@ -129,7 +129,7 @@ def test_a_quota_is_checked_in_the_statement_after_the_lock(transactional_db, ma
         for _ in range(3):
             store_prepared(mailbox, prepared)
     general = store_prepared(usual, prepared)
-    assert onestatement.can_store_at_once(limited)
+    assert onestatement.takes([limited]) == [limited]
     [message] = onestatement.store_at_once([limited], prepared).values()
     assert row(message) == row(general)
     assert Mailbox.objects.get(pk=limited.pk).next_uid == 5 and message.uid == format_uid(
@@ -162,7 +162,7 @@ def test_what_a_quota_refuses_or_warns_of_is_left_untouched(transactional_db, ma
 def test_fractional_warning_shares_take_the_general_path_under_a_quota(transactional_db, make_mailbox):
     unlimited, limited = make_mailbox("free"), make_mailbox("limited", quota_bytes=10**6)
     with override_settings(POPSERVER_QUOTA_WARNINGS=[80, 99.5]):
-        assert onestatement.can_store_at_once(unlimited) and not onestatement.can_store_at_once(limited)
+        assert onestatement.takes([unlimited]) == [unlimited] and onestatement.takes([limited]) == []
 
 
 def test_a_crossing_at_data_writes_its_warning(transactional_db, make_mailbox, delivered):
@@ -273,7 +273,7 @@ def test_not_inside_a_transaction(transactional_db, make_mailbox):
 
     alice = make_mailbox("alice")
     with transaction.atomic():
-        assert not onestatement.can_store_at_once(alice)
+        assert onestatement.takes([alice]) == []
         # The handler inside a caller's transaction: the general path, committed with it.
         assert list(MailboxDeliveryHandler().deliver(envelope(alice))) == [Outcome.ACCEPTED]
     assert len(stored(alice)) == 1

@@ -9,7 +9,6 @@ import ipaddress
 import logging
 from datetime import timedelta
 
-
 from django.db import OperationalError, transaction
 from django.utils import timezone
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import cache
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -140,56 +141,37 @@ def _insert_reservation(key: str, now: datetime) -> bool:
     quote = connection.ops.quote_name
     columns = ", ".join(quote(name) for name in ("scope", "key", "failures", "window_started"))
     sql = f"{forms[0]} {quote(LoginThrottle._meta.db_table)} ({columns}) VALUES (%s, %s, %s, %s){forms[1]}"
+    params = [LoginThrottle.ACCOUNT_IP, key, 1, connection.ops.adapt_datetimefield_value(now)]
     with one_writer():  # prepared on PostgreSQL (storage/compiled.py), like the login's other statements
-        return (
-            run(
-                connection,
-                sql,
-                [LoginThrottle.ACCOUNT_IP, key, 1, connection.ops.adapt_datetimefield_value(now)],
-                fetch=False,
-            )
-            == 1
-        )
+        return run(connection, sql, params, fetch=False) == 1
 
 
 # The queries of every login (compiled once, storage/compiled.py), made at first use: the models are not
 # imported with this module. The look-up has one form per number of scopes that apply.
-_LOCKED_SCOPES: dict[int, CompiledQuery] = {}
-_GIVE_BACK: list[CompiledQuery] = []
-
-
+@cache
 def _locked_scopes(count: int) -> CompiledQuery:
     """The scopes locked out at a time, among ``count`` (scope, key) pairs: ``rows(now, scope, key, ...)``."""
     from popserver.models import LoginThrottle
 
-    query = _LOCKED_SCOPES.get(count)
-    if query is None:
+    def build(now, *pairs):
+        either = Q()
+        for scope, key in zip(pairs[::2], pairs[1::2], strict=True):
+            either |= Q(scope=scope, key=key)
+        return LoginThrottle.objects.filter(either, locked_until__gt=now).values_list("scope", flat=True)
 
-        def build(now, *pairs):
-            either = Q()
-            for scope, key in zip(pairs[::2], pairs[1::2], strict=True):
-                either |= Q(scope=scope, key=key)
-            return LoginThrottle.objects.filter(either, locked_until__gt=now).values_list("scope", flat=True)
-
-        query = _LOCKED_SCOPES.setdefault(
-            count, CompiledQuery(build, model=LoginThrottle, kinds=(datetime, *(str, str) * count))
-        )
-    return query
+    return CompiledQuery(build, model=LoginThrottle, kinds=(datetime, *(str, str) * count))
 
 
+@cache
 def _give_back() -> CompiledQuery:
     """The DELETE of an (account, IP) counter: ``execute(key)``."""
     from popserver.models import LoginThrottle
 
-    if not _GIVE_BACK:
-        _GIVE_BACK.append(
-            CompiledQuery(
-                lambda key: Delete(LoginThrottle.objects.filter(scope=LoginThrottle.ACCOUNT_IP, key=key)),
-                model=LoginThrottle,
-                write=True,
-            )
-        )
-    return _GIVE_BACK[0]
+    return CompiledQuery(
+        lambda key: Delete(LoginThrottle.objects.filter(scope=LoginThrottle.ACCOUNT_IP, key=key)),
+        model=LoginThrottle,
+        write=True,
+    )
 
 
 class DatabaseThrottle(Throttle):

@@ -48,7 +48,7 @@ from . import quota
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["can_store_at_once", "store_at_once", "takes"]
+__all__ = ["store_at_once", "takes"]
 
 # Message fields the statement computes itself; every other concrete field is a parameter, valued as the ORM
 # would value it for a new row (``pre_save``, ``get_db_prep_save``), so both paths write identical rows.
@@ -170,15 +170,10 @@ def _hex8(number: str) -> str:
     return f"upper(lpad(to_hex({number}), greatest(8, length(to_hex({number}))), '0'))"
 
 
-def can_store_at_once(mailbox: Mailbox) -> bool:
-    """Whether ``store_at_once`` may take a copy for ``mailbox`` (``takes``)."""
-    return bool(takes([mailbox]))
-
-
 def takes(mailboxes: Sequence[Mailbox]) -> list[Mailbox]:
     """Those of ``mailboxes`` that ``store_at_once`` may take: on PostgreSQL (psycopg 3) outside any
     transaction, into the database body store; under a quota only with whole-number warning shares (the
-    statement checks them in integers, exactly as ``quota.crossing`` does). Settings read once for all."""
+    statement checks them in integers, exactly as ``quota.crossing`` does)."""
     alias = router.db_for_write(Mailbox)
     connection = connections[alias]
     if connection.vendor != "postgresql" or connection.in_atomic_block:
@@ -187,17 +182,7 @@ def takes(mailboxes: Sequence[Mailbox]) -> list[Mailbox]:
         return []
     if _shares() is not None:
         return list(mailboxes)
-    site = quota.limits(None, None)
-    return [m for m in mailboxes if _limits(m, site).unlimited]
-
-
-def _limits(mailbox: Mailbox, site: quota.Limits) -> quota.Limits:
-    """``quota.mailbox_limits`` with the site's limits read once."""
-    own_bytes, own_messages = mailbox.quota_bytes, mailbox.quota_messages
-    return quota.Limits(
-        octets=site.octets if own_bytes is None else own_bytes,
-        messages=site.messages if own_messages is None else own_messages,
-    )
+    return [m for m in mailboxes if quota.mailbox_limits(m).unlimited]
 
 
 def _shares() -> tuple[int, ...] | None:
@@ -208,7 +193,7 @@ def _shares() -> tuple[int, ...] | None:
 
 
 def store_at_once(mailboxes: Sequence[Mailbox], prepared: PreparedMessage) -> dict[int, Message]:
-    """Store ``prepared`` in each of ``mailboxes`` (distinct, each ``can_store_at_once``), committed when this
+    """Store ``prepared`` in each of ``mailboxes`` (distinct, each one ``takes`` takes), committed when this
     returns; the stored copies by mailbox id. A mailbox missing from the result was not touched (its counter
     neither): the caller stores it with ``store_prepared``. Database errors are raised (nothing stored)."""
     alias = router.db_for_write(Mailbox)
@@ -221,7 +206,7 @@ def store_at_once(mailboxes: Sequence[Mailbox], prepared: PreparedMessage) -> di
     # A quota at RCPT: the statement that checks it, after the rows are locked (two statements, one
     # transaction, one round trip where psycopg can pipeline them). None: the one statement on its own.
     site = quota.limits(None, None)
-    shares = None if all(_limits(m, site).unlimited for m in mailboxes) else _shares()
+    shares = None if all(quota.mailbox_limits(m).unlimited for m in mailboxes) else _shares()
     ids = sorted(by_id)
     sql, given = _statement(alias, several, chunked, shares)
     headers = prepared.headers

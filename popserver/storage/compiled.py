@@ -2,9 +2,10 @@
 a delivery locks), where Django building and compiling the same queryset again for every message was most of
 the CPU a delivery cost.
 
-``CompiledQuery(build)`` calls ``build(*placeholders)`` once per (database, vendor, user model), compiles it,
-and then runs the SQL with the real values put where the placeholders were, on a Django cursor (so query
-logging, counting and error wrapping still see it). ``instances()`` makes rows into model instances as
+``CompiledQuery(build)`` calls ``build(*placeholders)`` once per (database, vendor, user model, USE_TZ),
+compiles it, and then runs the SQL with the real values put where the placeholders were (``run``: prepared on
+PostgreSQL, on a Django cursor elsewhere and whenever queries are logged or wrapped, with Django's error
+wrapping either way). ``instances()`` makes rows into model instances as
 Django's ``ModelIterable`` does (converters, ``select_related``, annotations); ``rows()`` gives them as they
 come, converted; ``execute()`` runs an ``Update`` or a ``Delete``. ``CompiledInsert`` does the same for the
 INSERT of one row.
@@ -19,11 +20,10 @@ from __future__ import annotations
 import copy
 import threading
 from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from datetime import UTC, datetime
 
 from django.conf import settings
-from contextlib import nullcontext
-
 from django.db import DatabaseError, connections, router, transaction
 from django.db.models.query import get_related_populators
 from django.db.models.signals import post_save, pre_save
@@ -40,9 +40,8 @@ NAIVE_DATETIME_PLACEHOLDERS = tuple(p.replace(tzinfo=None) for p in DATETIME_PLA
 
 
 def _placeholders(kind: type, n: int):
-    if (
-        kind is datetime
-    ):  # as the site's times are: aware with USE_TZ, naive without (Django refuses the other)
+    # Times as the site keeps them: aware with USE_TZ, naive without (Django refuses the other).
+    if kind is datetime:
         return (DATETIME_PLACEHOLDERS if settings.USE_TZ else NAIVE_DATETIME_PLACEHOLDERS)[n]
     return (STRING_PLACEHOLDERS if kind is str else NUMBER_PLACEHOLDERS)[n]
 

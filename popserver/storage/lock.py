@@ -127,6 +127,7 @@ _TAKE_FREE = {
     True: CompiledQuery(_take_free, model=Mailbox, kinds=(*_HOLDER_KINDS, datetime, int), write=True),
     False: CompiledQuery(_take_free, model=Mailbox, kinds=(*_HOLDER_KINDS, int), write=True),
 }
+# Frees a lock if it still carries the token (QUIT, a release, a dead holder's lock freed).
 _FREE_OURS = CompiledQuery(
     lambda pk, token: Update(Mailbox.objects.filter(pk=pk, lock_token=token), **FREE),
     model=Mailbox,
@@ -266,9 +267,7 @@ def release_dead_locks() -> int:
         for mailbox in Mailbox.objects.filter(lock_host=me.host).exclude(lock_token=""):
             if lock_is_stale(mailbox):
                 with one_writer():
-                    freed += Mailbox.objects.filter(pk=mailbox.pk, lock_token=mailbox.lock_token).update(
-                        **FREE
-                    )
+                    freed += _FREE_OURS.execute(mailbox.pk, mailbox.lock_token)
     if freed:
         logger.info("freed %d lock(s) left by dead server processes on %s", freed, me.host)
     return freed
@@ -305,5 +304,5 @@ def release_stale_lock(mailbox_id: int) -> tuple[LockRelease, Mailbox]:
         if not lock_is_stale(mailbox):
             return LockRelease.LIVE, mailbox
         # Conditional on the token we judged: a session that took the lock meanwhile keeps it.
-        freed = Mailbox.objects.filter(pk=mailbox_id, lock_token=mailbox.lock_token).update(**FREE)
+        freed = _FREE_OURS.execute(mailbox_id, mailbox.lock_token)
     return (LockRelease.RELEASED if freed else LockRelease.LIVE), mailbox
