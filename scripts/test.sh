@@ -30,7 +30,7 @@ else
     echo "== skipping the PostgreSQL run: no server answers at $PG_URL"
 fi
 # Existing sites run on MariaDB too: the delivery, lock and QUIT tests run there as well.
-MARIADB_TESTS=(tests/test_compiled.py tests/test_session_threads.py tests/test_maildrop_orm.py tests/test_delivery.py tests/test_deliver_command.py tests/test_auth.py tests/test_server_live.py
+MARIADB_TESTS=(tests/test_compiled.py tests/test_session_threads.py tests/test_login_at_once.py tests/test_maildrop_orm.py tests/test_delivery.py tests/test_deliver_command.py tests/test_auth.py tests/test_server_live.py
                tests/test_deliver_options.py tests/test_quota.py tests/test_importmail.py tests/test_exportmail.py
                tests/test_mail_backend.py tests/test_retention.py tests/test_quota_warnings.py
                tests/test_overview.py tests/test_lmtp_live.py tests/test_lmtp_postfix.py tests/test_lmtp_exim.py

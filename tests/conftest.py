@@ -364,6 +364,7 @@ SKIPS_BY_DESIGN = (
     "SQLite's writer lock",
     "the one-statement delivery is PostgreSQL's",
     "prepared statements: PostgreSQL only",
+    "the one-statement login is PostgreSQL's",
 )
 
 

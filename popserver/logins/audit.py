@@ -17,7 +17,7 @@ from popserver.exceptions import ServerBusy
 from popserver.models import DeliveryCount, LoginEvent, SessionRecord
 from popserver.overload import database_unavailable
 from popserver.signals import send_safely, session_closed
-from popserver.storage.compiled import CompiledInsert
+from popserver.storage.compiled import CompiledInsert, Statement
 from popserver.storage.gate import using_database
 from popserver.storage.writelock import one_writer
 
@@ -64,7 +64,7 @@ _SESSION_RECORD = CompiledInsert(
 )
 
 
-def record_login(
+def login_event(
     *,
     username: str,
     peer_ip: str,
@@ -74,26 +74,36 @@ def record_login(
     reason: str = "",
     mailbox=None,
     tls_at_proxy: bool = False,
-) -> None:
-    """``tls``: the client used TLS, to this server or (``tls_at_proxy``) to the load balancer in front.
+) -> dict:
+    """A LoginEvent's fields, for ``record_login`` or ``login_event_statement``. ``tls``: the client used TLS,
+    to this server or (``tls_at_proxy``) to the load balancer in front."""
+    return {
+        "time": timezone.now(),
+        "username": username[:255],
+        "peer_ip": _ip_or_none(peer_ip),
+        "mechanism": mechanism[:16],
+        "tls": tls or tls_at_proxy,
+        "tls_at_proxy": tls_at_proxy,
+        "node": node_name(),
+        "outcome": outcome,
+        "reason": reason[:64],
+        "mailbox_id": None if mailbox is None else mailbox.pk,
+    }
 
-    Inside a transaction (a login's lock) the row commits with it, behind a savepoint of its own."""
+
+def record_login(event: dict) -> None:
+    """Write a ``login_event``. Inside a transaction (a login's lock) the row commits with it, behind a
+    savepoint of its own."""
     try:
         with using_database(), one_writer():  # in a transaction: behind a savepoint (CompiledInsert)
-            _LOGIN_EVENT.insert(
-                time=timezone.now(),
-                username=username[:255],
-                peer_ip=_ip_or_none(peer_ip),
-                mechanism=mechanism[:16],
-                tls=tls or tls_at_proxy,
-                tls_at_proxy=tls_at_proxy,
-                node=node_name(),
-                outcome=outcome,
-                reason=reason[:64],
-                mailbox_id=None if mailbox is None else mailbox.pk,
-            )
+            _LOGIN_EVENT.insert(**event)
     except Exception as exc:
         _not_written(exc, "recording a login event")
+
+
+def login_event_statement(event: dict) -> Statement | None:
+    """A ``login_event`` as a statement for a lock's one statement (``storage.lock.LockWrites``)."""
+    return _LOGIN_EVENT.statement(**event)
 
 
 def _not_written(exc: Exception, what: str) -> None:
@@ -118,22 +128,37 @@ def record_session(
     try:
         with using_database(), one_writer():  # in a transaction: behind a savepoint (CompiledInsert)
             _SESSION_RECORD.insert(
-                mailbox_id=None if mailbox is None else mailbox.pk,
-                username=username[:255],
-                peer_ip=_ip_or_none(peer_ip),
-                started_at=started_at,
-                duration=duration,
-                end_reason=end_reason[:64],
-                node=node_name(),
-                retrieved_count=stats.retr_count,
-                retrieved_bytes=stats.retr_bytes,
-                deleted_count=stats.deleted_count,
-                deleted_bytes=stats.deleted_bytes,
+                **_session_record(mailbox, username, peer_ip, started_at, duration, end_reason, stats)
             )
         return True
     except Exception as exc:
         _not_written(exc, "recording a session")
     return False
+
+
+def session_record_statement(
+    *, mailbox, username: str, peer_ip: str, started_at, duration: float, end_reason: str, stats
+) -> Statement | None:
+    """``record_session``'s row as a statement for a lock's one statement (``storage.lock.LockWrites``)."""
+    return _SESSION_RECORD.statement(
+        **_session_record(mailbox, username, peer_ip, started_at, duration, end_reason, stats)
+    )
+
+
+def _session_record(mailbox, username, peer_ip, started_at, duration, end_reason, stats) -> dict:
+    return {
+        "mailbox_id": None if mailbox is None else mailbox.pk,
+        "username": username[:255],
+        "peer_ip": _ip_or_none(peer_ip),
+        "started_at": started_at,
+        "duration": duration,
+        "end_reason": end_reason[:64],
+        "node": node_name(),
+        "retrieved_count": stats.retr_count,
+        "retrieved_bytes": stats.retr_bytes,
+        "deleted_count": stats.deleted_count,
+        "deleted_bytes": stats.deleted_bytes,
+    }
 
 
 def session_ended(

@@ -34,6 +34,7 @@ from popserver.models import LoginEvent, LoginThrottle, Mailbox
 from popserver.overload import database_unavailable, refused
 from popserver.signals import login_failed, login_locked_out, send_safely
 from popserver.storage.gate import release_connection, using_database
+from popserver.storage.lock import LockWrites
 from popserver.storage.maildrop import OrmMaildrop, open_maildrop
 
 from . import audit
@@ -194,15 +195,12 @@ class DjangoAuthenticator:
                 self._audit(username, mechanism, LoginEvent.LOGIN_DELAY, "", mailbox)
                 raise LoginTooSoon()
 
-            def with_the_lock() -> None:
-                # One commit for a clean login: the reservation given back and the audit row go in the
-                # lock's transaction (``_reservation_due`` stays set until it commits).
-                self.throttle.succeeded(login_name, group)
-                self._audit(username, mechanism, LoginEvent.SUCCESS, "", mailbox)
-
             try:
                 maildrop = open_maildrop(
-                    mailbox.pk, self.peer, mailbox=mailbox, in_lock_transaction=with_the_lock
+                    mailbox.pk,
+                    self.peer,
+                    mailbox=mailbox,
+                    in_lock_transaction=_WithTheLock(self, username, mechanism, login_name, group, mailbox),
                 )
             except MailboxInUse:
                 self._give_back_reservation()
@@ -324,7 +322,10 @@ class DjangoAuthenticator:
             self.failure_delay_waited = time.monotonic() - waiting_since
 
     def _audit(self, username: str, mechanism: str, outcome: str, reason: str, mailbox=None) -> None:
-        audit.record_login(
+        audit.record_login(self._login_event(username, mechanism, outcome, reason, mailbox))
+
+    def _login_event(self, username: str, mechanism: str, outcome: str, reason: str, mailbox) -> dict:
+        return audit.login_event(
             username=username,
             peer_ip=self.peer_ip,
             mechanism=mechanism,
@@ -334,6 +335,29 @@ class DjangoAuthenticator:
             reason=reason,
             mailbox=mailbox,
         )
+
+
+class _WithTheLock(LockWrites):
+    """A right password's writes, in the lock's transaction so that a clean login commits once: its
+    reservation given back and its audit row (``_reservation_due`` stays set until that commits). On
+    PostgreSQL the lock's one statement makes them (``open_maildrop``)."""
+
+    def __init__(self, authenticator: DjangoAuthenticator, username, mechanism, login_name, group, mailbox):
+        self.authenticator = authenticator
+        self.username, self.mechanism, self.mailbox = username, mechanism, mailbox
+        self.login_name, self.group = login_name, group
+
+    def __call__(self) -> None:
+        self.authenticator.throttle.succeeded(self.login_name, self.group)
+        self.authenticator._audit(self.username, self.mechanism, LoginEvent.SUCCESS, "", self.mailbox)
+
+    def statements(self):
+        authenticator = self.authenticator
+        give_back = authenticator.throttle.succeeded_statement(self.login_name, self.group)
+        event = audit.login_event_statement(
+            authenticator._login_event(self.username, self.mechanism, LoginEvent.SUCCESS, "", self.mailbox)
+        )
+        return None if give_back is None or event is None else [give_back, event]
 
 
 def printable(text: str, limit: int = 64) -> str:

@@ -26,7 +26,7 @@ from django.utils.module_loading import import_string
 
 from popserver.conf import get_setting
 from popserver.exceptions import TemporaryLoginFailure
-from popserver.storage.compiled import CompiledQuery, Delete, run
+from popserver.storage.compiled import CompiledQuery, Delete, Statement, run
 from popserver.storage.writelock import one_writer
 
 Clock = Callable[[], datetime]
@@ -61,6 +61,11 @@ class Throttle:
         """A right password resets its (login name, IP) counter (its reservation included). Called inside
         the login's transaction (the lock and the audit row): it commits with them."""
         raise NotImplementedError
+
+    def succeeded_statement(self, username: str, ip: str) -> Statement | None:
+        """``succeeded`` as a statement for the lock's one statement (``storage.lock.LockWrites``); None
+        where counters are not rows of the login's database."""
+        return None
 
     def clear(self, scope: str | None = None, key: str | None = None) -> int:
         """Lift lock-outs (all, or of one scope/key); returns how many."""
@@ -228,6 +233,9 @@ class DatabaseThrottle(Throttle):
     def succeeded(self, username: str, ip: str) -> None:
         with one_writer():  # the attempt's reservation, and any lock-out it began
             _give_back().execute(account_key(username, ip))
+
+    def succeeded_statement(self, username: str, ip: str) -> Statement:
+        return _give_back().statement(account_key(username, ip))
 
     def clear(self, scope: str | None = None, key: str | None = None) -> int:
         from popserver.models import LoginThrottle

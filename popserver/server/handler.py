@@ -22,12 +22,13 @@ from django.utils import timezone
 
 from ..conf import get_setting, node_name
 from ..exceptions import LoginRefused, MailboxInUse, TemporaryLoginFailure
-from ..logins.audit import record_session, session_ended
+from ..logins.audit import record_session, session_ended, session_record_statement
 from ..logins.authenticator import DjangoAuthenticator, printable
 from ..logins.peers import peer_group, plaintext_allowed
 from ..protocol.session import Pop3Session, State
 from ..protocol.wire import FLUSH
 from ..storage.gate import connection_wanted, holding_connection, release_connection
+from ..storage.lock import LockWrites
 from ..storage.retention import expire_before_login
 from . import metrics
 from .proxy_protocol import ProxyHeader, ProxyHeaderError, read_header
@@ -320,7 +321,7 @@ class Pop3Handler(ConnectionHandler):
     def setup(self) -> None:
         super().setup()
         self.session: Pop3Session | None = None
-        self.recorded_at_quit = False  # the SessionRecord went into QUIT's transaction (``record_at_quit``)
+        self.recorded_at_quit = False  # the SessionRecord went into QUIT's transaction (``RecordAtQuit``)
         self.proxy_header: ProxyHeader | None = None
         metrics.session_opened()
 
@@ -499,7 +500,7 @@ class Pop3Handler(ConnectionHandler):
             registry.end_login(self.request, logged_in=True)
             if metrics.enabled:
                 self.count_login(mechanism, None, started)
-            maildrop.at_commit = self.record_at_quit
+            maildrop.at_commit = RecordAtQuit(self)
             return maildrop
 
         return metrics.session_class(
@@ -563,19 +564,18 @@ class Pop3Handler(ConnectionHandler):
         return self.read(deadline, b"-ERR Disconnected for inactivity.\r\n")
 
     # Session end ----------------------------------------------------------------------------------------
-    def record_at_quit(self) -> None:
-        """Inside QUIT's transaction: the session's record as a clean logout ends it, so that QUIT and the
-        record commit once (it counts only if that commit succeeds: ``log_session_end``)."""
+    def record_at_quit(self) -> dict:
+        """The session's record as a clean logout ends it (``RecordAtQuit``)."""
         session = self.session
-        self.recorded_at_quit = record_session(
-            mailbox=self.authenticator.mailbox,
-            username=session.username,
-            peer_ip=self.peer_ip,
-            started_at=self.started_at,
-            duration=time.monotonic() - self.connected_at,
-            end_reason=LOGGED_OUT,
-            stats=session.stats,
-        )
+        return {
+            "mailbox": self.authenticator.mailbox,
+            "username": session.username,
+            "peer_ip": self.peer_ip,
+            "started_at": self.started_at,
+            "duration": time.monotonic() - self.connected_at,
+            "end_reason": LOGGED_OUT,
+            "stats": session.stats,
+        }
 
     def log_session_end(self, session: Pop3Session, reason: str, authenticator: DjangoAuthenticator) -> None:
         duration = time.monotonic() - self.connected_at
@@ -633,3 +633,21 @@ class Pop3Handler(ConnectionHandler):
             stats=stats,
             recorded=self.recorded_at_quit and session.state is State.UPDATE,  # QUIT's commit had it
         )
+
+
+class RecordAtQuit(LockWrites):
+    """Inside QUIT's transaction: the session's record, so that QUIT and the record commit once (it counts only
+    if that commit succeeds: ``log_session_end``); on PostgreSQL in QUIT's one statement."""
+
+    def __init__(self, handler: Pop3Handler):
+        self.handler = handler
+
+    def __call__(self) -> None:
+        self.handler.recorded_at_quit = record_session(**self.handler.record_at_quit())
+
+    def statements(self):
+        record = session_record_statement(**self.handler.record_at_quit())
+        return None if record is None else [record]
+
+    def written_at_once(self) -> None:
+        self.handler.recorded_at_quit = True

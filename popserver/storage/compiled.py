@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import copy
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from django.conf import settings
 from django.db import DatabaseError, connections, router, transaction
@@ -104,21 +106,37 @@ class CompiledQuery:
                 self._compiled[key] = compiled
         return connection, compiled
 
-    def _execute(self, values, fetch: bool = True) -> tuple:
+    def _bind(self, values) -> tuple:
         alias = (router.db_for_write if self.write else router.db_for_read)(self.model)
         connection, (compiler, sql, params, where) = self._compile(alias)
         bound = [
             p if w is None else w[1](values[w[0]], connection) for p, w in zip(params, where, strict=True)
         ]
+        return alias, connection, compiler, sql, bound
+
+    def statement(self, *values) -> Statement:
+        """The statement with ``values`` bound, not run: for ``at_once`` (an ``Update``'s or a ``Delete``'s,
+        as a write there, only if its WHERE clause is the query's last part, as Django writes it)."""
+        _, connection, compiler, sql, bound = self._bind(values)
+        guarded = f"{sql} AND EXISTS (SELECT 1 FROM {_CHANGED})" if " WHERE " in sql else None
+        return Statement(
+            connection, sql, bound, guarded, lambda rows: self._convert(connection, compiler, rows)
+        )
+
+    def _execute(self, values, fetch: bool = True) -> tuple:
+        alias, connection, compiler, sql, bound = self._bind(values)
         fetched = run(connection, sql, bound, fetch)
         if not fetch:
             return fetched
         if not fetched:
             return compiler, fetched, alias
+        return self._converters(connection, compiler)[0], self._convert(connection, compiler, fetched), alias
+
+    def _convert(self, connection, compiler, fetched: list) -> list:
         compiler, converters = self._converters(connection, compiler)
         if converters:  # as compiler.results_iter() does, without finding the converters again each time
             fetched = list(map(tuple, compiler.apply_converters(fetched, converters)))
-        return compiler, fetched, alias
+        return fetched
 
     def _converters(self, connection, compiler) -> tuple:
         """The compiler bound to this thread's connection and the converters of its columns (the database's
@@ -172,6 +190,41 @@ class CompiledInsert:
         self.model = model
         self.fields = tuple(model._meta.get_field(name) for name in fields)
         self._compiled: dict[str, str] = {}
+        self._guarded: dict[str, str] = {}
+
+    def statement(self, **values) -> Statement | None:
+        """The INSERT with ``values`` bound, not run, for ``at_once``; None for a model with save receivers
+        (``insert`` saves those the ORM's way)."""
+        model = self.model
+        if pre_save.has_listeners(model) or post_save.has_listeners(model):
+            return None
+        alias = router.db_for_write(model)
+        connection = connections[alias]
+        guarded = self._guarded.get(alias)
+        if guarded is None:
+            # INSERT ... SELECT from the guard: one row if the UPDATE changed one. Each value cast to its
+            # column's type: a parameter in a SELECT list has no type of its own (an address, a time).
+            quote = connection.ops.quote_name
+            columns = ", ".join(quote(field.column) for field in self.fields)
+            values_sql = ", ".join(f"%s::{field.cast_db_type(connection)}" for field in self.fields)
+            guarded = (
+                f"INSERT INTO {quote(model._meta.db_table)} ({columns}) SELECT {values_sql} FROM {_CHANGED}"
+            )
+            self._guarded[alias] = guarded
+        params = self._params(values, connection)
+        return Statement(connection, self._sql(alias), params, guarded)
+
+    def _sql(self, alias: str) -> str:
+        sql = self._compiled.get(alias)
+        if sql is None:
+            query = InsertQuery(self.model)
+            query.insert_values(self.fields, [self.model()])
+            ((sql, _),) = query.get_compiler(using=alias).as_sql()
+            self._compiled[alias] = sql
+        return sql
+
+    def _params(self, values: dict, connection) -> list:
+        return [field.get_db_prep_save(values[field.attname], connection) for field in self.fields]
 
     def insert(self, *, savepoint: bool = True, **values) -> None:
         model = self.model
@@ -182,13 +235,7 @@ class CompiledInsert:
             with transaction.atomic(using=alias) if guarded else nullcontext():
                 model._base_manager.db_manager(alias).create(**values)
             return
-        sql = self._compiled.get(alias)
-        if sql is None:
-            query = InsertQuery(model)
-            query.insert_values(self.fields, [model(**values)])
-            ((sql, _),) = query.get_compiler(using=alias).as_sql()
-            self._compiled[alias] = sql
-        params = [field.get_db_prep_save(values[field.attname], connection) for field in self.fields]
+        sql, params = self._sql(alias), self._params(values, connection)
         if guarded:
             _behind_savepoint(connection, sql, params)
         else:
@@ -225,6 +272,69 @@ def _behind_savepoint(connection, sql: str, params: list) -> None:
         except DatabaseError:
             transaction.set_rollback(True, using=connection.alias)
         raise
+
+
+# The name ``at_once`` gives the rows its UPDATE changed, for the writes that depend on it.
+_CHANGED = "popserver_changed"
+
+
+@dataclass(frozen=True)
+class Statement:
+    """A compiled statement with its values bound, not run (``CompiledQuery.statement``,
+    ``CompiledInsert.statement``). ``guarded``: the same write made only if ``at_once``'s UPDATE changed a
+    row (None: it cannot be a write there)."""
+
+    connection: Any
+    sql: str
+    params: list
+    guarded: str | None = None
+    convert: Callable[[list], list] | None = None  # a select's rows as ``CompiledQuery.rows`` gives them
+
+
+def at_once(
+    update: Statement, writes: Sequence[Statement], select: Statement | None = None, order_by: int = 0
+):
+    """PostgreSQL: a conditional ``update``, the ``writes`` that go with it and a ``select`` in ONE statement
+    (``WITH ... UPDATE ... RETURNING``), which outside a transaction is its own transaction: one round trip
+    instead of BEGIN, each statement (with a savepoint around each audit row) and COMMIT.
+
+    None if the UPDATE changed no row: then nothing was written. Else the rows of ``select`` ([] without
+    one), ordered by its column ``order_by`` (from 1; 0: unordered). The writes are made only with the
+    UPDATE's change; every part sees the database as the statement began (the writes touch other tables).
+    A failure undoes the whole statement; the caller may then take the long way."""
+    parts = [f"{_CHANGED} AS ({update.sql} RETURNING 1)"]
+    params = list(update.params)
+    for n, write in enumerate(writes):
+        if write.guarded is None:
+            raise ValueError(f"not a write at_once can make: {write.sql}")  # a bug: never silent
+        parts.append(f"popserver_write{n} AS ({write.guarded})")
+        params += write.params
+    sql = "WITH " + ", ".join(parts)
+    if select is None:
+        sql += f" SELECT count(*) FROM {_CHANGED}"
+    else:
+        # One row at least (the count), joined to the select's rows when the UPDATE changed one.
+        # One row at least (the count), joined to the select's rows (each marked) when the UPDATE changed one.
+        sql += (
+            f" SELECT changed.n, selected.* FROM (SELECT count(*) AS n FROM {_CHANGED}) changed"
+            f" LEFT JOIN LATERAL (SELECT 1 AS popserver_row, s.* FROM ({select.sql}) s) selected"
+            " ON changed.n > 0"
+        )
+        if order_by:
+            sql += f" ORDER BY {order_by + 2}"
+        params += select.params
+    rows = run(update.connection, sql, params, fetch=True)
+    if not rows[0][0]:
+        return None
+    if select is None:
+        return []
+    selected = [row[2:] for row in rows if row[1] is not None]
+    return select.convert(selected) if select.convert is not None and selected else selected
+
+
+def can_do_at_once(connection) -> bool:
+    """``at_once`` is for PostgreSQL (data-modifying WITH), outside a transaction (the statement is one)."""
+    return connection.vendor == "postgresql" and not connection.in_atomic_block
 
 
 _prepared = threading.local()  # alias -> (psycopg's connection, a server-binding cursor of it)

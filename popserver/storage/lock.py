@@ -25,7 +25,7 @@ from django.utils import timezone
 from ..conf import get_setting, node_name
 from ..exceptions import MailboxInUse
 from ..models import Mailbox
-from .compiled import CompiledQuery, Update
+from .compiled import CompiledQuery, Statement, Update, at_once
 from .deletion import BATCH_SIZE, batched
 from .gate import using_database
 from .writelock import one_writer
@@ -136,6 +136,22 @@ _FREE_OURS = CompiledQuery(
 )
 
 
+class LockWrites:
+    """Writes that belong in the transaction that takes or frees a lock (a login's: the throttle's
+    reservation given back, its audit row; a QUIT's: the session's record): called there. On PostgreSQL
+    ``statements()`` gives the same writes for the lock's one statement (``MailboxLock.take_at_once``,
+    ``free_at_once``); None: they cannot go there, the lock takes the long way."""
+
+    def __call__(self) -> None:
+        raise NotImplementedError
+
+    def statements(self) -> list[Statement] | None:
+        return None
+
+    def written_at_once(self) -> None:
+        """The lock's one statement committed them (no call of ``self`` came)."""
+
+
 class MailboxLock:
     """One session's exclusive lock on one mailbox: ``take`` it, ``free`` it inside a commit, or ``release``."""
 
@@ -180,6 +196,34 @@ class MailboxLock:
         with _live_guard:
             _live[lock.token] = lock
         return lock, result
+
+    @classmethod
+    def take_at_once(
+        cls, mailbox: Mailbox, peer: str, writes: list[Statement], select: Statement, order_by: int
+    ) -> tuple[MailboxLock, list] | None:
+        """PostgreSQL, a login (``take`` with ``mailbox``): the free lock of a mailbox that is still
+        POP3-enabled taken, ``last_login`` stamped, ``writes`` made and ``select`` read in ONE statement, its
+        own transaction (``compiled.at_once``). The lock and the selected rows; None if the lock was not free
+        or the mailbox is switched off (then nothing was written: ``take`` the long way, which tells a stale
+        lock from a live one)."""
+        me = this_process()
+        lock = cls(mailbox.pk, secrets.token_hex(16))
+        now = timezone.now()
+        holder = (lock.token, me.host, me.pid, me.instance, peer[:64], now, now)
+        with _live_guard:  # as in ``take``: registered before the row says so
+            _live[lock.token] = None
+        try:
+            rows = at_once(_TAKE_FREE[True].statement(*holder, now, mailbox.pk), writes, select, order_by)
+        except BaseException:
+            with _live_guard:
+                _live.pop(lock.token, None)
+            raise
+        with _live_guard:
+            if rows is None:
+                _live.pop(lock.token, None)
+            else:
+                _live[lock.token] = lock
+        return None if rows is None else (lock, rows)
 
     def _take(
         self,
@@ -228,6 +272,11 @@ class MailboxLock:
         """Clear the row's lock fields if they are still ours (True), row-locking them until the transaction
         ends; call ``forget()`` once it is done. False: the lock was lost."""
         return _FREE_OURS.execute(self.mailbox_id, self.token) == 1
+
+    def free_at_once(self, writes: list[Statement]) -> bool:
+        """PostgreSQL, outside a transaction: ``free`` and ``writes`` in ONE statement, its own transaction
+        (``compiled.at_once``); False if the lock was lost (nothing was written). Call ``forget()`` after."""
+        return at_once(_FREE_OURS.statement(self.mailbox_id, self.token), writes) is not None
 
     def release(self) -> None:
         """Free the lock on its own (no UPDATE of messages); idempotent."""

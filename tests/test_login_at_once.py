@@ -1,0 +1,272 @@
+"""A clean login and a plain QUIT in one statement on PostgreSQL (``storage.compiled.at_once``:
+``MailboxLock.take_at_once``, ``free_at_once``) beside the long way: the same rows, the same refusals, and the
+long way whenever the statement cannot be used or fails.
+
+The login- and QUIT-level tests run on every database (elsewhere everything takes the long way); those that
+look at the statement itself need PostgreSQL. All need autocommit (the statement is its own transaction),
+hence ``transactional_db``."""
+
+import logging
+
+import pytest
+from django.db import DatabaseError, connection, transaction
+from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
+
+from popserver.exceptions import CommitFailed, MailboxInUse
+from popserver.logins import audit
+from popserver.logins.authenticator import DjangoAuthenticator
+from popserver.mailin.delivery import deliver
+from popserver.models import LoginEvent, LoginThrottle, Mailbox, Message, SessionRecord
+from popserver.storage.compiled import Statement, at_once
+from popserver.storage.lock import LockWrites, _FREE_OURS, _TAKE_FREE, lock_is_stale
+from popserver.storage.maildrop import _SNAPSHOT, _SNAPSHOT_ORDER
+from tests.waiting import wait_for
+
+postgresql_only = pytest.mark.skipif(
+    connection.vendor != "postgresql", reason="the one-statement login is PostgreSQL's"
+)
+PEER_IP = "198.51.100.7"
+
+
+@pytest.fixture
+def alice(transactional_db, make_mailbox):
+    mailbox = make_mailbox("alice")
+    for n in range(3):
+        deliver("alice", f"Subject: {n}\r\n\r\n{'x' * n}\r\n".encode())
+    # A message deleted under a keep-deleted policy is not in the listing.
+    first = Message.objects.filter(mailbox=mailbox).order_by("id").first()
+    Message.objects.filter(pk=first.pk).update(deleted_at=timezone.now())
+    return mailbox
+
+
+def login(username="alice", password="secret"):
+    return DjangoAuthenticator(PEER_IP, 4000)(username, password)
+
+
+class SessionRecordAtQuit(LockWrites):
+    """What the server's ``RecordAtQuit`` does, without a server."""
+
+    def __init__(self, mailbox):
+        self.values = {
+            "mailbox": mailbox,
+            "username": "alice",
+            "peer_ip": PEER_IP,
+            "started_at": mailbox.last_login,
+            "duration": 0.5,
+            "end_reason": "Logged out",
+            "stats": type(
+                "Stats", (), dict.fromkeys(("retr_count", "retr_bytes", "deleted_count", "deleted_bytes"), 0)
+            ),
+        }
+        self.ways = []
+
+    def __call__(self):
+        self.ways.append("long")
+        audit.record_session(**self.values)
+
+    def statements(self):
+        return [audit.session_record_statement(**self.values)]
+
+    def written_at_once(self):
+        self.ways.append("at once")
+
+
+def visible_listing(mailbox) -> list[tuple[int, str]]:
+    return list(Message.objects.visible().filter(mailbox=mailbox).order_by("id").values_list("size", "uid"))
+
+
+def test_a_clean_login_writes_what_the_long_way_writes(alice):
+    maildrop = login()
+    assert [(m.size, m.uid) for m in maildrop.messages] == visible_listing(alice)
+    assert len(maildrop.messages) == 2
+    mailbox = Mailbox.objects.get(pk=alice.pk)
+    assert mailbox.lock_token == maildrop.token and mailbox.last_login is not None
+    assert not lock_is_stale(mailbox)  # this process's live lock
+    event = LoginEvent.objects.get()
+    assert (event.outcome, event.username, event.peer_ip, event.mechanism, event.mailbox_id) == (
+        LoginEvent.SUCCESS,
+        "alice",
+        PEER_IP,
+        "USER",
+        alice.pk,
+    )
+    assert not LoginThrottle.objects.exists()  # the reservation given back
+    maildrop.release()
+    assert Mailbox.objects.get(pk=alice.pk).lock_token == ""
+
+
+@postgresql_only
+def test_the_lock_the_snapshot_and_the_logins_writes_are_one_statement(alice):
+    with CaptureQueriesContext(connection) as queries:
+        login().release()
+    sqls = [query["sql"] for query in queries.captured_queries]
+    at_once_sql = [sql for sql in sqls if "popserver_changed" in sql]
+    assert len(at_once_sql) == 1, sqls  # the login's (the release is a plain UPDATE)
+    others = [sql for sql in sqls if "popserver_changed" not in sql]
+    assert not any("SAVEPOINT" in sql or "popserver_loginevent" in sql for sql in others), others
+    assert LoginEvent.objects.get().outcome == LoginEvent.SUCCESS
+
+
+def test_a_held_lock_writes_nothing_at_once_and_is_in_use(alice):
+    first = login()
+    with pytest.raises(MailboxInUse):
+        login()
+    assert list(LoginEvent.objects.order_by("id").values_list("outcome", flat=True)) == [
+        LoginEvent.SUCCESS,
+        LoginEvent.IN_USE,
+    ]
+    assert not LoginThrottle.objects.exists()
+    assert Mailbox.objects.get(pk=alice.pk).lock_token == first.token
+    first.release()
+
+
+def test_a_lock_left_by_a_dead_process_is_taken_the_long_way(alice, caplog):
+    Mailbox.objects.filter(pk=alice.pk).update(lock_token="dead", lock_host="elsewhere", lock_heartbeat=None)
+    with caplog.at_level(logging.WARNING, logger="popserver.storage"):
+        maildrop = login()
+    assert "took over the stale lock" in caplog.text
+    assert len(maildrop.messages) == 2 and LoginEvent.objects.get().outcome == LoginEvent.SUCCESS
+    maildrop.release()
+
+
+@postgresql_only
+def test_a_statement_that_fails_is_undone_whole_and_the_long_way_logs_in(alice, caplog):
+    """The audit row cannot be written (a site's constraint): the one statement fails and leaves nothing; the
+    long way takes the lock and logs the audit row's failure, as it always did."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "ALTER TABLE popserver_loginevent ADD CONSTRAINT test_no_alice CHECK (username <> 'alice')"
+        )
+    try:
+        with caplog.at_level(logging.ERROR, logger="popserver.logins.audit"):
+            maildrop = login()
+    finally:
+        with connection.cursor() as cursor:
+            cursor.execute("ALTER TABLE popserver_loginevent DROP CONSTRAINT test_no_alice")
+    assert "recording a login event failed" in caplog.text
+    assert Mailbox.objects.get(pk=alice.pk).lock_token == maildrop.token
+    assert not LoginEvent.objects.exists() and not LoginThrottle.objects.exists()
+    assert len(maildrop.messages) == 2
+    maildrop.release()
+
+
+@postgresql_only
+def test_inside_a_transaction_the_long_way(alice):
+    with transaction.atomic():
+        with CaptureQueriesContext(connection) as queries:
+            maildrop = login()
+    assert not any("popserver_changed" in query["sql"] for query in queries.captured_queries)
+    assert Mailbox.objects.get(pk=alice.pk).lock_token == maildrop.token
+    maildrop.release()
+
+
+def test_a_plain_quit_frees_the_lock_and_writes_the_record(alice):
+    maildrop = login()
+    maildrop.at_commit = record = SessionRecordAtQuit(Mailbox.objects.get(pk=alice.pk))
+    with CaptureQueriesContext(connection) as queries:
+        maildrop.commit()
+    assert record.ways == (["at once"] if connection.vendor == "postgresql" else ["long"])
+    if connection.vendor == "postgresql":
+        assert len(queries.captured_queries) == 1, queries.captured_queries
+    assert Mailbox.objects.get(pk=alice.pk).lock_token == "" and maildrop.released
+    saved = SessionRecord.objects.get()
+    assert (saved.username, saved.end_reason, saved.peer_ip, saved.mailbox_id) == (
+        "alice",
+        "Logged out",
+        PEER_IP,
+        alice.pk,
+    )
+    assert Message.objects.visible().filter(mailbox=alice).count() == 2
+
+
+def test_a_quit_whose_lock_was_lost_writes_nothing(alice):
+    maildrop = login()
+    maildrop.at_commit = record = SessionRecordAtQuit(Mailbox.objects.get(pk=alice.pk))
+    Mailbox.objects.filter(pk=alice.pk).update(lock_token="someone-else")
+    with pytest.raises(CommitFailed):
+        maildrop.commit()
+    assert not SessionRecord.objects.exists() and "at once" not in record.ways
+    assert Mailbox.objects.get(pk=alice.pk).lock_token == "someone-else"
+
+
+def test_a_quit_that_deletes_takes_the_long_way(alice):
+    maildrop = login()
+    maildrop.at_commit = record = SessionRecordAtQuit(Mailbox.objects.get(pk=alice.pk))
+    maildrop.mark_deleted(1)
+    maildrop.commit()
+    assert record.ways == ["long"]
+    assert Message.objects.visible().filter(mailbox=alice).count() == 1
+    assert SessionRecord.objects.count() == 1 and Mailbox.objects.get(pk=alice.pk).lock_token == ""
+
+
+@postgresql_only
+def test_a_quit_statement_that_fails_leaves_it_to_the_long_way(alice, caplog):
+    maildrop = login()
+    maildrop.at_commit = record = SessionRecordAtQuit(Mailbox.objects.get(pk=alice.pk))
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "ALTER TABLE popserver_sessionrecord ADD CONSTRAINT test_no_alice CHECK (username <> 'alice')"
+        )
+    try:
+        with caplog.at_level(logging.ERROR, logger="popserver.logins.audit"):
+            maildrop.commit()
+    finally:
+        with connection.cursor() as cursor:
+            cursor.execute("ALTER TABLE popserver_sessionrecord DROP CONSTRAINT test_no_alice")
+    assert record.ways == ["long"] and "recording a session failed" in caplog.text
+    assert Mailbox.objects.get(pk=alice.pk).lock_token == "" and not SessionRecord.objects.exists()
+
+
+@postgresql_only
+def test_at_once_gives_the_selected_rows_in_order_converted_or_none(alice):
+    mailbox = Mailbox.objects.get(pk=alice.pk)
+    snapshot = _SNAPSHOT.rows(alice.pk)
+    now = mailbox.created_at
+    take = _TAKE_FREE[True].statement("t", "node", 1, "i", "peer", now, now, now, alice.pk)
+    event = audit.login_event_statement(
+        audit.login_event(
+            username="alice", peer_ip=PEER_IP, mechanism="USER", tls=False, outcome="success", mailbox=mailbox
+        )
+    )
+    assert at_once(take, [event], _SNAPSHOT.statement(alice.pk), _SNAPSHOT_ORDER) == snapshot
+    assert [row[3] for row in snapshot] == sorted(row[3] for row in snapshot)
+    # Taken now: the same UPDATE changes nothing, and its write is not made.
+    assert at_once(take, [event], _SNAPSHOT.statement(alice.pk), _SNAPSHOT_ORDER) is None
+    assert LoginEvent.objects.count() == 1
+    # Without a select: [] once the UPDATE changed a row.
+    assert at_once(_FREE_OURS.statement(alice.pk, "t"), []) == []
+    assert at_once(_FREE_OURS.statement(alice.pk, "t"), []) is None
+
+
+@postgresql_only
+def test_a_write_that_cannot_depend_on_the_update_is_refused(alice):
+    take = _FREE_OURS.statement(alice.pk, "t")
+    with pytest.raises(ValueError, match="not a write"):
+        at_once(take, [Statement(connection, "SELECT 1", [])])
+
+
+@postgresql_only
+def test_a_failing_statement_undoes_its_update(alice):
+    now = alice.created_at
+    take = _TAKE_FREE[True].statement("t", "node", 1, "i", "peer", now, now, now, alice.pk)
+    failing = Statement(
+        connection, "", [], "INSERT INTO popserver_loginthrottle (scope) SELECT NULL FROM popserver_changed"
+    )
+    with pytest.raises(DatabaseError):
+        at_once(take, [failing])
+    assert Mailbox.objects.get(pk=alice.pk).lock_token == ""
+
+
+@pytest.mark.live
+def test_a_session_through_the_server_records_its_login_and_its_quit(pop3_server, alice):
+    client = pop3_server.poplib()
+    client.user("alice")
+    client.pass_("secret")
+    assert client.stat()[0] == 2
+    assert client.quit().startswith(b"+OK")
+    record = wait_for(lambda: SessionRecord.objects.first())
+    assert (record.end_reason, record.deleted_count) == ("Logged out", 0)
+    assert SessionRecord.objects.count() == 1
+    assert LoginEvent.objects.get().outcome == LoginEvent.SUCCESS
+    assert not LoginThrottle.objects.exists() and Mailbox.objects.get(pk=alice.pk).lock_token == ""
