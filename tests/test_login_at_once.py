@@ -1,5 +1,6 @@
 """A clean login and a plain QUIT in one statement on PostgreSQL (``storage.compiled.at_once``:
-``MailboxLock.take_at_once``, ``free_at_once``) beside the long way: the same rows, the same refusals, and the
+``MailboxLock.take_at_once``, ``free_at_once``; the throttle's look-up and reservation,
+``DatabaseThrottle.check_and_reserve``) beside the long way: the same rows, the same refusals, and the
 long way whenever the statement cannot be used or fails.
 
 The login- and QUIT-level tests run on every database (elsewhere everything takes the long way); those that
@@ -7,6 +8,7 @@ look at the statement itself need PostgreSQL. All need autocommit (the statement
 hence ``transactional_db``."""
 
 import logging
+from datetime import timedelta
 
 import pytest
 from django.db import DatabaseError, connection, transaction
@@ -16,6 +18,7 @@ from django.utils import timezone
 from popserver.exceptions import CommitFailed, MailboxInUse
 from popserver.logins import audit
 from popserver.logins.authenticator import DjangoAuthenticator
+from popserver.logins.throttle import DatabaseThrottle, Reservation
 from popserver.mailin.delivery import deliver
 from popserver.models import LoginEvent, LoginThrottle, Mailbox, Message, SessionRecord
 from popserver.storage.compiled import Statement, at_once
@@ -270,3 +273,52 @@ def test_a_session_through_the_server_records_its_login_and_its_quit(pop3_server
     assert SessionRecord.objects.count() == 1
     assert LoginEvent.objects.get().outcome == LoginEvent.SUCCESS
     assert not LoginThrottle.objects.exists() and Mailbox.objects.get(pk=alice.pk).lock_token == ""
+
+
+# The throttle's first step: the look-up and the reservation (one statement on PostgreSQL) ------------------
+def test_a_fresh_attempt_is_reserved_in_one_statement(transactional_db):
+    throttle = DatabaseThrottle()
+    with CaptureQueriesContext(connection) as queries:
+        assert throttle.check_and_reserve("alice", PEER_IP, trusted=False) == (
+            None,
+            Reservation(admitted=True),
+        )
+    if connection.vendor == "postgresql":
+        assert len(queries.captured_queries) == 1, queries.captured_queries
+    row = LoginThrottle.objects.get()
+    assert (row.scope, row.key, row.failures, row.locked_until) == ("account", f"alice|{PEER_IP}", 1, None)
+
+
+@pytest.mark.parametrize("scope", ["account", "ip"])
+def test_a_lock_out_is_found_and_nothing_is_reserved(transactional_db, scope):
+    now = timezone.now()
+    key = f"alice|{PEER_IP}" if scope == "account" else PEER_IP
+    LoginThrottle.objects.create(
+        scope=scope, key=key, failures=0, window_started=now, locked_until=now + timedelta(minutes=5)
+    )
+    assert DatabaseThrottle().check_and_reserve("alice", PEER_IP, trusted=False) == (scope, None)
+    assert list(LoginThrottle.objects.values_list("scope", "failures")) == [(scope, 0)]
+
+
+def test_a_trusted_peer_is_not_refused_for_its_ips_lock_out(transactional_db):
+    now = timezone.now()
+    LoginThrottle.objects.create(
+        scope="ip", key=PEER_IP, window_started=now, locked_until=now + timedelta(minutes=5)
+    )
+    assert DatabaseThrottle().check_and_reserve("alice", PEER_IP, trusted=True) == (
+        None,
+        Reservation(admitted=True),
+    )
+
+
+def test_an_existing_counter_counts_the_attempt_up_to_the_lock_out(transactional_db, settings):
+    settings.POPSERVER_THROTTLE_ACCOUNT_FAILURES = 3
+    throttle = DatabaseThrottle()
+    got = [throttle.check_and_reserve("alice", PEER_IP, trusted=False) for _ in range(4)]
+    assert got == [
+        (None, Reservation(admitted=True)),
+        (None, Reservation(admitted=True)),
+        (None, Reservation(admitted=True, last=True)),
+        ("account", None),
+    ]
+    assert LoginThrottle.objects.get(scope="account").locked_until is not None

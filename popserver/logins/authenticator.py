@@ -164,11 +164,10 @@ class DjangoAuthenticator:
         group = peer_group(self.peer_ip)
         with using_database():
             login_name = self._login_name(get_user_model().normalize_username(username))
-            if scope := self.throttle.locked_out(login_name, group, trusted=self.trusted):
+            # The attempt is counted (reserved) before the password check: exact in parallel.
+            scope, reservation = self.throttle.check_and_reserve(login_name, group, trusted=self.trusted)
+            if scope:
                 self._refuse(username, login_name, group, mechanism, scope)
-            reservation = self.throttle.reserve(
-                login_name, group
-            )  # counted before the check: exact in parallel
             if not reservation.admitted:
                 self._refuse(username, login_name, group, mechanism, LoginThrottle.ACCOUNT_IP)
         mailbox = None

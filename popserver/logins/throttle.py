@@ -26,7 +26,7 @@ from django.utils.module_loading import import_string
 
 from popserver.conf import get_setting
 from popserver.exceptions import TemporaryLoginFailure
-from popserver.storage.compiled import CompiledQuery, Delete, Statement, run
+from popserver.storage.compiled import CompiledQuery, Delete, Statement, can_do_at_once, run
 from popserver.storage.writelock import one_writer
 
 Clock = Callable[[], datetime]
@@ -45,6 +45,13 @@ class Throttle:
     def locked_out(self, username: str, ip: str, *, trusted: bool, ip_only: bool = False) -> str | None:
         """The scope ("account" or "ip") that is locked out for this attempt, or None."""
         raise NotImplementedError
+
+    def check_and_reserve(
+        self, username: str, ip: str, *, trusted: bool
+    ) -> tuple[str | None, Reservation | None]:
+        """A login's first step: the scope locked out for it (then nothing is reserved), or its ``reserve``."""
+        scope = self.locked_out(username, ip, trusted=trusted)
+        return (scope, None) if scope else (None, self.reserve(username, ip))
 
     def reserve(self, username: str, ip: str) -> Reservation:
         """Admit one password check for (login name, IP), counted as a failure until ``succeeded``: atomic,
@@ -151,6 +158,37 @@ def _insert_reservation(key: str, now: datetime) -> bool:
         return run(connection, sql, params, fetch=False) == 1
 
 
+def _look_up_and_insert_reservation(scopes: list, key: str, now: datetime) -> tuple[set[str], bool]:
+    """PostgreSQL: the look-up of ``DatabaseThrottle.locked_out`` and, if nothing is locked out,
+    ``_insert_reservation``, in ONE statement (its own transaction): the scopes locked out, and whether this
+    attempt made a fresh (account, IP) counter."""
+    from popserver.models import LoginThrottle
+
+    look_up = _locked_scopes(len(scopes)).statement(
+        now, *(value for scope, k, _ in scopes for value in (scope, k))
+    )
+    connection = look_up.connection
+    quote = connection.ops.quote_name
+    fields = [LoginThrottle._meta.get_field(name) for name in ("scope", "key", "failures", "window_started")]
+    columns = ", ".join(quote(field.column) for field in fields)
+    values = ", ".join(f"%s::{field.cast_db_type(connection)}" for field in fields)
+    sql = (
+        f"WITH popserver_locked AS ({look_up.sql}), popserver_reserved AS ("
+        f"INSERT INTO {quote(LoginThrottle._meta.db_table)} ({columns}) SELECT {values}"
+        " WHERE NOT EXISTS (SELECT 1 FROM popserver_locked) ON CONFLICT DO NOTHING RETURNING 1)"
+        " SELECT scope, false FROM popserver_locked UNION ALL SELECT NULL, true FROM popserver_reserved"
+    )
+    params = [
+        *look_up.params,
+        LoginThrottle.ACCOUNT_IP,
+        key,
+        1,
+        connection.ops.adapt_datetimefield_value(now),
+    ]
+    rows = run(connection, sql, params, fetch=True)
+    return {scope for scope, reserved in rows if not reserved}, any(reserved for _, reserved in rows)
+
+
 # The queries of every login (compiled once, storage/compiled.py), made at first use: the models are not
 # imported with this module. The look-up has one form per number of scopes that apply.
 @cache
@@ -191,16 +229,38 @@ class DatabaseThrottle(Throttle):
         locked = {row[0] for row in _locked_scopes(len(scopes)).rows(self.clock(), *pairs)}
         return next((scope for scope, _, _ in scopes if scope in locked), None)
 
-    def reserve(self, username: str, ip: str) -> Reservation:
+    def check_and_reserve(
+        self, username: str, ip: str, *, trusted: bool
+    ) -> tuple[str | None, Reservation | None]:
+        """On PostgreSQL the look-up and a fresh counter's insert go in one statement."""
         from popserver.models import LoginThrottle
 
+        connection = connections[router.db_for_write(LoginThrottle)]
+        if get_setting("THROTTLE_ACCOUNT_FAILURES") <= 1 or not can_do_at_once(connection):
+            return super().check_and_reserve(username, ip, trusted=trusted)
+        scopes = self.scopes(username, ip, trusted)
         now = self.clock()
-        window = timedelta(seconds=get_setting("THROTTLE_WINDOW"))
-        limit = get_setting("THROTTLE_ACCOUNT_FAILURES")
+        key = account_key(username, ip)
+        locked, reserved = _look_up_and_insert_reservation(scopes, key, now)
+        scope = next((scope for scope, _, _ in scopes if scope in locked), None)
+        if scope:
+            return scope, None
+        return None, Reservation(admitted=True) if reserved else self._reserve_counted(key, now)
+
+    def reserve(self, username: str, ip: str) -> Reservation:
+        now = self.clock()
         key = account_key(username, ip)
         # Most logins: no failure in the window, no row; the insert is the reservation (one statement).
-        if limit > 1 and _insert_reservation(key, now):
+        if get_setting("THROTTLE_ACCOUNT_FAILURES") > 1 and _insert_reservation(key, now):
             return Reservation(admitted=True)
+        return self._reserve_counted(key, now)
+
+    def _reserve_counted(self, key: str, now: datetime) -> Reservation:
+        """``reserve`` where the (account, IP) counter exists (or the limit is 1): counted under its row lock."""
+        from popserver.models import LoginThrottle
+
+        window = timedelta(seconds=get_setting("THROTTLE_WINDOW"))
+        limit = get_setting("THROTTLE_ACCOUNT_FAILURES")
         with _locked_row(LoginThrottle.ACCOUNT_IP, key, now) as row:
             if row.locked_until and row.locked_until > now:
                 return Reservation(admitted=False)
