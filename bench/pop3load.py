@@ -240,6 +240,18 @@ class Sessions:
     def per_second(self) -> float:
         return self.done / self.seconds if self.seconds else 0.0
 
+    def __add__(self, other: "Sessions") -> "Sessions":
+        """Two measurements of the same loop as one (rounds of a bench)."""
+        return Sessions(
+            clients=self.clients,
+            done=self.done + other.done,
+            errors=self.errors + other.errors,
+            seconds=self.seconds + other.seconds,
+            latencies=sorted(self.latencies + other.latencies),
+            client_cpu=self.client_cpu + other.client_cpu,
+            first_error=self.first_error or other.first_error,
+        )
+
     def percentile(self, q: float) -> float:
         """Per-session latency in ms at quantile ``q`` (nearest rank)."""
         if not self.latencies:

@@ -9,7 +9,9 @@ passwords with a cheap hasher (MD5) and Dovecot with a static passdb in the PLAI
 a real password hash; both log one line per session. ``--runpop3-args`` is split like a shell line and passed
 to ``runpop3`` as is. For each number of clients the two servers run back to back; the table gives
 sessions/s, per-session p50/p99 and the ratio popserver / Dovecot, and how much CPU the clients themselves
-took (on a 2-core machine 32 client processes compete with the server).
+took (on a 2-core machine 32 client processes compete with the server). ``--rounds`` splits each figure
+into rounds that alternate the two servers (popserver first, then Dovecot first, ...): a machine whose
+speed drifts during the run (a shared host) then slows both alike.
 
 The database is DATABASE_URL (SQLite under data/ by default; for PostgreSQL an existing database the bench
 may wipe). Run as root (Dovecot is installed with apt-get if missing).
@@ -33,6 +35,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", default="1,8,32", help="comma-separated numbers of client processes")
     parser.add_argument("--seconds", type=float, default=10.0, help="per measurement")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds each figure is split into")
     parser.add_argument("--messages", type=int, default=20, help="messages in each client's mailbox")
     parser.add_argument("--runpop3-args", default="", help='extra runpop3 arguments, e.g. "--workers 2"')
     parser.add_argument("--tuned-dovecot", action="store_true", help="Dovecot's high-performance login mode")
@@ -62,11 +65,18 @@ def main() -> None:
             pids = {"popserver": server.proc.pid, "Dovecot": dovecot.proc.pid}
             for clients in counts:
                 results[clients] = {}
-                for name, port in targets.items():
-                    cpu = tree_cpu_seconds(pids[name])
-                    result = pop3load.sessions("127.0.0.1", port, users, PASSWORD, clients, args.seconds)
-                    server_cpu[clients, name] = tree_cpu_seconds(pids[name]) - cpu
-                    results[clients][name] = result
+                for round_ in range(args.rounds):
+                    order = list(targets) if round_ % 2 == 0 else list(reversed(targets))
+                    for name in order:
+                        cpu = tree_cpu_seconds(pids[name])
+                        result = pop3load.sessions(
+                            "127.0.0.1", targets[name], users, PASSWORD, clients, args.seconds / args.rounds
+                        )
+                        server_cpu[clients, name] = server_cpu.get((clients, name), 0.0) + (
+                            tree_cpu_seconds(pids[name]) - cpu
+                        )
+                        earlier = results[clients].get(name)
+                        results[clients][name] = result if earlier is None else earlier + result
         finally:
             server.stop()
 
@@ -74,7 +84,7 @@ def main() -> None:
     print(
         f"\ndatabase: {connection.vendor}; runpop3 {args.runpop3_args or '(no extra arguments)'}; "
         f"{os.cpu_count()} cores; load average after the run: {load}; Dovecot {dovecot.version}; "
-        f"{args.seconds:g} s per figure; login with a cheap hash (MD5 / PLAIN)\n"
+        f"{args.seconds:g} s per figure in {args.rounds} alternating rounds; login with a cheap hash (MD5 / PLAIN)\n"
     )
     print(
         "| clients | popserver sessions/s | p50 / p99 ms | Dovecot sessions/s | p50 / p99 ms | popserver / Dovecot "
