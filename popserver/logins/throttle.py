@@ -26,7 +26,7 @@ from django.utils.module_loading import import_string
 
 from popserver.conf import get_setting
 from popserver.exceptions import TemporaryLoginFailure
-from popserver.storage.compiled import CompiledQuery, Delete, Statement, can_do_at_once, run
+from popserver.storage.compiled import CompiledQuery, Delete, Statement, can_do_at_once, cast_type, run
 from popserver.storage.writelock import one_writer
 
 Clock = Callable[[], datetime]
@@ -164,14 +164,13 @@ def _look_up_and_insert_reservation(scopes: list, key: str, now: datetime) -> tu
     attempt made a fresh (account, IP) counter."""
     from popserver.models import LoginThrottle
 
-    look_up = _locked_scopes(len(scopes)).statement(
-        now, *(value for scope, k, _ in scopes for value in (scope, k))
-    )
+    pairs = [value for scope, key_, _ in scopes for value in (scope, key_)]
+    look_up = _locked_scopes(len(scopes), write=True).statement(now, *pairs)
     connection = look_up.connection
     quote = connection.ops.quote_name
     fields = [LoginThrottle._meta.get_field(name) for name in ("scope", "key", "failures", "window_started")]
     columns = ", ".join(quote(field.column) for field in fields)
-    values = ", ".join(f"%s::{field.cast_db_type(connection)}" for field in fields)
+    values = ", ".join(f"%s::{cast_type(field, connection)}" for field in fields)
     sql = (
         f"WITH popserver_locked AS ({look_up.sql}), popserver_reserved AS ("
         f"INSERT INTO {quote(LoginThrottle._meta.db_table)} ({columns}) SELECT {values}"
@@ -192,8 +191,9 @@ def _look_up_and_insert_reservation(scopes: list, key: str, now: datetime) -> tu
 # The queries of every login (compiled once, storage/compiled.py), made at first use: the models are not
 # imported with this module. The look-up has one form per number of scopes that apply.
 @cache
-def _locked_scopes(count: int) -> CompiledQuery:
-    """The scopes locked out at a time, among ``count`` (scope, key) pairs: ``rows(now, scope, key, ...)``."""
+def _locked_scopes(count: int, write: bool = False) -> CompiledQuery:
+    """The scopes locked out at a time, among ``count`` (scope, key) pairs: ``rows(now, scope, key, ...)``
+    (``write``: on the database a reservation is written to, for ``_look_up_and_insert_reservation``)."""
     from popserver.models import LoginThrottle
 
     def build(now, *pairs):
@@ -202,7 +202,7 @@ def _locked_scopes(count: int) -> CompiledQuery:
             either |= Q(scope=scope, key=key)
         return LoginThrottle.objects.filter(either, locked_until__gt=now).values_list("scope", flat=True)
 
-    return CompiledQuery(build, model=LoginThrottle, kinds=(datetime, *(str, str) * count))
+    return CompiledQuery(build, model=LoginThrottle, kinds=(datetime, *(str, str) * count), write=write)
 
 
 @cache
@@ -236,7 +236,11 @@ class DatabaseThrottle(Throttle):
         from popserver.models import LoginThrottle
 
         connection = connections[router.db_for_write(LoginThrottle)]
-        if get_setting("THROTTLE_ACCOUNT_FAILURES") <= 1 or not can_do_at_once(connection):
+        if (
+            get_setting("THROTTLE_ACCOUNT_FAILURES") <= 1
+            or self._overridden("locked_out", "reserve")
+            or not can_do_at_once(connection)
+        ):
             return super().check_and_reserve(username, ip, trusted=trusted)
         scopes = self.scopes(username, ip, trusted)
         now = self.clock()
@@ -294,8 +298,12 @@ class DatabaseThrottle(Throttle):
         with one_writer():  # the attempt's reservation, and any lock-out it began
             _give_back().execute(account_key(username, ip))
 
-    def succeeded_statement(self, username: str, ip: str) -> Statement:
-        return _give_back().statement(account_key(username, ip))
+    def succeeded_statement(self, username: str, ip: str) -> Statement | None:
+        return None if self._overridden("succeeded") else _give_back().statement(account_key(username, ip))
+
+    def _overridden(self, *names: str) -> bool:
+        """A site's subclass changed one of these steps: its own methods are called, never bypassed."""
+        return any(getattr(type(self), name) is not getattr(DatabaseThrottle, name) for name in names)
 
     def clear(self, scope: str | None = None, key: str | None = None) -> int:
         from popserver.models import LoginThrottle

@@ -564,7 +564,7 @@ class Pop3Handler(ConnectionHandler):
         return self.read(deadline, b"-ERR Disconnected for inactivity.\r\n")
 
     # Session end ----------------------------------------------------------------------------------------
-    def record_at_quit(self) -> dict:
+    def session_record_fields(self) -> dict:
         """The session's record as a clean logout ends it (``RecordAtQuit``)."""
         session = self.session
         return {
@@ -643,10 +643,10 @@ class RecordAtQuit(LockWrites):
         self.handler = handler
 
     def __call__(self) -> None:
-        self.handler.recorded_at_quit = record_session(**self.handler.record_at_quit())
+        self.handler.recorded_at_quit = record_session(**self.handler.session_record_fields())
 
     def statements(self):
-        record = session_record_statement(**self.handler.record_at_quit())
+        record = session_record_statement(**self.handler.session_record_fields())
         return None if record is None else [record]
 
     def written_at_once(self) -> None:

@@ -29,7 +29,9 @@ from django.conf import settings
 from django.db import DatabaseError, connections, router, transaction
 from django.db.models.query import get_related_populators
 from django.db.models.signals import post_save, pre_save
+from django.db.models import CharField
 from django.db.models.sql import DeleteQuery, InsertQuery, UpdateQuery
+from django.db.models.sql.compiler import SQLDeleteCompiler, SQLUpdateCompiler
 
 from ..conf import get_setting
 
@@ -115,10 +117,14 @@ class CompiledQuery:
         return alias, connection, compiler, sql, bound
 
     def statement(self, *values) -> Statement:
-        """The statement with ``values`` bound, not run: for ``at_once`` (an ``Update``'s or a ``Delete``'s,
-        as a write there, only if its WHERE clause is the query's last part, as Django writes it)."""
+        """The statement with ``values`` bound, not run: for ``at_once`` (an ``Update`` or a ``Delete`` with a
+        WHERE clause can be a write there)."""
         _, connection, compiler, sql, bound = self._bind(values)
-        guarded = f"{sql} AND EXISTS (SELECT 1 FROM {_CHANGED})" if " WHERE " in sql else None
+        guarded = None
+        if isinstance(compiler, SQLUpdateCompiler | SQLDeleteCompiler) and " WHERE " in sql:
+            guarded = (
+                f"{sql} AND EXISTS (SELECT 1 FROM {_CHANGED})"  # Django's WHERE is one parenthesised term
+            )
         return Statement(
             connection, sql, bound, guarded, lambda rows: self._convert(connection, compiler, rows)
         )
@@ -206,7 +212,7 @@ class CompiledInsert:
             # column's type: a parameter in a SELECT list has no type of its own (an address, a time).
             quote = connection.ops.quote_name
             columns = ", ".join(quote(field.column) for field in self.fields)
-            values_sql = ", ".join(f"%s::{field.cast_db_type(connection)}" for field in self.fields)
+            values_sql = ", ".join(f"%s::{cast_type(field, connection)}" for field in self.fields)
             guarded = (
                 f"INSERT INTO {quote(model._meta.db_table)} ({columns}) SELECT {values_sql} FROM {_CHANGED}"
             )
@@ -274,6 +280,14 @@ def _behind_savepoint(connection, sql: str, params: list) -> None:
         raise
 
 
+def cast_type(field, connection) -> str:
+    """The type a parameter is cast to where it has none of its own (a SELECT list): the column's, but text
+    without its length, so that a value too long fails as the INSERT of it would, never cut short."""
+    if isinstance(field, CharField):
+        return connection.ops.cast_char_field_without_max_length
+    return field.cast_db_type(connection)
+
+
 # The name ``at_once`` gives the rows its UPDATE changed, for the writes that depend on it.
 _CHANGED = "popserver_changed"
 
@@ -299,9 +313,12 @@ def at_once(
     instead of BEGIN, each statement (with a savepoint around each audit row) and COMMIT.
 
     None if the UPDATE changed no row: then nothing was written. Else the rows of ``select`` ([] without
-    one), ordered by its column ``order_by`` (from 1; 0: unordered). The writes are made only with the
-    UPDATE's change; every part sees the database as the statement began (the writes touch other tables).
-    A failure undoes the whole statement; the caller may then take the long way."""
+    one) as the database gives them (``select.convert`` them), ordered by its column ``order_by`` (from 1; 0:
+    unordered). The writes are made only with the UPDATE's change; every part sees the database as the
+    statement began (the writes touch other tables). A failure undoes the whole statement."""
+    connection = update.connection
+    if any(statement.connection is not connection for statement in (*writes, *filter(None, [select]))):
+        raise ValueError("at_once needs every statement on one database")  # a bug: callers check first
     parts = [f"{_CHANGED} AS ({update.sql} RETURNING 1)"]
     params = list(update.params)
     for n, write in enumerate(writes):
@@ -313,28 +330,28 @@ def at_once(
     if select is None:
         sql += f" SELECT count(*) FROM {_CHANGED}"
     else:
-        # One row at least (the count), joined to the select's rows when the UPDATE changed one.
-        # One row at least (the count), joined to the select's rows (each marked) when the UPDATE changed one.
+        # One row at least (the count), with the select's rows (each marked) when the UPDATE changed one; the
+        # condition inside the subquery lets PostgreSQL skip the select when it did not.
         sql += (
             f" SELECT changed.n, selected.* FROM (SELECT count(*) AS n FROM {_CHANGED}) changed"
-            f" LEFT JOIN LATERAL (SELECT 1 AS popserver_row, s.* FROM ({select.sql}) s) selected"
-            " ON changed.n > 0"
+            f" LEFT JOIN LATERAL (SELECT 1 AS popserver_row, s.* FROM ({select.sql}) s WHERE changed.n > 0)"
+            " selected ON true"
         )
         if order_by:
             sql += f" ORDER BY {order_by + 2}"
         params += select.params
-    rows = run(update.connection, sql, params, fetch=True)
+    rows = run(connection, sql, params, fetch=True)
     if not rows[0][0]:
         return None
-    if select is None:
-        return []
-    selected = [row[2:] for row in rows if row[1] is not None]
-    return select.convert(selected) if select.convert is not None and selected else selected
+    return [] if select is None else [row[2:] for row in rows if row[1] is not None]
 
 
 def can_do_at_once(connection) -> bool:
-    """``at_once`` is for PostgreSQL (data-modifying WITH), outside a transaction (the statement is one)."""
-    return connection.vendor == "postgresql" and not connection.in_atomic_block
+    """``at_once`` is for PostgreSQL (data-modifying WITH), in autocommit outside a transaction (the statement
+    is one)."""
+    return (
+        connection.vendor == "postgresql" and not connection.in_atomic_block and connection.get_autocommit()
+    )
 
 
 _prepared = threading.local()  # alias -> (psycopg's connection, a server-binding cursor of it)

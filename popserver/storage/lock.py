@@ -203,7 +203,7 @@ class MailboxLock:
     ) -> tuple[MailboxLock, list] | None:
         """PostgreSQL, a login (``take`` with ``mailbox``): the free lock of a mailbox that is still
         POP3-enabled taken, ``last_login`` stamped, ``writes`` made and ``select`` read in ONE statement, its
-        own transaction (``compiled.at_once``). The lock and the selected rows; None if the lock was not free
+        own transaction (``compiled.at_once``). The lock and the selected rows (converted); None if the lock was not free
         or the mailbox is switched off (then nothing was written: ``take`` the long way, which tells a stale
         lock from a live one)."""
         me = this_process()
@@ -221,9 +221,9 @@ class MailboxLock:
         with _live_guard:
             if rows is None:
                 _live.pop(lock.token, None)
-            else:
-                _live[lock.token] = lock
-        return None if rows is None else (lock, rows)
+                return None
+            _live[lock.token] = lock  # committed: ours, whatever happens next
+        return lock, select.convert(rows) if select.convert is not None and rows else rows
 
     def _take(
         self,

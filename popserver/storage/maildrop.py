@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator, Sequence
 from django.db import DatabaseError, OperationalError, connections, router, transaction
 
 from ..exceptions import AuthenticationFailed, CommitFailed, ServerBusy
-from ..overload import database_unavailable
+from ..overload import database_unavailable, refused
 from ..models import Mailbox, Message
 from ..protocol.maildrop import Maildrop, MessageInfo
 from ..signals import messages_deleted, send_safely
@@ -42,7 +42,7 @@ _SNAPSHOT = CompiledQuery(
     kinds=(int,),
     write=True,  # read inside the lock's transaction, on the connection that took the lock
 )
-_SNAPSHOT_ORDER = 4  # the snapshot's column its rows are ordered by: the message's id (REF_FIELDS[0])
+_SNAPSHOT_ORDER = 4 + REF_FIELDS.index("id")  # the snapshot's column (from 1) its order follows
 
 
 def open_maildrop(
@@ -94,13 +94,22 @@ def _writes_at_once(writes: Callable[[], None] | LockWrites | None, connection) 
     return statements
 
 
+def _not_at_once(exc: DatabaseError, what: str) -> None:
+    """A one statement failed and was undone: the long way goes on, but a cause that stays (a site's trigger
+    or constraint) would make every login pay for both; logged, one summary line per interval."""
+    refused(
+        "db-at-once", f"{what}: the one statement failed ({exc}); took the long way", level=logging.WARNING
+    )
+
+
 def _open_at_once(
     mailbox: Mailbox, peer: str, in_lock_transaction: Callable[[], None] | LockWrites | None
 ) -> OrmMaildrop | None:
     """A login on PostgreSQL: the lock, the snapshot and the login's writes in ONE statement, its own
     transaction (``MailboxLock.take_at_once``): one round trip instead of six. None: the long way (a lock
     that is not free, writes that cannot go there, or a statement that failed: undone whole, and the long way
-    writes what it can, an audit row that cannot be written logged there as always)."""
+    writes what it can, an audit row that cannot be written logged there as always). A database that refuses or
+    is gone raises, as the long way would."""
     connection = connections[router.db_for_write(Mailbox)]
     writes = _writes_at_once(in_lock_transaction, connection)
     if writes is None or not mailbox.pop3_enabled:
@@ -111,8 +120,9 @@ def _open_at_once(
     try:
         taken = MailboxLock.take_at_once(mailbox, peer, writes, snapshot, _SNAPSHOT_ORDER)
     except OperationalError:
-        raise  # the database refuses or is gone: the long way would fare no better
-    except DatabaseError:
+        raise  # answered as the long way's would be (the database refuses, is gone, a deadlock): [SYS/TEMP]
+    except DatabaseError as exc:
+        _not_at_once(exc, "login")
         return None
     if taken is None:
         return None
@@ -238,7 +248,7 @@ class OrmMaildrop(Maildrop):
             raise ServerBusy() from None
 
     def _quit_at_once(self) -> bool:
-        """A QUIT with nothing to delete and no first retrieval to record, on PostgreSQL: the lock freed and
+        """A QUIT with nothing to delete and nothing retrieved in the session, on PostgreSQL: the lock freed and
         ``at_commit``'s writes (a ``LockWrites``) in ONE statement, its own transaction. False: not done, the
         long way does it (as in ``_open_at_once``). Raises CommitFailed if the lock was lost."""
         writes = _writes_at_once(self.at_commit, connections[router.db_for_write(Mailbox)])
@@ -248,7 +258,8 @@ class OrmMaildrop(Maildrop):
             freed = self.lock.free_at_once(writes)
         except OperationalError:
             raise
-        except DatabaseError:
+        except DatabaseError as exc:
+            _not_at_once(exc, "QUIT")
             return False
         if not freed:
             raise CommitFailed("the mailbox lock was lost")
