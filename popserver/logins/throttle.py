@@ -167,16 +167,7 @@ def _look_up_and_insert_reservation(scopes: list, key: str, now: datetime) -> tu
     pairs = [value for scope, key_, _ in scopes for value in (scope, key_)]
     look_up = _locked_scopes(len(scopes), write=True).statement(now, *pairs)
     connection = look_up.connection
-    quote = connection.ops.quote_name
-    fields = [LoginThrottle._meta.get_field(name) for name in ("scope", "key", "failures", "window_started")]
-    columns = ", ".join(quote(field.column) for field in fields)
-    values = ", ".join(f"%s::{cast_type(field, connection)}" for field in fields)
-    sql = (
-        f"WITH popserver_locked AS ({look_up.sql}), popserver_reserved AS ("
-        f"INSERT INTO {quote(LoginThrottle._meta.db_table)} ({columns}) SELECT {values}"
-        " WHERE NOT EXISTS (SELECT 1 FROM popserver_locked) ON CONFLICT DO NOTHING RETURNING 1)"
-        " SELECT scope, false FROM popserver_locked UNION ALL SELECT NULL, true FROM popserver_reserved"
-    )
+    sql = _look_up_and_insert_sql(connection.alias, look_up.sql)
     params = [
         *look_up.params,
         LoginThrottle.ACCOUNT_IP,
@@ -186,6 +177,23 @@ def _look_up_and_insert_reservation(scopes: list, key: str, now: datetime) -> tu
     ]
     rows = run(connection, sql, params, fetch=True)
     return {scope for scope, reserved in rows if not reserved}, any(reserved for _, reserved in rows)
+
+
+@cache
+def _look_up_and_insert_sql(alias: str, look_up: str) -> str:
+    from popserver.models import LoginThrottle
+
+    connection = connections[alias]
+    quote = connection.ops.quote_name
+    fields = [LoginThrottle._meta.get_field(name) for name in ("scope", "key", "failures", "window_started")]
+    columns = ", ".join(quote(field.column) for field in fields)
+    values = ", ".join(f"%s::{cast_type(field, connection)}" for field in fields)
+    return (
+        f"WITH popserver_locked AS ({look_up}), popserver_reserved AS ("
+        f"INSERT INTO {quote(LoginThrottle._meta.db_table)} ({columns}) SELECT {values}"
+        " WHERE NOT EXISTS (SELECT 1 FROM popserver_locked) ON CONFLICT DO NOTHING RETURNING 1)"
+        " SELECT scope, false FROM popserver_locked UNION ALL SELECT NULL, true FROM popserver_reserved"
+    )
 
 
 # The queries of every login (compiled once, storage/compiled.py), made at first use: the models are not
