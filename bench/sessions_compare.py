@@ -40,6 +40,8 @@ def main() -> None:
     parser.add_argument("--runpop3-args", default="", help='extra runpop3 arguments, e.g. "--workers 2"')
     parser.add_argument("--tuned-dovecot", action="store_true", help="Dovecot's high-performance login mode")
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     counts = [int(n) for n in args.clients.split(",")]
     users = [f"user{i}" for i in range(max(counts))]
 

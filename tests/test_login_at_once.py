@@ -371,3 +371,22 @@ def test_a_sites_throttle_subclass_is_called_not_bypassed(transactional_db, make
     DjangoAuthenticator(PEER_IP, 4000, throttle=Counting())("bob", "secret").release()
     assert calls[0] == "locked_out" and "succeeded" in calls
     assert not LoginThrottle.objects.exists()
+
+
+@postgresql_only
+def test_a_snapshot_that_cannot_be_read_gives_the_lock_back(alice):
+    """The statement committed but its rows cannot be made into a snapshot: no session gets the lock, so it is
+    freed at once (as the long way's rollback would), never held until the process ends."""
+    from dataclasses import replace
+
+    from popserver.storage.lock import MailboxLock, _live
+
+    def broken(rows):
+        raise RuntimeError("cannot convert")
+
+    snapshot = replace(_SNAPSHOT.statement(alice.pk), convert=broken)
+    live_before = set(_live)
+    with pytest.raises(RuntimeError, match="cannot convert"):
+        MailboxLock.take_at_once(Mailbox.objects.get(pk=alice.pk), "peer", [], snapshot, _SNAPSHOT_ORDER)
+    assert Mailbox.objects.get(pk=alice.pk).lock_token == ""
+    assert set(_live) == live_before

@@ -251,6 +251,8 @@ class DatabaseThrottle(Throttle):
         ):
             return super().check_and_reserve(username, ip, trusted=trusted)
         scopes = self.scopes(username, ip, trusted)
+        if not scopes:  # a site's scopes(): nothing to look up
+            return super().check_and_reserve(username, ip, trusted=trusted)
         now = self.clock()
         key = account_key(username, ip)
         locked, reserved = _look_up_and_insert_reservation(scopes, key, now)

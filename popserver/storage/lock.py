@@ -9,6 +9,7 @@ default the host name) or its heartbeat is older than POPSERVER_LOCK_STALE_AFTER
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import os
@@ -205,7 +206,9 @@ class MailboxLock:
         POP3-enabled taken, ``last_login`` stamped, ``writes`` made and ``select`` read in ONE statement, its
         own transaction (``compiled.at_once``). The lock and the selected rows (converted); None if the lock was not free
         or the mailbox is switched off (then nothing was written: ``take`` the long way, which tells a stale
-        lock from a live one)."""
+        lock from a live one). The snapshot is the database as the statement began: a delivery that held the
+        mailbox's row meanwhile is in the next session, not this one (mail that arrives during a session
+        does not show in it either)."""
         me = this_process()
         lock = cls(mailbox.pk, secrets.token_hex(16))
         now = timezone.now()
@@ -222,8 +225,15 @@ class MailboxLock:
             if rows is None:
                 _live.pop(lock.token, None)
                 return None
-            _live[lock.token] = lock  # committed: ours, whatever happens next
-        return lock, select.convert(rows) if select.convert is not None and rows else rows
+            _live[lock.token] = lock  # committed: ours until released
+        if select.convert is None or not rows:
+            return lock, rows
+        try:
+            return lock, select.convert(rows)
+        except BaseException:  # no session gets this lock: give it back as the long way's rollback would
+            with contextlib.suppress(Exception):
+                lock.release()
+            raise
 
     def _take(
         self,

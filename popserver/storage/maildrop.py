@@ -97,8 +97,9 @@ def _writes_at_once(writes: Callable[[], None] | LockWrites | None, connection) 
 def _not_at_once(exc: DatabaseError, what: str) -> None:
     """A one statement failed and was undone: the long way goes on, but a cause that stays (a site's trigger
     or constraint) would make every login pay for both; logged, one summary line per interval."""
+    reason = " ".join(str(exc).split())[:200]  # one line, as database_unavailable writes it
     refused(
-        "db-at-once", f"{what}: the one statement failed ({exc}); took the long way", level=logging.WARNING
+        "db-at-once", f"{what}: the one statement failed ({reason}); took the long way", level=logging.WARNING
     )
 
 
