@@ -462,13 +462,15 @@ def sessions(alice, make_mailbox):
             deleted_bytes=deleted[1],
         )
         audit.record_session(
-            mailbox=mailbox,
-            username=str(mailbox),
-            peer_ip=ip,
-            started_at=now - timedelta(minutes=ago),
-            duration=12.34,
-            end_reason=reason,
-            stats=stats,
+            audit.session_record(
+                mailbox=mailbox,
+                username=str(mailbox),
+                peer_ip=ip,
+                started_at=now - timedelta(minutes=ago),
+                duration=12.34,
+                end_reason=reason,
+                stats=stats,
+            )
         )
 
     record(alice, GUESSER, retrieved=(3, 4096), deleted=(2, 2048))

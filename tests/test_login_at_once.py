@@ -75,10 +75,10 @@ class SessionRecordAtQuit(LockWrites):
 
     def __call__(self):
         self.ways.append("long")
-        audit.record_session(**self.values)
+        audit.record_session(audit.session_record(**self.values))
 
     def statements(self):
-        return [audit.session_record_statement(**self.values)]
+        return [audit.session_record_statement(audit.session_record(**self.values))]
 
     def written_at_once(self):
         self.ways.append("at once")

@@ -121,31 +121,10 @@ def _not_written(exc: Exception, what: str) -> None:
         logger.exception("audit: %s failed", what)
 
 
-def record_session(
+def session_record(
     *, mailbox, username: str, peer_ip: str, started_at, duration: float, end_reason: str, stats
-) -> bool:
-    """True if written. Inside a transaction (QUIT's) the row commits with it, behind a savepoint of its own."""
-    try:
-        with using_database(), one_writer():  # in a transaction: behind a savepoint (CompiledInsert)
-            _SESSION_RECORD.insert(
-                **_session_record(mailbox, username, peer_ip, started_at, duration, end_reason, stats)
-            )
-        return True
-    except Exception as exc:
-        _not_written(exc, "recording a session")
-    return False
-
-
-def session_record_statement(
-    *, mailbox, username: str, peer_ip: str, started_at, duration: float, end_reason: str, stats
-) -> Statement | None:
-    """``record_session``'s row as a statement for a lock's one statement (``storage.lock.LockWrites``)."""
-    return _SESSION_RECORD.statement(
-        **_session_record(mailbox, username, peer_ip, started_at, duration, end_reason, stats)
-    )
-
-
-def _session_record(mailbox, username, peer_ip, started_at, duration, end_reason, stats) -> dict:
+) -> dict:
+    """A SessionRecord's fields, for ``record_session`` or ``session_record_statement``."""
     return {
         "mailbox_id": None if mailbox is None else mailbox.pk,
         "username": username[:255],
@@ -159,6 +138,23 @@ def _session_record(mailbox, username, peer_ip, started_at, duration, end_reason
         "deleted_count": stats.deleted_count,
         "deleted_bytes": stats.deleted_bytes,
     }
+
+
+def record_session(record: dict) -> bool:
+    """Write a ``session_record``; True if written. Inside a transaction (QUIT's) the row commits with it,
+    behind a savepoint of its own."""
+    try:
+        with using_database(), one_writer():  # in a transaction: behind a savepoint (CompiledInsert)
+            _SESSION_RECORD.insert(**record)
+        return True
+    except Exception as exc:
+        _not_written(exc, "recording a session")
+    return False
+
+
+def session_record_statement(record: dict) -> Statement | None:
+    """A ``session_record`` as a statement for a lock's one statement (``storage.lock.LockWrites``)."""
+    return _SESSION_RECORD.statement(**record)
 
 
 def session_ended(
@@ -190,13 +186,15 @@ def _session_ended(
 ) -> None:
     if not recorded:
         record_session(
-            mailbox=mailbox,
-            username=username,
-            peer_ip=peer_ip,
-            started_at=started_at,
-            duration=duration,
-            end_reason=end_reason,
-            stats=stats,
+            session_record(
+                mailbox=mailbox,
+                username=username,
+                peer_ip=peer_ip,
+                started_at=started_at,
+                duration=duration,
+                end_reason=end_reason,
+                stats=stats,
+            )
         )
     send_safely(
         session_closed,

@@ -26,7 +26,7 @@ from django.utils.module_loading import import_string
 
 from popserver.conf import get_setting
 from popserver.exceptions import TemporaryLoginFailure
-from popserver.storage.compiled import CompiledQuery, Delete, Statement, can_do_at_once, cast_type, run
+from popserver.storage.compiled import CompiledQuery, Delete, Statement, can_do_at_once, insert_select, run
 from popserver.storage.writelock import one_writer
 
 Clock = Callable[[], datetime]
@@ -183,15 +183,15 @@ def _look_up_and_insert_reservation(scopes: list, key: str, now: datetime) -> tu
 def _look_up_and_insert_sql(alias: str, look_up: str) -> str:
     from popserver.models import LoginThrottle
 
-    connection = connections[alias]
-    quote = connection.ops.quote_name
     fields = [LoginThrottle._meta.get_field(name) for name in ("scope", "key", "failures", "window_started")]
-    columns = ", ".join(quote(field.column) for field in fields)
-    values = ", ".join(f"%s::{cast_type(field, connection)}" for field in fields)
+    reserve = insert_select(
+        LoginThrottle,
+        fields,
+        connections[alias],
+        "WHERE NOT EXISTS (SELECT 1 FROM popserver_locked) ON CONFLICT DO NOTHING RETURNING 1",
+    )
     return (
-        f"WITH popserver_locked AS ({look_up}), popserver_reserved AS ("
-        f"INSERT INTO {quote(LoginThrottle._meta.db_table)} ({columns}) SELECT {values}"
-        " WHERE NOT EXISTS (SELECT 1 FROM popserver_locked) ON CONFLICT DO NOTHING RETURNING 1)"
+        f"WITH popserver_locked AS ({look_up}), popserver_reserved AS ({reserve})"
         " SELECT scope, false FROM popserver_locked UNION ALL SELECT NULL, true FROM popserver_reserved"
     )
 

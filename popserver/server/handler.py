@@ -22,7 +22,7 @@ from django.utils import timezone
 
 from ..conf import get_setting, node_name
 from ..exceptions import LoginRefused, MailboxInUse, TemporaryLoginFailure
-from ..logins.audit import record_session, session_ended, session_record_statement
+from ..logins.audit import record_session, session_ended, session_record, session_record_statement
 from ..logins.authenticator import DjangoAuthenticator, printable
 from ..logins.peers import peer_group, plaintext_allowed
 from ..protocol.session import Pop3Session, State
@@ -564,18 +564,18 @@ class Pop3Handler(ConnectionHandler):
         return self.read(deadline, b"-ERR Disconnected for inactivity.\r\n")
 
     # Session end ----------------------------------------------------------------------------------------
-    def session_record_fields(self) -> dict:
+    def session_record_at_quit(self) -> dict:
         """The session's record as a clean logout ends it (``RecordAtQuit``)."""
         session = self.session
-        return {
-            "mailbox": self.authenticator.mailbox,
-            "username": session.username,
-            "peer_ip": self.peer_ip,
-            "started_at": self.started_at,
-            "duration": time.monotonic() - self.connected_at,
-            "end_reason": LOGGED_OUT,
-            "stats": session.stats,
-        }
+        return session_record(
+            mailbox=self.authenticator.mailbox,
+            username=session.username,
+            peer_ip=self.peer_ip,
+            started_at=self.started_at,
+            duration=time.monotonic() - self.connected_at,
+            end_reason=LOGGED_OUT,
+            stats=session.stats,
+        )
 
     def log_session_end(self, session: Pop3Session, reason: str, authenticator: DjangoAuthenticator) -> None:
         duration = time.monotonic() - self.connected_at
@@ -643,10 +643,10 @@ class RecordAtQuit(LockWrites):
         self.handler = handler
 
     def __call__(self) -> None:
-        self.handler.recorded_at_quit = record_session(**self.handler.session_record_fields())
+        self.handler.recorded_at_quit = record_session(self.handler.session_record_at_quit())
 
     def statements(self):
-        record = session_record_statement(**self.handler.session_record_fields())
+        record = session_record_statement(self.handler.session_record_at_quit())
         return None if record is None else [record]
 
     def written_at_once(self) -> None:

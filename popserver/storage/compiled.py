@@ -208,15 +208,8 @@ class CompiledInsert:
         connection = connections[alias]
         guarded = self._guarded.get(alias)
         if guarded is None:
-            # INSERT ... SELECT from the guard: one row if the UPDATE changed one. Each value cast to its
-            # column's type: a parameter in a SELECT list has no type of its own (an address, a time).
-            quote = connection.ops.quote_name
-            columns = ", ".join(quote(field.column) for field in self.fields)
-            values_sql = ", ".join(f"%s::{cast_type(field, connection)}" for field in self.fields)
-            guarded = (
-                f"INSERT INTO {quote(model._meta.db_table)} ({columns}) SELECT {values_sql} FROM {_CHANGED}"
-            )
-            self._guarded[alias] = guarded
+            # One row if the UPDATE changed one.
+            guarded = self._guarded[alias] = insert_select(model, self.fields, connection, f"FROM {_CHANGED}")
         params = self._params(values, connection)
         return Statement(connection, self._sql(alias), params, guarded)
 
@@ -280,9 +273,18 @@ def _behind_savepoint(connection, sql: str, params: list) -> None:
         raise
 
 
-def cast_type(field, connection) -> str:
-    """The type a parameter is cast to where it has none of its own (a SELECT list): the column's, but text
-    without its length, so that a value too long fails as the INSERT of it would, never cut short."""
+def insert_select(model, fields, connection, rest: str) -> str:
+    """``INSERT INTO`` ``model``'s table (``fields``) ``SELECT %s, ...`` followed by ``rest`` (a FROM, a WHERE):
+    one row of the given values where ``rest`` lets one through. Each value is cast to its column's type (a
+    parameter in a SELECT list has none of its own: an address, a time), text without its length, so that a
+    value too long fails as the INSERT of it would, never cut short."""
+    quote = connection.ops.quote_name
+    columns = ", ".join(quote(field.column) for field in fields)
+    values = ", ".join(f"%s::{_cast_type(field, connection)}" for field in fields)
+    return f"INSERT INTO {quote(model._meta.db_table)} ({columns}) SELECT {values} {rest}"
+
+
+def _cast_type(field, connection) -> str:
     if isinstance(field, CharField):
         return connection.ops.cast_char_field_without_max_length
     return field.cast_db_type(connection)

@@ -15,7 +15,7 @@ import logging
 import os
 import secrets
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TypeVar
@@ -184,18 +184,9 @@ class MailboxLock:
         """
         me = this_process()
         lock = cls(mailbox_id, secrets.token_hex(16))
-        # Registered before the row says so: another thread of this process must never see our fresh lock
-        # as one of this instance's forgotten (stale) locks.
-        with _live_guard:
-            _live[lock.token] = None
-        try:
+        with lock._being_taken():
             result = lock._take(peer, me, then, stamp_login, mailbox)
-        except BaseException:
-            with _live_guard:
-                _live.pop(lock.token, None)
-            raise
-        with _live_guard:
-            _live[lock.token] = lock
+        lock._taken(True)
         return lock, result
 
     @classmethod
@@ -213,19 +204,11 @@ class MailboxLock:
         lock = cls(mailbox.pk, secrets.token_hex(16))
         now = timezone.now()
         holder = (lock.token, me.host, me.pid, me.instance, peer[:64], now, now)
-        with _live_guard:  # as in ``take``: registered before the row says so
-            _live[lock.token] = None
-        try:
+        with lock._being_taken():
             rows = at_once(_TAKE_FREE[True].statement(*holder, now, mailbox.pk), writes, select, order_by)
-        except BaseException:
-            with _live_guard:
-                _live.pop(lock.token, None)
-            raise
-        with _live_guard:
-            if rows is None:
-                _live.pop(lock.token, None)
-                return None
-            _live[lock.token] = lock  # committed: ours until released
+        lock._taken(rows is not None)  # committed: ours until released
+        if rows is None:
+            return None
         if select.convert is None or not rows:
             return lock, rows
         try:
@@ -234,6 +217,25 @@ class MailboxLock:
             with contextlib.suppress(Exception):
                 lock.release()
             raise
+
+    @contextlib.contextmanager
+    def _being_taken(self) -> Iterator[None]:
+        """Registered before the row says so: another thread of this process must never see our fresh lock
+        as one of this instance's forgotten (stale) locks. Forgotten if taking it fails."""
+        with _live_guard:
+            _live[self.token] = None
+        try:
+            yield
+        except BaseException:
+            self._taken(False)
+            raise
+
+    def _taken(self, taken: bool) -> None:
+        with _live_guard:
+            if taken:
+                _live[self.token] = self
+            else:
+                _live.pop(self.token, None)
 
     def _take(
         self,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator, Sequence
+from typing import TypeVar
 
 from django.db import DatabaseError, OperationalError, connections, router, transaction
 
@@ -25,6 +26,8 @@ from .retention import RetentionPolicy, hide_messages, policy_of_mailbox, record
 from .writelock import one_writer
 
 logger = logging.getLogger("popserver.storage")
+
+T = TypeVar("T")
 
 # Read-ahead for pipelined RETR/TOP: bodies read in one query, per batch.
 PREFETCH_MESSAGES = 64
@@ -94,13 +97,22 @@ def _writes_at_once(writes: Callable[[], None] | LockWrites | None, connection) 
     return statements
 
 
-def _not_at_once(exc: DatabaseError, what: str) -> None:
-    """A one statement failed and was undone: the long way goes on, but a cause that stays (a site's trigger
-    or constraint) would make every login pay for both; logged, one summary line per interval."""
-    reason = " ".join(str(exc).split())[:200]  # one line, as database_unavailable writes it
-    refused(
-        "db-at-once", f"{what}: the one statement failed ({reason}); took the long way", level=logging.WARNING
-    )
+def _tried_at_once(what: str, attempt: Callable[[], T]) -> T | None:
+    """``attempt()``'s result, or None if its one statement failed: undone whole, the long way goes on. A
+    cause that stays (a site's trigger or constraint) would make every login pay for both: logged, one summary
+    line per interval. A database that refuses or is gone (or a deadlock) raises, as the long way's would."""
+    try:
+        return attempt()
+    except OperationalError:
+        raise
+    except DatabaseError as exc:
+        reason = " ".join(str(exc).split())[:200]  # one line, as database_unavailable writes it
+        refused(
+            "db-at-once",
+            f"{what}: the one statement failed ({reason}); took the long way",
+            level=logging.WARNING,
+        )
+        return None
 
 
 def _open_at_once(
@@ -118,13 +130,9 @@ def _open_at_once(
     snapshot = _SNAPSHOT.statement(mailbox.pk)
     if snapshot.connection is not connection:
         return None
-    try:
-        taken = MailboxLock.take_at_once(mailbox, peer, writes, snapshot, _SNAPSHOT_ORDER)
-    except OperationalError:
-        raise  # answered as the long way's would be (the database refuses, is gone, a deadlock): [SYS/TEMP]
-    except DatabaseError as exc:
-        _not_at_once(exc, "login")
-        return None
+    taken = _tried_at_once(
+        "login", lambda: MailboxLock.take_at_once(mailbox, peer, writes, snapshot, _SNAPSHOT_ORDER)
+    )
     if taken is None:
         return None
     if isinstance(in_lock_transaction, LockWrites):
@@ -255,12 +263,8 @@ class OrmMaildrop(Maildrop):
         writes = _writes_at_once(self.at_commit, connections[router.db_for_write(Mailbox)])
         if writes is None:
             return False
-        try:
-            freed = self.lock.free_at_once(writes)
-        except OperationalError:
-            raise
-        except DatabaseError as exc:
-            _not_at_once(exc, "QUIT")
+        freed = _tried_at_once("QUIT", lambda: self.lock.free_at_once(writes))
+        if freed is None:
             return False
         if not freed:
             raise CommitFailed("the mailbox lock was lost")
