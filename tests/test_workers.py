@@ -25,12 +25,14 @@ TOO_MANY = b"-ERR [SYS/TEMP] Too many connections, try again later.\r\n"
 
 
 def first_line(sock: socket.socket) -> bytes:
+    """The next line, and nothing of the one after it (replies to pipelined commands can come in one
+    segment): read a byte at a time."""
     data = b""
     while not data.endswith(b"\r\n"):
-        chunk = sock.recv(512)
-        if not chunk:
+        byte = sock.recv(1)
+        if not byte:
             break
-        data += chunk
+        data += byte
     return data
 
 
